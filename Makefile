@@ -1,0 +1,15 @@
+# The two commands of the README: `make demo` and `make test`. Each runs setup first.
+PY := .venv/bin/python
+
+.PHONY: setup test test-fast demo bench
+setup:
+	bash tools/setup.sh
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not caffe"
+
+demo: setup
+	$(PY) samples/layers_demo.py

@@ -1,0 +1,1 @@
+"""amct_retrain: quantization-aware retraining and INT8 export for Caffe models."""

@@ -1,0 +1,99 @@
+"""LayerParameter builders for the fake-quant Python layers that the toolkit inserts.
+
+One place knows the layers' module paths, blob order, param names and param_str keys,
+so the model builder, the saver and the tests cannot disagree about them.
+"""
+import json
+from collections.abc import Sequence
+
+from caffe.proto import caffe_pb2
+
+LAYERS_MODULE = "amct_retrain_layers"
+ULQ_TYPE = ("activation", "ActivationULQ")
+ARQ_TYPE = ("weight", "WeightARQ")
+SHIFT_N_TYPE = ("shift_n", "ShiftNSearch")
+
+
+def clip_param_names(ulq_name: str) -> tuple[str, str]:
+    """Param names of an ActivationULQ layer's (clip_max, clip_min) blobs."""
+    return f"{ulq_name}/clip_max", f"{ulq_name}/clip_min"
+
+
+def weight_param_names(arq_name: str) -> tuple[str, str]:
+    """Param names of a WeightARQ layer's (fake-quant weights, master weights) blobs."""
+    return f"{arq_name}/fake_quant_weights", f"{arq_name}/master_weights"
+
+
+def _python_layer(name: str, module_class: tuple[str, str], bottom: str, top: str,
+                  params: dict) -> caffe_pb2.LayerParameter:
+    layer = caffe_pb2.LayerParameter(name=name, type="Python", bottom=[bottom], top=[top])
+    layer.python_param.module = f"{LAYERS_MODULE}.{module_class[0]}"
+    layer.python_param.layer = module_class[1]
+    layer.python_param.param_str = json.dumps({"name": name, **params}, sort_keys=True)
+    return layer
+
+
+def _param(layer: caffe_pb2.LayerParameter, name: str = "", lr_mult: float | None = None,
+           decay_mult: float | None = None) -> None:
+    spec = layer.param.add()
+    if name:
+        spec.name = name
+    if lr_mult is not None:
+        spec.lr_mult = lr_mult
+    if decay_mult is not None:
+        spec.decay_mult = decay_mult
+
+
+def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
+              clip_max: float | None = None, fixed_min: bool = False,
+              clip_lr_mult: float = 1.0) -> caffe_pb2.LayerParameter:
+    """ActivationULQ from ``bottom`` to a new blob ``top`` (never in place: its backward needs x).
+
+    The clips learn with ``clip_lr_mult`` and no weight decay (decay would shrink the range
+    for no reason); the third blob, the IFMR-done flag, never learns.
+    """
+    layer = _python_layer(name, ULQ_TYPE, bottom, top,
+                          {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min})
+    clip_max_name, clip_min_name = clip_param_names(name)
+    _param(layer, clip_max_name, clip_lr_mult, 0.0)
+    _param(layer, clip_min_name, clip_lr_mult, 0.0)
+    _param(layer, "", 0.0, 0.0)
+    return layer
+
+
+def arq_layer(name: str, blob: str, weight_shape: Sequence[int], channel_axis: int | None,
+              master_lr_mult: float = 1.0, master_decay_mult: float = 1.0) -> caffe_pb2.LayerParameter:
+    """WeightARQ in place on ``blob``, the quantized layer's input.
+
+    Blob 0 (fake-quant weights) learns with lr_mult 1 so the quantized layer computes a
+    weight gradient, and decay 0; the quantized layer's own weight param must be set with
+    :func:`share_fake_quant_weights`. The master weights take the original layer's lr/decay.
+    """
+    layer = _python_layer(name, ARQ_TYPE, blob, blob,
+                          {"weight_shape": list(weight_shape), "channel_axis": channel_axis})
+    fake_quant_name, master_name = weight_param_names(name)
+    _param(layer, fake_quant_name, 1.0, 0.0)
+    _param(layer, master_name, master_lr_mult, master_decay_mult)
+    return layer
+
+
+def share_fake_quant_weights(quantized: caffe_pb2.LayerParameter, arq_name: str) -> None:
+    """Make ``quantized``'s weight blob (param 0) the ARQ layer's fake-quant blob, in place."""
+    if not quantized.param:
+        quantized.param.add()
+    spec = quantized.param[0]
+    spec.name = weight_param_names(arq_name)[0]
+    spec.lr_mult, spec.decay_mult = 1.0, 0.0
+
+
+def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq_name: str,
+                  weight_shape: Sequence[int], channel_axis: int | None, record_file: str,
+                  batch_num: int = 1, fixed_min: bool = False) -> caffe_pb2.LayerParameter:
+    """ShiftNSearch in place on ``blob``, the quantized layer's output; it reads the clips
+    and master weights through shared params and writes ``quantized_layer``'s record entry."""
+    layer = _python_layer(name, SHIFT_N_TYPE, blob, blob, {
+        "quantized_layer": quantized_layer, "record_file": record_file, "batch_num": batch_num,
+        "weight_shape": list(weight_shape), "channel_axis": channel_axis, "fixed_min": fixed_min})
+    for param_name in clip_param_names(ulq_name) + weight_param_names(arq_name)[1:]:
+        _param(layer, param_name)
+    return layer

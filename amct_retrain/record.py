@@ -1,0 +1,308 @@
+"""Scale/offset record file (``scale_offset_record_file``), protobuf text format.
+
+The file maps Caffe layer names to their quantization parameters (contract
+section 2)::
+
+    record { key: "conv1" value { scale_d: 0.0123 offset_d: -128
+             scale_w: 0.0041 scale_w: 0.0038  offset_w: 0 offset_w: 0
+             shift_bit: 3 shift_bit: 4  channels: 3 height: 224 width: 224 } }
+
+The schema is built at import time from a ``FileDescriptorProto`` so the repo
+needs neither protoc nor a generated ``_pb2`` file.  It is proto2 so optional
+scalars have presence (a layer whose data scale is not known yet differs from
+one whose scale is 0), and repeated fields are unpacked so the text output
+matches the style above.
+
+Writers replace the file atomically (temp file + fsync + ``os.replace``) and
+serialize against each other with ``fcntl.flock`` on a sidecar ``<path>.lock``,
+so several processes may update different layers of one record concurrently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
+__all__ = [
+    "SingleLayerRecord",
+    "ScaleOffsetRecord",
+    "RecordFileError",
+    "read_record",
+    "write_record",
+    "update_layer_record",
+    "create_empty_record",
+    "layer_record_complete",
+]
+
+logger = logging.getLogger(__name__)
+
+_PACKAGE = "amct_retrain"
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _build_schema() -> tuple[type, type]:
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="amct_retrain/scale_offset_record.proto", package=_PACKAGE, syntax="proto2"
+    )
+
+    layer = fdp.message_type.add(name="SingleLayerRecord")
+    for name, number, label, ftype in [
+        ("scale_d", 1, _F.LABEL_OPTIONAL, _F.TYPE_FLOAT),
+        ("offset_d", 2, _F.LABEL_OPTIONAL, _F.TYPE_INT32),
+        ("scale_w", 3, _F.LABEL_REPEATED, _F.TYPE_FLOAT),
+        ("offset_w", 4, _F.LABEL_REPEATED, _F.TYPE_INT32),
+        ("shift_bit", 5, _F.LABEL_REPEATED, _F.TYPE_UINT32),
+        ("channels", 6, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
+        ("height", 7, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
+        ("width", 8, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
+        ("skip_fusion", 9, _F.LABEL_OPTIONAL, _F.TYPE_BOOL),
+    ]:
+        layer.field.add(name=name, number=number, label=label, type=ftype)
+
+    top = fdp.message_type.add(name="ScaleOffsetRecord")
+    entry = top.nested_type.add(name="MapEntry")
+    entry.field.add(name="key", number=1, label=_F.LABEL_OPTIONAL, type=_F.TYPE_STRING)
+    entry.field.add(
+        name="value", number=2, label=_F.LABEL_OPTIONAL, type=_F.TYPE_MESSAGE,
+        type_name=f".{_PACKAGE}.SingleLayerRecord",
+    )
+    top.field.add(
+        name="record", number=1, label=_F.LABEL_REPEATED, type=_F.TYPE_MESSAGE,
+        type_name=f".{_PACKAGE}.ScaleOffsetRecord.MapEntry",
+    )
+
+    # A private pool: re-importing this module (or another module defining the
+    # same names) cannot clash with the process-wide default pool.
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.SingleLayerRecord")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.ScaleOffsetRecord")),
+    )
+
+
+SingleLayerRecord, ScaleOffsetRecord = _build_schema()
+
+# field name -> (repeated?, accepted numpy dtype kinds)
+_FIELDS: dict[str, tuple[bool, str]] = {
+    "scale_d": (False, "fiu"),
+    "offset_d": (False, "iu"),
+    "scale_w": (True, "fiu"),
+    "offset_w": (True, "iu"),
+    "shift_bit": (True, "iu"),
+    "channels": (False, "iu"),
+    "height": (False, "iu"),
+    "width": (False, "iu"),
+    "skip_fusion": (False, "b"),
+}
+
+
+class RecordFileError(ValueError):
+    """A record file is missing, unparsable or inconsistent; the message names the file."""
+
+
+def read_record(path: str | os.PathLike) -> dict[str, SingleLayerRecord]:
+    """Read a record file into ``{layer name: SingleLayerRecord}``.
+
+    An empty file is a valid empty record.  Raises :class:`RecordFileError` if
+    the file is missing, is not valid protobuf text (``FILE:LINE:COL: message``),
+    or holds an entry without a key or the same key twice.
+    """
+    return _read(os.fspath(path), missing_ok=False)
+
+
+def write_record(path: str | os.PathLike, records: Mapping[str, SingleLayerRecord]) -> None:
+    """Atomically replace the record file with ``records`` (keys written in sorted order).
+
+    Either the whole new content is in place afterwards or, on any error, the
+    previous file is untouched.  Holds the sidecar lock so that it does not
+    interleave with :func:`update_layer_record` in other processes.
+    """
+    path = os.fspath(path)
+    text = _serialize(records)  # before taking the lock or touching the disk
+    with _locked(path):
+        _atomic_write(path, text)
+    logger.debug("wrote %d layer record(s) to %s", len(records), path)
+
+
+def update_layer_record(path: str | os.PathLike, layer: str, **fields: Any) -> None:
+    """Set fields of one layer's entry, keeping every other layer's entry.
+
+    ``fields`` are ``SingleLayerRecord`` field names: ``scale_d`` (float),
+    ``offset_d`` (int), ``scale_w`` (sequence of float), ``offset_w`` and
+    ``shift_bit`` (sequences of int), ``channels``, ``height``, ``width`` (int),
+    ``skip_fusion`` (bool).  Numpy scalars and 1-D arrays are accepted.
+    Repeated fields are replaced, not appended; ``None`` clears a field.
+    A missing file is created.  The read-modify-write runs under an exclusive
+    ``flock`` on ``path + ".lock"`` and the file is replaced atomically, so
+    concurrent updaters in other processes lose nothing.
+
+    Raises ``TypeError`` for an unknown field name or a value of the wrong
+    kind, ``ValueError`` for an out-of-range value; the file is then untouched.
+    """
+    path = os.fspath(path)
+    if not isinstance(layer, str) or not layer:
+        raise TypeError(f"{path}: layer name must be a non-empty str, got {layer!r}")
+    patch = _make_patch(path, layer, fields)  # validate everything before locking
+    with _locked(path):
+        records = _read(path, missing_ok=True)
+        rec = records.setdefault(layer, SingleLayerRecord())
+        for name in fields:
+            repeated = _FIELDS[name][0]
+            if fields[name] is None:
+                rec.ClearField(name)
+            elif repeated:
+                getattr(rec, name)[:] = getattr(patch, name)
+            else:
+                setattr(rec, name, getattr(patch, name))
+        _atomic_write(path, _serialize(records))
+    logger.debug("updated %s in %s: %s", layer, path, ", ".join(sorted(fields)))
+
+
+def create_empty_record(path: str | os.PathLike) -> None:
+    """Create the record file empty, or empty an existing one, atomically."""
+    write_record(path, {})
+
+
+def layer_record_complete(rec: SingleLayerRecord) -> bool:
+    """True if ``rec`` holds everything needed to quantize its layer.
+
+    That is ``scale_d``, ``offset_d`` and non-empty ``scale_w``, ``offset_w``,
+    ``shift_bit`` of equal lengths (one per weight-quantization channel).
+    """
+    n = len(rec.scale_w)
+    return (
+        rec.HasField("scale_d")
+        and rec.HasField("offset_d")
+        and n > 0
+        and len(rec.offset_w) == n
+        and len(rec.shift_bit) == n
+    )
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _read(path: str, missing_ok: bool) -> dict[str, SingleLayerRecord]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise RecordFileError(f"{path}: record file does not exist") from None
+    except UnicodeDecodeError as e:
+        raise RecordFileError(f"{path}: not UTF-8 text: {e}") from None
+
+    msg = ScaleOffsetRecord()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as e:
+        line, col = e.GetLine(), e.GetColumn()
+        detail = str(e)
+        # ParseError prefixes "LINE:COL : "; re-emit in the usual FILE:LINE:COL: form.
+        prefix = f"{line}:{col} : " if col is not None else f"{line} : "
+        if line is not None and detail.startswith(prefix):
+            detail = detail[len(prefix):]
+        where = path if line is None else f"{path}:{line}" if col is None else f"{path}:{line}:{col}"
+        raise RecordFileError(f"{where}: {detail}") from None
+
+    records: dict[str, SingleLayerRecord] = {}
+    for i, entry in enumerate(msg.record):
+        if not entry.key:
+            raise RecordFileError(f"{path}: record entry #{i + 1} has no key (layer name)")
+        if entry.key in records:
+            raise RecordFileError(f"{path}: duplicate record for layer {entry.key!r}")
+        records[entry.key] = entry.value
+    return records
+
+
+def _serialize(records: Mapping[str, SingleLayerRecord]) -> str:
+    msg = ScaleOffsetRecord()
+    for key in sorted(records):
+        value = records[key]
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"record keys must be non-empty str, got {key!r}")
+        if not isinstance(value, SingleLayerRecord):
+            raise TypeError(f"record for layer {key!r} must be a SingleLayerRecord, got {type(value).__name__}")
+        entry = msg.record.add(key=key)
+        entry.value.CopyFrom(value)
+    # protobuf >= 4 prints floats with the shortest text that round-trips the
+    # float32 value exactly, so written scales read back bit-identical.
+    return text_format.MessageToString(msg, as_utf8=True)
+
+
+def _make_patch(path: str, layer: str, fields: Mapping[str, Any]) -> SingleLayerRecord:
+    """Convert ``fields`` into a SingleLayerRecord, raising before any file is touched."""
+    patch = SingleLayerRecord()
+    for name, value in fields.items():
+        if name not in _FIELDS:
+            raise TypeError(
+                f"{path}: unknown record field {name!r} for layer {layer!r}; known: {', '.join(_FIELDS)}"
+            )
+        if value is None:
+            continue
+        repeated, kinds = _FIELDS[name]
+        arr = np.asarray(value)
+        if arr.dtype.kind not in kinds and not (repeated and arr.size == 0):
+            raise TypeError(f"{path}: layer {layer!r} field {name!r}: wrong value type {value!r}")
+        try:
+            if repeated:
+                if arr.ndim > 1:
+                    raise TypeError(f"{path}: layer {layer!r} field {name!r}: expected 1-D values, got shape {arr.shape}")
+                # .tolist() yields Python floats/ints: exact for float32, no numpy types in protobuf.
+                getattr(patch, name).extend(arr.reshape(-1).tolist())
+            else:
+                if arr.ndim != 0:
+                    raise TypeError(f"{path}: layer {layer!r} field {name!r}: expected a scalar, got {value!r}")
+                setattr(patch, name, arr.item())
+        except ValueError as e:  # protobuf range check (e.g. negative shift_bit)
+            raise ValueError(f"{path}: layer {layer!r} field {name!r}: {e}") from None
+    return patch
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    # The lock lives in a sidecar file because the record itself is replaced
+    # (new inode) on every write; the sidecar is never deleted, since unlinking
+    # a lock file that others may hold open would break mutual exclusion.
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # keep an existing file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable; best effort (not all filesystems allow it).
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

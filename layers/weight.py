@@ -1,0 +1,67 @@
+"""WeightARQ: int8 fake quantization of a layer's weights from float master weights."""
+import caffe
+import numpy as np
+
+from amct_retrain import numerics
+from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
+
+PARAMS = {
+    "name": Key((str,), required=True),
+    "weight_shape": Key((list,), required=True),
+    "channel_axis": Key((int, type(None))),
+}
+FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS = 0, 1
+
+
+class WeightARQ(caffe.Layer):
+    """Placed in place on the quantized layer's input path, so it runs just before that
+    layer in forward and just after it in backward.
+
+    Blobs (shape ``weight_shape``): 0 the fake-quantized weights, shared with the quantized
+    layer's weights through ``param { name }``; 1 the float master weights the solver trains.
+    Forward writes ARQ(master) into blob 0; backward moves blob 0's diff into the master's
+    diff (straight-through) and zeroes blob 0's diff so the solver leaves blob 0 alone.
+    """
+
+    def setup(self, bottom, top):
+        p = parse_param_str(self.param_str, PARAMS, "WeightARQ")
+        self.layer_name, self.channel_axis = p["name"], p["channel_axis"]
+        shape = p["weight_shape"]
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise LayerParamError(f"WeightARQ layer '{self.layer_name}': param_str key 'weight_shape' "
+                                  f"must be a list of positive ints, got {shape!r}")
+        if self.channel_axis is not None and not 0 <= self.channel_axis < len(shape):
+            raise LayerParamError(f"WeightARQ layer '{self.layer_name}': param_str key 'channel_axis' "
+                                  f"{self.channel_axis} is outside weight_shape {shape}")
+        if len(bottom) != len(top):
+            raise LayerParamError(f"WeightARQ layer '{self.layer_name}': needs as many tops as bottoms")
+        self.blobs.add_blob(*shape)
+        self.blobs.add_blob(*shape)
+        self.in_place = None
+
+    def reshape(self, bottom, top):
+        for b, t in zip(bottom, top):
+            t.reshape(*b.data.shape)
+        self.in_place = all(_same_memory(b, t) for b, t in zip(bottom, top))
+
+    def forward(self, bottom, top):
+        master = self.blobs[MASTER_WEIGHTS].data
+        numerics.check_finite(master, f"WeightARQ layer '{self.layer_name}' master weights")
+        scale_w = numerics.arq_scale(master, self.channel_axis)
+        self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
+        if not self.in_place:
+            for b, t in zip(bottom, top):
+                t.data[...] = b.data
+
+    def backward(self, top, propagate_down, bottom):
+        shared = self.blobs[FAKE_QUANT_WEIGHTS]
+        self.blobs[MASTER_WEIGHTS].diff[...] += shared.diff
+        shared.diff[...] = 0
+        if not self.in_place:
+            for b, t, down in zip(bottom, top, propagate_down):
+                if down:
+                    b.diff[...] = t.diff
+
+
+def _same_memory(a, b) -> bool:
+    return a.data.__array_interface__["data"][0] == b.data.__array_interface__["data"][0]
