@@ -175,16 +175,17 @@ def create_empty_record(path: str | os.PathLike) -> None:
 def layer_record_complete(rec: SingleLayerRecord) -> bool:
     """True if ``rec`` holds everything needed to quantize its layer.
 
-    That is ``scale_d``, ``offset_d`` and non-empty ``scale_w``, ``offset_w``,
-    ``shift_bit`` of equal lengths (one per weight-quantization channel).
+    That is ``scale_d``, ``offset_d``, one ``shift_bit`` per output channel, and
+    ``scale_w`` / ``offset_w`` of equal length: one per output channel (channel-wise) or
+    one for the whole tensor.
     """
-    n = len(rec.scale_w)
+    n, channels = len(rec.scale_w), len(rec.shift_bit)
     return (
         rec.HasField("scale_d")
         and rec.HasField("offset_d")
-        and n > 0
+        and channels > 0
+        and n in (1, channels)
         and len(rec.offset_w) == n
-        and len(rec.shift_bit) == n
     )
 
 

@@ -40,9 +40,10 @@ class WeightARQ(caffe.Layer):
         self.in_place = None
 
     def reshape(self, bottom, top):
-        for b, t in zip(bottom, top):
-            t.reshape(*b.data.shape)
-        self.in_place = all(_same_memory(b, t) for b, t in zip(bottom, top))
+        # RawBlobVec supports indexing, not iteration.
+        for i in range(len(bottom)):
+            top[i].reshape(*bottom[i].data.shape)
+        self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
 
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
@@ -50,17 +51,17 @@ class WeightARQ(caffe.Layer):
         scale_w = numerics.arq_scale(master, self.channel_axis)
         self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
         if not self.in_place:
-            for b, t in zip(bottom, top):
-                t.data[...] = b.data
+            for i in range(len(bottom)):
+                top[i].data[...] = bottom[i].data
 
     def backward(self, top, propagate_down, bottom):
         shared = self.blobs[FAKE_QUANT_WEIGHTS]
         self.blobs[MASTER_WEIGHTS].diff[...] += shared.diff
         shared.diff[...] = 0
         if not self.in_place:
-            for b, t, down in zip(bottom, top, propagate_down):
-                if down:
-                    b.diff[...] = t.diff
+            for i in range(len(bottom)):
+                if propagate_down[i]:
+                    bottom[i].diff[...] = top[i].diff
 
 
 def _same_memory(a, b) -> bool:

@@ -138,6 +138,13 @@ def test_layer_record_complete_lengths():
     assert not layer_record_complete(r), "record without offset_d reported complete"
 
 
+def test_per_tensor_record_has_one_scale_and_a_shift_per_channel():
+    r = SingleLayerRecord(scale_d=1.0, offset_d=0, scale_w=[0.5], offset_w=[0], shift_bit=[1, 2, 3])
+    assert layer_record_complete(r), "per-tensor scale_w with per-channel shift_bit reported incomplete"
+    r.offset_w.append(0)
+    assert not layer_record_complete(r), "offset_w longer than scale_w reported complete"
+
+
 def _worker(path, worker_id, n_updates, barrier):
     barrier.wait()  # start together to maximise interleaving
     for i in range(n_updates):

@@ -1,0 +1,95 @@
+"""Small Caffe nets built on the fly for the tests, with the toolkit's quant layers inserted."""
+import pathlib
+
+import caffe
+import numpy as np
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
+
+from amct_retrain.graph import quant_layers as ql
+
+BATCH, IN_SHAPE, CONV_OUT, IP_OUT = 8, (3, 6, 6), 4, 5
+CONV_WEIGHT_SHAPE = (CONV_OUT, IN_SHAPE[0], 3, 3)
+IP_WEIGHT_SHAPE = (IP_OUT, CONV_OUT * 4 * 4)
+
+
+def _layer(text: str) -> caffe_pb2.LayerParameter:
+    return text_format.Parse(text, caffe_pb2.LayerParameter())
+
+
+def quant_net(record_file: str | pathlib.Path, batch_num: int = 1, conv_clips=None,
+              ip_fixed_min: bool = True) -> caffe_pb2.NetParameter:
+    """DummyData -> ULQ -> ARQ -> conv1 (per channel) -> ShiftN -> ReLU (in place)
+    -> ULQ (fixed_min) -> ARQ -> ip1 (per tensor) -> ShiftN -> EuclideanLoss.
+
+    ``conv_clips`` = (clip_min, clip_max) configures conv1's clips; None asks for IFMR.
+    """
+    net = caffe_pb2.NetParameter(name="quant_test_net")
+    data = _layer(f"""name: "data" type: "DummyData" top: "data" top: "target"
+        dummy_data_param {{ shape {{ dim: {BATCH} dim: {IN_SHAPE[0]} dim: {IN_SHAPE[1]} dim: {IN_SHAPE[2]} }}
+                            shape {{ dim: {BATCH} dim: {IP_OUT} }}
+                            data_filler {{ type: "gaussian" std: 1 }} data_filler {{ type: "gaussian" std: 1 }} }}""")
+    conv = _layer(f"""name: "conv1" type: "Convolution" bottom: "data_q" top: "conv1"
+        convolution_param {{ num_output: {CONV_OUT} kernel_size: 3 }}""")
+    relu = _layer('name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1"')
+    ip = _layer(f"""name: "ip1" type: "InnerProduct" bottom: "conv1_q" top: "ip1"
+        inner_product_param {{ num_output: {IP_OUT} }}""")
+    loss = _layer('name: "loss" type: "EuclideanLoss" bottom: "ip1" bottom: "target" top: "loss"')
+    clip_min, clip_max = conv_clips or (None, None)
+    ql.share_fake_quant_weights(conv, "conv1_arq")
+    ql.share_fake_quant_weights(ip, "ip1_arq")
+    net.layer.extend([
+        data,
+        ql.ulq_layer("conv1_ulq", "data", "data_q", clip_min, clip_max),
+        ql.arq_layer("conv1_arq", "data_q", CONV_WEIGHT_SHAPE, 0),
+        conv,
+        ql.shift_n_layer("conv1_shift_n", "conv1", "conv1", "conv1_ulq", "conv1_arq",
+                         CONV_WEIGHT_SHAPE, 0, str(record_file), batch_num),
+        relu,
+        ql.ulq_layer("ip1_ulq", "conv1", "conv1_q", fixed_min=ip_fixed_min),
+        ql.arq_layer("ip1_arq", "conv1_q", IP_WEIGHT_SHAPE, None),
+        ip,
+        ql.shift_n_layer("ip1_shift_n", "ip1", "ip1", "ip1_ulq", "ip1_arq",
+                         IP_WEIGHT_SHAPE, None, str(record_file), batch_num, fixed_min=ip_fixed_min),
+        loss,
+    ])
+    return net
+
+
+def write_net(net: caffe_pb2.NetParameter, path: pathlib.Path) -> pathlib.Path:
+    path.write_text(text_format.MessageToString(net))
+    return path
+
+
+def init_weights(model_file: pathlib.Path, weights_file: pathlib.Path, seed: int = 0) -> None:
+    """Fill the master weights (as create_quant_retrain_model would, from float weights)."""
+    rng = np.random.default_rng(seed)
+    net = caffe.Net(str(model_file), caffe.TRAIN)
+    for arq, shape in (("conv1_arq", CONV_WEIGHT_SHAPE), ("ip1_arq", IP_WEIGHT_SHAPE)):
+        net.params[arq][1].data[...] = rng.normal(0, 0.3, shape).astype(np.float32)
+    for layer in ("conv1", "ip1"):
+        net.params[layer][1].data[...] = rng.normal(0, 0.1, net.params[layer][1].data.shape)
+    net.save(str(weights_file))
+
+
+def solver_text(model_file: pathlib.Path, prefix: pathlib.Path, max_iter: int, test_iter: int = 2,
+                base_lr: float = 0.01) -> str:
+    """A retraining solver: one net, TEST at the end only, no initial TEST (contract section 5)."""
+    return f"""net: "{model_file}"
+test_iter: {test_iter}
+test_interval: {max_iter}
+test_initialization: false
+base_lr: {base_lr}
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "fixed"
+display: 0
+max_iter: {max_iter}
+snapshot: {max_iter}
+snapshot_prefix: "{prefix}"
+solver_mode: CPU
+random_seed: 1
+"""
+
+
+QUANT_BLOBS = {"conv1_ulq": 3, "conv1_arq": 2, "ip1_ulq": 3, "ip1_arq": 2, "conv1": 2, "ip1": 2}
