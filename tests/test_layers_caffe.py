@@ -174,3 +174,44 @@ def test_nan_input_stops_with_error_naming_layer(tmp_path):
     net.blobs["data"].data[0, 0, 0, 0] = np.nan
     with pytest.raises(numerics.NonFiniteError, match="conv1_ulq"):
         net.forward(start="conv1_ulq")
+
+
+@pytest.mark.parametrize("param_str, fragment", [
+    ('{"name": "q", "clip_min": 2.0, "clip_max": 1.0}', "key 'clip_min' (2.0) must be below 'clip_max'"),
+    ('{"name": "q", "clip_max": 1.0}', "'clip_min' and 'clip_max' must be given together"),
+    ('{"name": "q", "clip_mx": 1.0}', "unknown param_str key 'clip_mx'"),
+])
+def test_bad_param_str_in_caffe_names_layer_and_key(tmp_path, param_str, fragment):
+    model = tmp_path / "bad.prototxt"
+    model.write_text(f"""layer {{ name: "data" type: "DummyData" top: "x"
+      dummy_data_param {{ shape {{ dim: 2 dim: 3 }} }} }}
+    layer {{ name: "q" type: "Python" bottom: "x" top: "y"
+      python_param {{ module: "amct_retrain_layers.activation" layer: "ActivationULQ"
+                      param_str: '{param_str}' }} }}""")
+    with pytest.raises(ValueError) as err:
+        caffe.Net(str(model), caffe.TEST)
+    assert fragment in str(err.value) and "layer 'q'" in str(err.value), f"unclear error: {err.value}"
+
+
+def test_invalid_record_file_is_an_error_naming_file_and_line(tmp_path):
+    record_file = tmp_path / "record.txt"
+    record_file.write_text('record {\n  key: "conv1"\n  value { scale_d: oops }\n}\n')
+    model_file = nets.write_net(nets.quant_net(record_file, conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
+    net = caffe.Net(str(model_file), caffe.TEST)
+    with pytest.raises(record.RecordFileError, match=rf"{record_file}:3:"):
+        net.forward()
+    assert "oops" in record_file.read_text(), "the invalid record file must be left as it was"
+
+
+def test_all_zero_weight_channel_gets_scale_one_not_nan(tmp_path):
+    model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)),
+                                tmp_path / "m.prototxt")
+    net = caffe.Net(str(model_file), caffe.TEST)
+    master = np.random.default_rng(1).normal(0, 0.3, nets.CONV_WEIGHT_SHAPE).astype(np.float32)
+    master[2] = 0
+    net.params["conv1_arq"][1].data[...] = master
+    net.forward()
+    assert numerics.arq_scale(master, 0)[2] == 1.0, "all-zero channel must get scale_w 1"
+    weights = net.params["conv1"][0].data
+    assert np.all(np.isfinite(weights)) and np.all(weights[2] == 0), "all-zero channel must stay zero, finite"
+    assert np.all(np.isfinite(net.blobs["conv1"].data)), "non-finite conv output"
