@@ -103,13 +103,13 @@ def check_finite(x: npt.ArrayLike, what: str) -> None:
         f"({n_nan} NaN, {n_inf} Inf); the numbers diverged or the data is corrupt")
 
 
-def _scalar(v: npt.ArrayLike, what: str) -> float:
-    """A finite python float from a number or a size-1 array (Caffe blobs are (1,))."""
+def _scalar(v: npt.ArrayLike, what: str, finite: bool = True) -> float:
+    """A python float from a number or a size-1 array (Caffe blobs are (1,)); finite if asked."""
     a = np.asarray(v, dtype=np.float64)
     if a.size != 1:
         raise NumericsError(f"{what}: expected one number, got shape {a.shape}")
     f = float(a.reshape(()))
-    if not np.isfinite(f):
+    if finite and not np.isfinite(f):
         raise NonFiniteError(f"{what}: value is NaN/Inf ({f})")
     return f
 
@@ -351,8 +351,8 @@ def ulq_sanitize_clips(clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
     Raises:
         NumericsError: the pair is invalid and there is no valid ``last_valid``.
     """
-    cmin = float(np.asarray(clip_min, dtype=np.float64).reshape(()))
-    cmax = float(np.asarray(clip_max, dtype=np.float64).reshape(()))
+    cmin = _scalar(clip_min, "clip_min", finite=False)  # NaN/Inf clips fall back below
+    cmax = _scalar(clip_max, "clip_max", finite=False)
 
     def usable(lo: float, hi: float) -> bool:
         return _valid_clip_pair(lo, hi) and (not fixed_min or hi > 0)

@@ -72,7 +72,7 @@ class ShiftNSearch(caffe.Layer):
             record.update_layer_record(
                 self.record_file, self.quantized_layer, scale_d=scale_d, offset_d=offset_d,
                 scale_w=scale_w, offset_w=np.zeros(len(scale_w), np.int32), shift_bit=shift_bits)
-            LOG.info("layer %s: shift_bit %s written to %s", self.quantized_layer,
+            LOG.debug("layer %s: shift_bit %s written to %s", self.quantized_layer,
                      shift_bits.tolist(), self.record_file)
 
     def backward(self, top, propagate_down, bottom):

@@ -215,3 +215,34 @@ def test_all_zero_weight_channel_gets_scale_one_not_nan(tmp_path):
     weights = net.params["conv1"][0].data
     assert np.all(np.isfinite(weights)) and np.all(weights[2] == 0), "all-zero channel must stay zero, finite"
     assert np.all(np.isfinite(net.blobs["conv1"].data)), "non-finite conv output"
+
+
+def test_shift_n_waits_for_batch_num_batches_and_keeps_other_entries(tmp_path):
+    record_file = tmp_path / "record.txt"
+    record.update_layer_record(record_file, "other_layer", scale_d=0.5, offset_d=3)
+    model_file = nets.write_net(nets.quant_net(record_file, batch_num=2, conv_clips=(-1.0, 1.0)),
+                                tmp_path / "m.prototxt")
+    net = caffe.Net(str(model_file), caffe.TEST)
+    net.params["conv1_arq"][1].data[...] = 0.1
+    net.forward()
+    assert set(record.read_record(record_file)) == {"other_layer"}, "searched before batch_num batches"
+    net.forward()
+    records = record.read_record(record_file)
+    assert set(records) == {"other_layer", "conv1", "ip1"}, f"record layers after 2 batches: {sorted(records)}"
+    assert records["other_layer"].scale_d == 0.5 and records["other_layer"].offset_d == 3, "lost another entry"
+
+
+def test_shift_n_does_nothing_in_train_phase(tmp_path):
+    record_file = tmp_path / "record.txt"
+    model_file = nets.write_net(nets.quant_net(record_file, conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
+    caffe.Net(str(model_file), caffe.TRAIN).forward()
+    assert not record_file.exists(), "the TRAIN phase must not search shift-N"
+
+
+def test_nan_master_weights_stop_with_error_naming_layer(tmp_path):
+    model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)),
+                                tmp_path / "m.prototxt")
+    net = caffe.Net(str(model_file), caffe.TEST)
+    net.params["conv1_arq"][1].data[0, 0, 0, 0] = np.inf
+    with pytest.raises(numerics.NonFiniteError, match="conv1_arq"):
+        net.forward()
