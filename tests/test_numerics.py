@@ -414,8 +414,10 @@ def test_arq_grid_bounds_idempotent(w, axis):
     assert np.array_equal(fq, (q.astype(F32) * sb).astype(F32)), "arq_fake_quantize != arq_quantize * scale"
     assert np.array_equal(nq.arq_fake_quantize(fq, s, axis), fq), "ARQ fake quantization is not idempotent"
     assert np.array_equal(q.astype(F32), np.clip(np.rint(w / sb), -128, 127)), "arq_quantize != contract formula"
-    # The extreme weight of each channel maps to +127 or -128 exactly: nothing is clipped.
-    assert np.array_equal(np.rint(w / sb), np.clip(np.rint(w / sb), -128, 127)), "ARQ scale clips weights"
+    # The dominant extreme maps to +127 or -128 exactly. When min dominates (scale |min|/128),
+    # a max of nearly the same magnitude may reach 128 and clip to 127: one step at most.
+    k = np.rint(w / sb)
+    assert k.min() >= -128 and k.max() <= 128, f"ARQ scale clips weights by more than one step: {k.min()}..{k.max()}"
 
 
 # --------------------------------------------------------------------------- bias, deq
