@@ -14,6 +14,21 @@ ARQ_TYPE = ("weight", "WeightARQ")
 SHIFT_N_TYPE = ("shift_n", "ShiftNSearch")
 
 
+def ulq_layer_name(quantized_layer: str) -> str:
+    """Name of the ActivationULQ layer that quantizes ``quantized_layer``'s input."""
+    return f"{quantized_layer}_ulq"
+
+
+def arq_layer_name(quantized_layer: str) -> str:
+    """Name of the WeightARQ layer that owns ``quantized_layer``'s weights."""
+    return f"{quantized_layer}_arq"
+
+
+def shift_n_layer_name(quantized_layer: str) -> str:
+    """Name of the ShiftNSearch layer on ``quantized_layer``'s output."""
+    return f"{quantized_layer}_shift_n"
+
+
 def clip_param_names(ulq_name: str) -> tuple[str, str]:
     """Param names of an ActivationULQ layer's (clip_max, clip_min) blobs."""
     return f"{ulq_name}/clip_max", f"{ulq_name}/clip_min"
