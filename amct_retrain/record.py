@@ -24,12 +24,13 @@ import contextlib
 import fcntl
 import logging
 import os
-import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
+from amct_retrain.fileio import atomic_write
 
 __all__ = [
     "SingleLayerRecord",
@@ -129,7 +130,7 @@ def write_record(path: str | os.PathLike, records: Mapping[str, SingleLayerRecor
     path = os.fspath(path)
     text = _serialize(records)  # before taking the lock or touching the disk
     with _locked(path):
-        _atomic_write(path, text)
+        atomic_write(path, text)
     logger.debug("wrote %d layer record(s) to %s", len(records), path)
 
 
@@ -163,7 +164,7 @@ def update_layer_record(path: str | os.PathLike, layer: str, **fields: Any) -> N
                 getattr(rec, name)[:] = getattr(patch, name)
             else:
                 setattr(rec, name, getattr(patch, name))
-        _atomic_write(path, _serialize(records))
+        atomic_write(path, _serialize(records))
     logger.debug("updated %s in %s: %s", layer, path, ", ".join(sorted(fields)))
 
 
@@ -282,28 +283,3 @@ def _locked(path: str) -> Iterator[None]:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
-
-def _atomic_write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # keep an existing file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable; best effort (not all filesystems allow it).
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
