@@ -54,7 +54,10 @@ class StagedOutputs:
 
     def write(self, path: str | os.PathLike, data: bytes | str) -> None:
         path = os.fspath(path)
-        self._staged.append((_write_temp(path, data), path))
+        try:
+            self._staged.append((_write_temp(path, data), path))
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write output file {path}: {err.strerror}") from None
 
     def _commit(self) -> None:
         for tmp, path in self._staged:

@@ -712,6 +712,22 @@ def quantize_bias(bias: npt.ArrayLike, scale_d: npt.ArrayLike, scale_w: npt.Arra
     return r.astype(np.int32)
 
 
+def dequantize_bias(bias_int32: npt.ArrayLike, deq: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """The float bias of a fake-quant layer, ``bias_int32[c] * deq[c]`` rounded once to float32,
+    so that every accumulator the fake-quant layer simulates is an integer times deq.
+
+    Args:
+        bias_int32: (C,) int32 bias from ``quantize_bias``.
+        deq: (C,) or (1,) deq scales.
+
+    Returns:
+        float32 (C,).
+    """
+    b = np.asarray(bias_int32, dtype=np.float64).reshape(-1)
+    d = _per_channel(deq, b.size, "deq").astype(np.float64)
+    return (b * d).astype(np.float32)
+
+
 def deq_scales(scale_d: npt.ArrayLike, scale_w: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """``deq[c] = float32(scale_d * scale_w[c])`` (one rounding of the exact product).
 
@@ -804,6 +820,28 @@ def search_shift_bits(y: npt.ArrayLike, deq: npt.ArrayLike,
                       channel_axis: int = 1) -> npt.NDArray[np.uint32]:
     """``choose_shift_bits(accumulate_shift_errors(y, deq, channel_axis))``: uint32 (C,)."""
     return choose_shift_bits(accumulate_shift_errors(y, deq, channel_axis))
+
+
+def accumulator_from_output(y: npt.ArrayLike, deq: npt.ArrayLike,
+                            channel_axis: int = 1) -> npt.NDArray[np.float64]:
+    """The int32 accumulator a fake-quant layer output stands for: ``rint(y / deq[c])``.
+
+    A layer whose inputs, weights and bias all lie on their grids outputs ``acc * deq`` up
+    to float32 summation error; rounding recovers the integer the target accumulates.
+
+    Args:
+        y: the layer's float32 output, e.g. (N, C, H, W) or (N, C).
+        deq: (C,) or (1,) deq scales.
+        channel_axis: the channel axis of y.
+
+    Returns:
+        float64 array of y's shape holding integers.
+    """
+    a = np.asarray(y, dtype=np.float64)
+    check_finite(a, "fake-quant layer output")
+    ax = _norm_axis(channel_axis, a.ndim, "accumulator_from_output")
+    d = _per_channel(deq, a.shape[ax], "deq").astype(np.float64)
+    return np.rint(a / d.reshape(_channel_shape(a.ndim, ax, a.shape[ax])))
 
 
 def requantize(acc: npt.ArrayLike, shift_bits: npt.ArrayLike,

@@ -93,3 +93,29 @@ random_seed: 1
 
 
 QUANT_BLOBS = {"conv1_ulq": 3, "conv1_arq": 2, "ip1_ulq": 3, "ip1_arq": 2, "conv1": 2, "ip1": 2}
+
+
+FLOAT_NET = """name: "small"
+layer { name: "data" type: "DummyData" top: "data" top: "target"
+  dummy_data_param { shape { dim: 4 dim: 6 dim: 8 dim: 8 } shape { dim: 4 dim: %(fc)d }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param { lr_mult: 2 decay_mult: 0.5 }
+  convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 8 kernel_size: 3 group: 2 bias_term: false weight_filler { type: "xavier" } } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool" type: "Pooling" bottom: "conv2" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc"
+  inner_product_param { num_output: %(fc)d weight_filler { type: "xavier" } bias_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "target" top: "loss" }
+"""
+QUANTIZED = ("conv1", "conv2", "fc")  # the quantizable layers of FLOAT_NET
+
+
+def float_model(tmp_path, fc=10, tag="float"):
+    model = tmp_path / f"{tag}.prototxt"
+    model.write_text(FLOAT_NET % {"fc": fc})
+    weights = tmp_path / f"{tag}.caffemodel"
+    caffe.Net(str(model), caffe.TEST).save(str(weights))
+    return model, weights

@@ -112,3 +112,33 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
     for param_name in clip_param_names(ulq_name) + weight_param_names(arq_name)[1:]:
         _param(layer, param_name)
     return layer
+
+
+FAKE_QUANT_TYPE = ("fixed", "FakeQuantActivation")
+REQUANT_TYPE = ("fixed", "Requantize")
+
+
+def fake_quant_activation_layer(name: str, bottom: str, top: str, scale_d: float,
+                                offset_d: int) -> caffe_pb2.LayerParameter:
+    """The saved fake-quant model's fixed activation quantizer (not in place)."""
+    return _python_layer(name, FAKE_QUANT_TYPE, bottom, top,
+                         {"scale_d": float(scale_d), "offset_d": int(offset_d)})
+
+
+def requantize_layer(name: str, blob: str, deq: Sequence[float],
+                     shift_bit: Sequence[int]) -> caffe_pb2.LayerParameter:
+    """The saved fake-quant model's int16 requantisation, in place on the layer's output."""
+    return _python_layer(name, REQUANT_TYPE, blob, blob,
+                         {"deq": [float(d) for d in deq], "shift_bit": [int(n) for n in shift_bit]})
+
+
+def python_layer_class(layer: caffe_pb2.LayerParameter) -> str | None:
+    """The class name of one of the toolkit's Python layers, else None."""
+    if layer.type == "Python" and layer.python_param.module.startswith(LAYERS_MODULE + "."):
+        return layer.python_param.layer
+    return None
+
+
+def layer_params(layer: caffe_pb2.LayerParameter) -> dict:
+    """The JSON param_str of one of the toolkit's Python layers."""
+    return json.loads(layer.python_param.param_str)

@@ -1,0 +1,61 @@
+"""Graph pass: the float net back out of a retrained (quantization-aware) net."""
+from dataclasses import dataclass
+
+from caffe.proto import caffe_pb2
+
+from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.model_io import ModelError
+
+RETRAIN_CLASSES = {ql.ULQ_TYPE[1], ql.ARQ_TYPE[1], ql.SHIFT_N_TYPE[1]}
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """One layer the retrained net quantizes, as its retraining layers describe it."""
+    name: str
+    input_blob: str         # the float blob its ActivationULQ read
+    channel_axis: int | None
+    fixed_min: bool
+    record_file: str
+    batch_num: int
+
+
+def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[str, QuantizedLayer]:
+    """The quantized layers of a retrained net, in net order, from their ShiftNSearch layers."""
+    by_name = {layer.name: layer for layer in net.layer}
+    found: dict[str, QuantizedLayer] = {}
+    for layer in net.layer:
+        if ql.python_layer_class(layer) != ql.SHIFT_N_TYPE[1]:
+            continue
+        p = ql.layer_params(layer)
+        name = p["quantized_layer"]
+        ulq = by_name.get(ql.ulq_layer_name(name))
+        if ulq is None or name not in by_name or ql.arq_layer_name(name) not in by_name:
+            raise ModelError(f"{model_file}: layer '{name}' lacks its ActivationULQ / WeightARQ / "
+                             "quantized layer: not a model made by create_quant_retrain_model")
+        found[name] = QuantizedLayer(name, ulq.bottom[0], p["channel_axis"], p["fixed_min"],
+                                     p["record_file"], p["batch_num"])
+    if not found:
+        raise ModelError(f"{model_file}: has no quantized layers: not a model made by create_quant_retrain_model")
+    return found
+
+
+def strip_quant_layers(net: caffe_pb2.NetParameter,
+                       quantized: dict[str, QuantizedLayer]) -> caffe_pb2.NetParameter:
+    """``net`` without its retraining layers: each quantized layer reads its float input
+    again and owns its weights, with the master weights' lr/decay multipliers."""
+    by_name = {layer.name: layer for layer in net.layer}
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    del out.layer[:]
+    for layer in net.layer:
+        if ql.python_layer_class(layer) in RETRAIN_CLASSES:
+            continue
+        restored = out.layer.add()
+        restored.CopyFrom(layer)
+        if layer.name in quantized:
+            restored.bottom[0] = quantized[layer.name].input_blob
+            master_spec = by_name[ql.arq_layer_name(layer.name)].param[1]
+            restored.param[0].CopyFrom(caffe_pb2.ParamSpec(lr_mult=master_spec.lr_mult,
+                                                           decay_mult=master_spec.decay_mult))
+    return out

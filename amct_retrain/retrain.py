@@ -1,0 +1,71 @@
+"""Quantization-aware retraining: the modified model a user trains with Caffe."""
+import logging
+import os
+
+import numpy as np
+from google.protobuf import text_format
+
+from amct_retrain import config as retrain_config_io
+from amct_retrain import numerics
+from amct_retrain.fileio import staged_outputs
+from amct_retrain.graph import model_io
+from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.insert import insert_quant_layers, weight_channel_axis
+
+LOG = logging.getLogger("amct_retrain")
+
+
+def _check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    for out_role, out_path in outputs.items():
+        for in_role, in_path in inputs.items():
+            if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(out_path, in_path):
+                raise ValueError(f"{out_role} '{out_path}' is the {in_role}: inputs are never overwritten")
+
+
+def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config,
+                    model_file: str) -> dict[str, list[np.ndarray]]:
+    """The modified model's blobs: the float ones, plus for each quantized layer its ULQ clips
+    (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
+    fake-quant weights, and the float weights as the master weights)."""
+    out = dict(params)
+    for name, layer_config in retrain_config.layers.items():
+        weights, *rest = params[name]
+        numerics.check_finite(weights, f"{model_file}: layer '{name}' weights")
+        axis = weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
+        fake_quant = numerics.arq_fake_quantize(weights, numerics.arq_scale(weights, axis), axis)
+        out[name] = [fake_quant, *rest]
+        out[ql.arq_layer_name(name)] = [fake_quant, weights]
+        configured = layer_config.clip_min is not None
+        clips = (layer_config.clip_max, layer_config.clip_min, 1.0) if configured else (0.0, 0.0, 0.0)
+        out[ql.ulq_layer_name(name)] = [np.array([v], np.float32) for v in clips]
+    return out
+
+
+def create_quant_retrain_model(model_file: str, weights_file: str, config_file: str,
+                               modified_model_file: str, modified_weights_file: str,
+                               scale_offset_record_file: str) -> None:
+    """Write the quantization-aware model that Caffe retrains.
+
+    Reads the float net (one prototxt with TRAIN and TEST phases, data layers included),
+    its caffemodel and the retrain config; inserts ActivationULQ / WeightARQ / ShiftNSearch
+    around every configured layer; writes the new prototxt, its caffemodel (master weights =
+    the float weights) and an empty record file, all or nothing. The inputs are not modified.
+    """
+    _check_outputs_are_not_inputs(
+        {"model file": model_file, "weights file": weights_file, "config file": config_file},
+        {"modified model file": modified_model_file, "modified weights file": modified_weights_file,
+         "record file": scale_offset_record_file})
+    net = model_io.read_prototxt(model_file)
+    retrain_config = retrain_config_io.load_retrain_config(config_file, net)
+    shapes = model_io.probe_param_shapes(model_file)
+    params = model_io.read_caffemodel(weights_file)
+    model_io.check_weights_match(model_file, weights_file, shapes, params)
+    record_file = os.path.abspath(scale_offset_record_file)
+    modified = insert_quant_layers(net, retrain_config, {k: v[0] for k, v in shapes.items()}, record_file)
+    blobs = retrain_weights(params, retrain_config, model_file)
+    with staged_outputs() as out:
+        out.write(modified_model_file, text_format.MessageToString(modified))
+        out.write(modified_weights_file, model_io.caffemodel_bytes(modified.name, blobs))
+        out.write(record_file, "")
+    LOG.info("quantization-aware model with %d quantized layers written to %s and %s",
+             len(retrain_config.layers), modified_model_file, modified_weights_file)

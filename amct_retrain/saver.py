@@ -1,0 +1,131 @@
+"""save_quant_retrain_model: the fake-quant and deploy models from a retrained net."""
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf import text_format
+
+from amct_retrain import numerics, record
+from amct_retrain.fileio import staged_outputs
+from amct_retrain.graph import model_io
+from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
+from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
+
+LOG = logging.getLogger("amct_retrain")
+SAVE_TYPES = ("Fakequant", "Deploy", "Both")
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """The integer factors of one quantized layer, as the last TEST pass recorded them."""
+    scale_d: np.float32
+    offset_d: int
+    scale_w: np.ndarray     # float32 (C,) channel-wise, or (1,) per tensor
+    shift_bit: np.ndarray   # uint32 (C,)
+
+    @property
+    def deq(self) -> np.ndarray:
+        """float32 (C,): scale_d * scale_w[c] for every output channel."""
+        return np.broadcast_to(numerics.deq_scales(self.scale_d, self.scale_w), self.shift_bit.shape).copy()
+
+
+def output_files(save_path: str) -> dict[str, str]:
+    """The contract's output names for a save_path prefix such as ``./result/model``."""
+    return {"fake_quant_model": f"{save_path}_fake_quant_model.prototxt",
+            "fake_quant_weights": f"{save_path}_fake_quant_weights.caffemodel",
+            "deploy_model": f"{save_path}_deploy_model.prototxt",
+            "deploy_weights": f"{save_path}_deploy_weights.caffemodel",
+            "quant_info": f"{save_path}_quant.json"}
+
+
+def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: dict, files: str) -> LayerFactors:
+    """The record's factors for ``layer``, checked against the retrained weights: the record
+    must come from the TEST pass that followed these weights (the final snapshot)."""
+    name = layer.name
+    if not record.layer_record_complete(rec):
+        raise ModelError(f"{files}: the record of layer '{name}' is incomplete (no TEST pass "
+                         "searched its shift_bit): run a TEST phase after the last iteration")
+    clip_max, clip_min = (float(params[ql.ulq_layer_name(name)][i][0]) for i in (0, 1))
+    scale_d, offset_d = numerics.ulq_deploy_factors(
+        *numerics.ulq_sanitize_clips(clip_min, clip_max, None, layer.fixed_min))
+    master = params[ql.arq_layer_name(name)][1]
+    scale_w = np.asarray(rec.scale_w, np.float32)
+    expected_w = numerics.arq_scale(master, layer.channel_axis)
+    matches_w = np.array_equal(scale_w, expected_w) or (
+        scale_w.size > 1 and np.array_equal(scale_w, numerics.unify_global_conv_scales(scale_d, expected_w)))
+    if np.float32(rec.scale_d) != scale_d or rec.offset_d != offset_d or not matches_w:
+        raise ModelError(f"{files}: the record of layer '{name}' (scale_d {rec.scale_d}, offset_d {rec.offset_d}) "
+                         f"does not match the retrained weights (scale_d {scale_d}, offset_d {offset_d}, or scale_w): "
+                         "use the record and the snapshot of the same run and iteration")
+    return LayerFactors(scale_d, offset_d, scale_w, np.asarray(rec.shift_bit, np.uint32))
+
+
+def quantized_params(layer: QuantizedLayer, f: LayerFactors, params: dict) -> tuple[list, list]:
+    """(fake-quant blobs, deploy blobs) of a quantized layer: float32 weights on the int8 grid
+    and the int32 bias times deq; int8 weights and int32 bias."""
+    master = params[ql.arq_layer_name(layer.name)][1]
+    fake = [numerics.arq_fake_quantize(master, f.scale_w, layer.channel_axis)]
+    deploy = [numerics.arq_quantize(master, f.scale_w, layer.channel_axis)]
+    if len(params[layer.name]) > 1:
+        bias = numerics.quantize_bias(params[layer.name][1], f.scale_d, f.scale_w, layer.name)
+        fake.append(numerics.dequantize_bias(bias, f.deq))
+        deploy.append(bias)
+    return fake, deploy
+
+
+def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: str, save_type: str,
+                             save_path: str, scale_offset_record_file: str | None = None,
+                             config_file: str | None = None) -> None:
+    """Write the fake-quant model (runs in Caffe) and/or the deploy model (int8 weights,
+    int32 bias, Quant/DeQuant layers), plus ``<save_path>_quant.json``.
+
+    ``save_type`` is 'Fakequant', 'Deploy' or 'Both'; ``save_path`` a prefix such as
+    ``./result/model``. The factors come from the record file (default: the one the
+    retrained model's ShiftNSearch layers write), i.e. from the last TEST pass.
+    ``config_file`` is accepted for compatibility; the retrained model carries its settings.
+    """
+    if save_type not in SAVE_TYPES:
+        raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
+    if config_file is not None and not os.path.isfile(config_file):
+        raise ModelError(f"{config_file}: config file does not exist")
+    net = model_io.read_prototxt(retrained_model_file)
+    quantized = find_quantized_layers(net, retrained_model_file)
+    record_file = scale_offset_record_file or next(iter(quantized.values())).record_file
+    records = record.read_record(record_file)
+    params = model_io.read_caffemodel(retrained_weights_file)
+    files = f"{retrained_weights_file} / {record_file}"
+    for name in quantized:
+        for owner in (name, ql.ulq_layer_name(name), ql.arq_layer_name(name)):
+            if owner not in params:
+                raise ModelError(f"{retrained_weights_file}: has no weights for layer '{owner}' of "
+                                 f"{retrained_model_file}: weights of another model?")
+        if name not in records:
+            raise ModelError(f"{record_file}: has no record of layer '{name}': run a TEST phase after training")
+    factors = {name: layer_factors(q, records[name], params, files) for name, q in quantized.items()}
+    float_net = strip_quant_layers(net, quantized)
+    float_params = {k: v for k, v in params.items()
+                    if k not in {ql.ulq_layer_name(n) for n in quantized} | {ql.arq_layer_name(n) for n in quantized}}
+    fake_params, deploy_params = dict(float_params), dict(float_params)
+    for name, q in quantized.items():
+        f = factors[name]
+        fake_params[name], deploy_params[name] = quantized_params(q, f, params)
+        deploy_params[quant_layer_names(name)["dequant"]] = [
+            numerics.pack_deq_scale(f.deq, f.shift_bit, np.zeros_like(f.shift_bit, dtype=np.int8))]
+    outputs = output_files(save_path)
+    info = {"version": 1, "record_file": os.path.abspath(record_file), "fused_layers": {},
+            "quantized_layers": {name: {"input_blob": q.input_blob, **quant_layer_names(name)}
+                                 for name, q in quantized.items()}}
+    with staged_outputs() as out:
+        if save_type in ("Fakequant", "Both"):
+            out.write(outputs["fake_quant_model"], text_format.MessageToString(fake_quant_net(float_net, factors)))
+            out.write(outputs["fake_quant_weights"], model_io.caffemodel_bytes(net.name, fake_params))
+        if save_type in ("Deploy", "Both"):
+            out.write(outputs["deploy_model"], text_format.MessageToString(deploy_net(float_net, factors)))
+            out.write(outputs["deploy_weights"], model_io.caffemodel_bytes(net.name, deploy_params))
+        out.write(outputs["quant_info"], json.dumps(info, indent=2))
+    LOG.info("saved %s model(s) of %d quantized layers under %s", save_type, len(quantized), save_path)
+

@@ -1,0 +1,63 @@
+"""The fixed fake-quant layers of a saved fake-quant model: factors come from the record."""
+import caffe
+import numpy as np
+
+from amct_retrain import numerics
+from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
+
+QUANT_PARAMS = {
+    "name": Key((str,), required=True),
+    "scale_d": Key(NUMBER, required=True),
+    "offset_d": Key((int,), required=True),
+}
+REQUANT_PARAMS = {
+    "name": Key((str,), required=True),
+    "deq": Key((list,), required=True),
+    "shift_bit": Key((list,), required=True),
+}
+
+
+class FakeQuantActivation(caffe.Layer):
+    """``x -> (clamp(rint(x/scale_d) + offset_d) - offset_d) * scale_d``: what the deploy
+    model's Quant layer feeds the integer layer, seen in float. Not in place."""
+
+    def setup(self, bottom, top):
+        p = parse_param_str(self.param_str, QUANT_PARAMS, "FakeQuantActivation")
+        self.layer_name, self.scale_d, self.offset_d = p["name"], np.float32(p["scale_d"]), p["offset_d"]
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        numerics.check_finite(x, f"FakeQuantActivation layer '{self.layer_name}' input")
+        top[0].data[...] = numerics.fake_quantize_activation(x, self.scale_d, self.offset_d)
+
+    def backward(self, top, propagate_down, bottom):
+        raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")
+
+
+class Requantize(caffe.Layer):
+    """In place on an integer layer's output: recovers the accumulator ``rint(y / deq[c])``,
+    shifts it right by shift_bit[c] into int16 and scales back: ``t * deq[c] * 2^N[c]``,
+    the value the deploy model's DeQuant layer produces."""
+
+    def setup(self, bottom, top):
+        p = parse_param_str(self.param_str, REQUANT_PARAMS, "Requantize")
+        self.layer_name = p["name"]
+        self.deq = np.asarray(p["deq"], np.float32)
+        self.shift_bit = np.asarray(p["shift_bit"], np.int64)
+        channels = bottom[0].data.shape[1]
+        if self.shift_bit.size != channels or self.deq.size not in (1, channels):
+            raise LayerParamError(f"Requantize layer '{self.layer_name}': {channels} channels, but "
+                                  f"{self.deq.size} deq and {self.shift_bit.size} shift_bit values")
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        acc = numerics.accumulator_from_output(bottom[0].data, self.deq)
+        top[0].data[...] = numerics.requantized_output(acc, self.deq, self.shift_bit)
+
+    def backward(self, top, propagate_down, bottom):
+        raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")

@@ -1,0 +1,108 @@
+"""create_quant_retrain_model on real Caffe nets: structure, weights, and bad input."""
+import hashlib
+
+import caffe
+import numpy as np
+import pytest
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
+
+import amct_retrain
+from amct_retrain import numerics
+from amct_retrain.graph.model_io import ModelError
+from tests.nets import QUANTIZED, float_model
+
+pytestmark = pytest.mark.caffe
+
+def digest(*paths):
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    model, weights = float_model(tmp_path)
+    config = tmp_path / "config.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    out = tmp_path / "out"  # does not exist yet: must be created
+    paths = dict(model=model, weights=weights, config=config, modified_model=out / "retrain.prototxt",
+                 modified_weights=out / "retrain.caffemodel", record=out / "record.txt")
+    return paths
+
+
+def create(p):
+    amct_retrain.create_quant_retrain_model(str(p["model"]), str(p["weights"]), str(p["config"]),
+                                            str(p["modified_model"]), str(p["modified_weights"]), str(p["record"]))
+
+
+def test_modified_model_wraps_each_layer_and_trains_in_caffe(prepared):
+    p = prepared
+    before = digest(p["model"], p["weights"], p["config"])
+    create(p)
+    assert digest(p["model"], p["weights"], p["config"]) == before, "an input file was modified"
+    net_param = text_format.Parse(p["modified_model"].read_text(), caffe_pb2.NetParameter())
+    names = [layer.name for layer in net_param.layer]
+    for layer in QUANTIZED:
+        i = names.index(layer)
+        assert names[i - 2:i + 2] == [f"{layer}_ulq", f"{layer}_arq", layer, f"{layer}_shift_n"], \
+            f"{layer} is not wrapped by ULQ, ARQ and shift-N: {names}"
+    assert p["record"].exists() and p["record"].read_text() == "", "the record file must start empty"
+    arq = net_param.layer[names.index("conv1_arq")]
+    assert (arq.param[1].lr_mult, arq.param[1].decay_mult) == (2, 0.5), "conv1's lr/decay must move to its master weights"
+
+    floats = caffe.Net(str(p["model"]), caffe.TEST, weights=str(p["weights"]))
+    net = caffe.Net(str(p["modified_model"]), caffe.TRAIN, weights=str(p["modified_weights"]))
+    for layer in QUANTIZED:
+        w = floats.params[layer][0].data
+        assert np.array_equal(net.params[f"{layer}_arq"][1].data, w), f"{layer}: master weights != float weights"
+        axis = None if layer == "fc" else 0
+        expected = numerics.arq_fake_quantize(w, numerics.arq_scale(w, axis), axis)
+        assert np.array_equal(net.params[layer][0].data, expected), f"{layer}: weights are not ARQ(float)"
+        if len(floats.params[layer]) > 1:
+            assert np.array_equal(net.params[layer][1].data, floats.params[layer][1].data), f"{layer}: bias changed"
+        assert net.params[f"{layer}_ulq"][2].data[0] == 0, f"{layer}: no clips configured, IFMR must run"
+    net.forward()
+    net.backward()
+    assert net.params["conv1_arq"][1].diff.any(), "no gradient reached conv1's master weights"
+    assert all(net.params[f"{layer}_ulq"][2].data[0] == 1 for layer in QUANTIZED), "IFMR did not initialise clips"
+
+
+def test_weights_of_another_model_are_an_error_naming_layer_and_shapes(prepared, tmp_path):
+    p = prepared
+    _, other_weights = float_model(tmp_path, fc=5, tag="other")
+    p["weights"] = other_weights
+    with pytest.raises(ModelError) as err:
+        create(p)
+    msg = str(err.value)
+    assert "'fc'" in msg and "(5, 32)" in msg and "(10, 32)" in msg, f"unclear shape error: {msg}"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "partial output left behind"
+
+
+def test_weights_missing_a_layer_is_an_error_naming_it(prepared, tmp_path):
+    p = prepared
+    weights = caffe_pb2.NetParameter.FromString(p["weights"].read_bytes())
+    kept = [layer for layer in weights.layer if layer.name != "conv2"]
+    del weights.layer[:]
+    weights.layer.extend(kept)
+    p["weights"] = tmp_path / "missing.caffemodel"
+    p["weights"].write_bytes(weights.SerializeToString())
+    with pytest.raises(ModelError, match="no weights for layer 'conv2'"):
+        create(p)
+
+
+def test_net_caffe_cannot_build_is_an_error_not_a_crash(prepared, tmp_path):
+    p = prepared
+    broken = tmp_path / "broken.prototxt"
+    broken.write_text(p["model"].read_text().replace('bottom: "pool"', 'bottom: "nowhere"'))
+    p["model"] = broken
+    with pytest.raises(ModelError, match="nowhere"):
+        create(p)
+    assert not p["modified_model"].exists() and not p["record"].exists(), "partial output left behind"
+
+
+def test_output_that_is_an_input_is_refused(prepared):
+    p = prepared
+    p["modified_weights"] = p["weights"]
+    before = digest(p["weights"])
+    with pytest.raises(ValueError, match="inputs are never overwritten"):
+        create(p)
+    assert digest(p["weights"]) == before
