@@ -4,6 +4,9 @@ import os
 import secrets
 from collections.abc import Iterator
 
+from google.protobuf import text_format
+from google.protobuf.message import Message
+
 
 def _temp_path(path: str) -> str:
     directory, base = os.path.split(os.path.abspath(path))
@@ -82,3 +85,38 @@ def staged_outputs() -> Iterator[StagedOutputs]:
     except BaseException:
         outputs._discard()
         raise
+
+
+def read_text_file(path: str, what: str, error: type[Exception]) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or binary file raises ``error`` naming it."""
+    if not os.path.exists(path):
+        raise error(f"{path}: {what} does not exist")
+    if os.path.isdir(path):
+        raise error(f"{path}: {what} is a directory, not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {what} is not UTF-8 text: {e}") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def parse_text_proto(path: str, text: str, msg: Message, error: type[Exception]) -> None:
+    """Parse protobuf text into ``msg``; a syntax error raises ``error`` as FILE:LINE:COL: message."""
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as e:
+        line, col = e.GetLine(), e.GetColumn()
+        detail = str(e)
+        # ParseError prefixes "LINE:COL : "; re-emit in the usual FILE:LINE:COL: form.
+        prefix = f"{line}:{col} : " if col is not None else f"{line} : "
+        if line is not None and detail.startswith(prefix):
+            detail = detail[len(prefix):]
+        where = path if line is None else f"{path}:{line}" if col is None else f"{path}:{line}:{col}"
+        # Some messages ("Couldn't parse integer: x") do not name the field: quote the line.
+        lines = text.splitlines()
+        src = lines[line - 1].strip() if line is not None and 1 <= line <= len(lines) else ""
+        if src and src not in detail:
+            detail += f" (in: {src[:200]})"
+        raise error(f"{where}: {detail}") from None

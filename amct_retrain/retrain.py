@@ -25,7 +25,7 @@ def _check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str
 def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config,
                     model_file: str) -> dict[str, list[np.ndarray]]:
     """The modified model's blobs: the float ones, plus for each quantized layer its ULQ clips
-    (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
+    and clip state (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
     fake-quant weights, and the float weights as the master weights)."""
     out = dict(params)
     for name, layer_config in retrain_config.layers.items():
@@ -35,9 +35,10 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config,
         fake_quant = numerics.arq_fake_quantize(weights, numerics.arq_scale(weights, axis), axis)
         out[name] = [fake_quant, *rest]
         out[ql.arq_layer_name(name)] = [fake_quant, weights]
-        configured = layer_config.clip_min is not None
-        clips = (layer_config.clip_max, layer_config.clip_min, 1.0) if configured else (0.0, 0.0, 0.0)
-        out[ql.ulq_layer_name(name)] = [np.array([v], np.float32) for v in clips]
+        clip_min, clip_max = layer_config.clip_min, layer_config.clip_max
+        state = (1.0, clip_min, clip_max) if clip_min is not None else (0.0, 0.0, 0.0)
+        out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
+                                        np.array([clip_min or 0.0], np.float32), np.array(state, np.float32)]
     return out
 
 

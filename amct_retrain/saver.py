@@ -49,9 +49,13 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     if not record.layer_record_complete(rec):
         raise ModelError(f"{files}: the record of layer '{name}' is incomplete (no TEST pass "
                          "searched its shift_bit): run a TEST phase after the last iteration")
-    clip_max, clip_min = (float(params[ql.ulq_layer_name(name)][i][0]) for i in (0, 1))
-    scale_d, offset_d = numerics.ulq_deploy_factors(
-        *numerics.ulq_sanitize_clips(clip_min, clip_max, None, layer.fixed_min))
+    clip_max, clip_min, (clips_ready, last_min, last_max) = (params[ql.ulq_layer_name(name)][i] for i in (0, 1, 2))
+    if not clips_ready:
+        raise ModelError(f"{files}: layer '{name}' never initialised its clips: the weights do not match "
+                         "the record (not retrained, or another model): use the snapshot of the run")
+    # The TEST pass sanitised the snapshot's clips with the last valid pair, as here.
+    scale_d, offset_d = numerics.ulq_deploy_factors(*numerics.ulq_sanitize_clips(
+        clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min))
     master = params[ql.arq_layer_name(name)][1]
     scale_w = np.asarray(rec.scale_w, np.float32)
     expected_w = numerics.arq_scale(master, layer.channel_axis)

@@ -2,7 +2,7 @@
 import caffe
 import numpy as np
 
-from amct_retrain import numerics
+from amct_retrain import numerics, tensorboard
 from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
 
 PARAMS = {
@@ -10,17 +10,26 @@ PARAMS = {
     "clip_max": Key(NUMBER + (type(None),)),
     "clip_min": Key(NUMBER + (type(None),)),
     "fixed_min": Key((bool,), default=False),
+    "log_dir": Key((str, type(None))),
+    "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
 }
-CLIP_MAX, CLIP_MIN, CLIPS_READY = 0, 1, 2
+CLIP_MAX, CLIP_MIN, CLIP_STATE = 0, 1, 2
+READY, LAST_MIN, LAST_MAX = 0, 1, 2  # entries of the clip_state blob
+TRAIN = 0
 
 
 class ActivationULQ(caffe.Layer):
     """Fake-quantizes bottom[0] onto the int8 grid of [clip_min, clip_max] (not in place).
 
-    Blobs (each shape (1,), saved in the caffemodel): 0 ``clip_max``, 1 ``clip_min``
-    (both learnable, contract ULQ gradients), 2 ``clips_ready`` (1.0 once the clips hold a
-    range; 0.0 asks for IFMR initialisation on the first batch seen, TRAIN or TEST).
+    Blobs (saved in the caffemodel): 0 ``clip_max``, 1 ``clip_min`` (shape (1,), learnable,
+    contract ULQ gradients), 2 ``clip_state`` (shape (3,), never learnt): [ready, min, max]
+    where ready = 0 asks for IFMR initialisation on the first batch seen (TRAIN or TEST), and
+    (min, max) is the pair the last forward used, i.e. the last valid pair that an invalid
+    solver update falls back to. Kept in a blob, not in Python, so the TEST net (which shares
+    the TRAIN net's blobs), ShiftNSearch, snapshots and the saver all see the same pair.
     Blob data is read afresh every call: Caffe re-points shared blobs between nets.
+    With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the clips,
+    scale_d and the share of the input clipped to TensorBoard (step: the call's index).
     """
 
     def setup(self, bottom, top):
@@ -35,14 +44,15 @@ class ActivationULQ(caffe.Layer):
         if all(given) and p["clip_min"] >= p["clip_max"]:
             raise LayerParamError(f"ActivationULQ layer '{self.layer_name}': param_str key 'clip_min' "
                                   f"({p['clip_min']}) must be below 'clip_max' ({p['clip_max']})")
-        for _ in range(3):
-            self.blobs.add_blob(1)
+        self.blobs.add_blob(1)
+        self.blobs.add_blob(1)
+        self.blobs.add_blob(3)
         if all(given):
             self.blobs[CLIP_MAX].data[0] = p["clip_max"]
             self.blobs[CLIP_MIN].data[0] = p["clip_min"]
-            self.blobs[CLIPS_READY].data[0] = 1.0
-        self.last_valid_clips = None
+            self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
+        self.log = tensorboard.layer_log(p, "ActivationULQ")
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
@@ -50,15 +60,18 @@ class ActivationULQ(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         numerics.check_finite(x, f"ActivationULQ layer '{self.layer_name}' input")
-        if self.blobs[CLIPS_READY].data[0] < 0.5:
+        state = self.blobs[CLIP_STATE].data
+        if state[READY] < 0.5:
             clip_min, clip_max = numerics.ifmr_search(x)
             self.blobs[CLIP_MIN].data[0], self.blobs[CLIP_MAX].data[0] = clip_min, clip_max
-            self.blobs[CLIPS_READY].data[0] = 1.0
+            state[...] = (1.0, clip_min, clip_max)
         self.clips = numerics.ulq_sanitize_clips(
             float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
-            self.last_valid_clips, self.fixed_min)
-        self.last_valid_clips = self.clips
+            (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
+        state[LAST_MIN], state[LAST_MAX] = self.clips
         top[0].data[...] = numerics.ulq_forward(x, *self.clips)
+        if self.log is not None and self.phase == TRAIN and self.log.count():
+            self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
 
     def backward(self, top, propagate_down, bottom):
         grad_x, grad_min, grad_max = numerics.ulq_backward(bottom[0].data, top[0].diff, *self.clips)

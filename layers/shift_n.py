@@ -4,7 +4,7 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import numerics, record
+from amct_retrain import numerics, record, tensorboard
 from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
 
 LOG = logging.getLogger("amct_retrain.layers")
@@ -15,10 +15,11 @@ PARAMS = {
     "batch_num": Key((int,), default=1),
     "weight_shape": Key((list,), required=True),
     "channel_axis": Key((int, type(None))),
-    "fixed_min": Key((bool,), default=False),
+    "log_dir": Key((str, type(None))),
 }
 # Shared (by param name) with the ActivationULQ and WeightARQ layers that own them.
-CLIP_MAX, CLIP_MIN, MASTER_WEIGHTS = 0, 1, 2
+CLIP_STATE, MASTER_WEIGHTS = 0, 1
+LAST_MIN, LAST_MAX = 1, 2  # ActivationULQ's clip_state: [ready, min, max] of its last forward
 TEST = 1
 
 
@@ -27,10 +28,12 @@ class ShiftNSearch(caffe.Layer):
     automatic split fails when a ReLU later rewrites the blob in place).
 
     In the TEST phase it sums the shift-N errors of ``batch_num`` batches computed with the
-    current factors (scale_d from the clips, scale_w from ARQ of the master weights), then
+    current factors (scale_d from the clips ActivationULQ used, scale_w from ARQ of the master weights), then
     writes ``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``shift_bit`` of its layer into
     the record file. Factors that differ from the ones being accumulated (the net trained in
     between) start a new search, so every TEST pass searches once with no knowledge of test_iter.
+    With a ``log_dir`` in param_str, each record write also logs the mean shift_bit to
+    TensorBoard (step: the index of the TEST forward call that completed the search).
     """
 
     def setup(self, bottom, top):
@@ -40,14 +43,13 @@ class ShiftNSearch(caffe.Layer):
             raise LayerParamError(f"ShiftNSearch layer '{self.layer_name}': param_str key 'batch_num' "
                                   f"must be >= 1, got {p['batch_num']}")
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
-        self.batch_num, self.channel_axis, self.fixed_min = p["batch_num"], p["channel_axis"], p["fixed_min"]
-        self.blobs.add_blob(1)
-        self.blobs.add_blob(1)
+        self.batch_num, self.channel_axis = p["batch_num"], p["channel_axis"]
+        self.blobs.add_blob(3)
         self.blobs.add_blob(*p["weight_shape"])
-        self.last_valid_clips = None
         self.factors_key = None
         self.errors = None
         self.batches = 0
+        self.log = tensorboard.layer_log(p, "ShiftNSearch")
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
@@ -55,6 +57,8 @@ class ShiftNSearch(caffe.Layer):
     def forward(self, bottom, top):
         if self.phase != TEST:
             return
+        if self.log is not None:
+            self.log.count()
         y = bottom[0].data
         factors = self._current_factors(y)
         key = (factors[0], factors[1], factors[2].tobytes())
@@ -74,17 +78,17 @@ class ShiftNSearch(caffe.Layer):
                 scale_w=scale_w, offset_w=np.zeros(len(scale_w), np.int32), shift_bit=shift_bits)
             LOG.debug("layer %s: shift_bit %s written to %s", self.quantized_layer,
                      shift_bits.tolist(), self.record_file)
+            if self.log is not None:
+                self.log.write(tensorboard.shift_n_scalars(self.layer_name, shift_bits))
 
     def backward(self, top, propagate_down, bottom):
         pass  # in place: the top diff already is the bottom diff
 
     def _current_factors(self, y: np.ndarray) -> tuple[np.float32, int, np.ndarray]:
         """(scale_d, offset_d, scale_w): scale_w has one value per channel, or one per tensor."""
-        # The same sanitisation as ActivationULQ, so both see the same pair of clips.
-        self.last_valid_clips = numerics.ulq_sanitize_clips(
-            float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
-            self.last_valid_clips, self.fixed_min)
-        scale_d, offset_d = numerics.ulq_deploy_factors(*self.last_valid_clips)
+        # The pair ActivationULQ used in this very forward pass (it runs before this layer).
+        state = self.blobs[CLIP_STATE].data
+        scale_d, offset_d = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
         scale_w = numerics.arq_scale(self.blobs[MASTER_WEIGHTS].data, self.channel_axis)
         if y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)

@@ -2,15 +2,18 @@
 import caffe
 import numpy as np
 
-from amct_retrain import numerics
+from amct_retrain import numerics, tensorboard
 from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
 
 PARAMS = {
     "name": Key((str,), required=True),
     "weight_shape": Key((list,), required=True),
     "channel_axis": Key((int, type(None))),
+    "log_dir": Key((str, type(None))),
+    "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
 }
 FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS = 0, 1
+TRAIN = 0
 
 
 class WeightARQ(caffe.Layer):
@@ -21,6 +24,8 @@ class WeightARQ(caffe.Layer):
     layer's weights through ``param { name }``; 1 the float master weights the solver trains.
     Forward writes ARQ(master) into blob 0; backward moves blob 0's diff into the master's
     diff (straight-through) and zeroes blob 0's diff so the solver leaves blob 0 alone.
+    With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the
+    min/mean/max weight scale to TensorBoard (step: the call's index).
     """
 
     def setup(self, bottom, top):
@@ -38,6 +43,7 @@ class WeightARQ(caffe.Layer):
         self.blobs.add_blob(*shape)
         self.blobs.add_blob(*shape)
         self.in_place = None
+        self.log = tensorboard.layer_log(p, "WeightARQ")
 
     def reshape(self, bottom, top):
         # RawBlobVec supports indexing, not iteration.
@@ -50,6 +56,8 @@ class WeightARQ(caffe.Layer):
         numerics.check_finite(master, f"WeightARQ layer '{self.layer_name}' master weights")
         scale_w = numerics.arq_scale(master, self.channel_axis)
         self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
+        if self.log is not None and self.phase == TRAIN and self.log.count():
+            self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
         if not self.in_place:
             for i in range(len(bottom)):
                 top[i].data[...] = bottom[i].data

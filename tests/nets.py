@@ -50,7 +50,7 @@ def quant_net(record_file: str | pathlib.Path, batch_num: int = 1, conv_clips=No
         ql.arq_layer("ip1_arq", "conv1_q", IP_WEIGHT_SHAPE, None),
         ip,
         ql.shift_n_layer("ip1_shift_n", "ip1", "ip1", "ip1_ulq", "ip1_arq",
-                         IP_WEIGHT_SHAPE, None, str(record_file), batch_num, fixed_min=ip_fixed_min),
+                         IP_WEIGHT_SHAPE, None, str(record_file), batch_num),
         loss,
     ])
     return net

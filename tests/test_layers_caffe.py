@@ -246,3 +246,18 @@ def test_nan_master_weights_stop_with_error_naming_layer(tmp_path):
     net.params["conv1_arq"][1].data[0, 0, 0, 0] = np.inf
     with pytest.raises(numerics.NonFiniteError, match="conv1_arq"):
         net.forward()
+
+
+def test_invalid_clips_fall_back_to_last_valid_pair_shared_through_the_blob(tmp_path):
+    """A solver update that makes clip_min > 0 must not break the TEST net (which shares the
+    TRAIN net's blobs but not its Python objects): the last valid pair lives in a blob."""
+    model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
+    train = caffe.Net(str(model_file), caffe.TRAIN)
+    train.forward()
+    train.params["conv1_ulq"][1].data[0] = 0.25  # invalid: the range must contain 0
+    test = caffe.Net(str(model_file), caffe.TEST)
+    test.share_with(train)
+    test.forward()
+    expected = numerics.ulq_forward(test.blobs["data"].data, -1.0, 1.0)
+    assert np.array_equal(test.blobs["data_q"].data, expected), "TEST net did not fall back to the last valid clips"
+    assert list(train.params["conv1_ulq"][2].data) == [1.0, -1.0, 1.0], "clip state lost the last valid pair"

@@ -3,12 +3,9 @@ from collections.abc import Mapping, Sequence
 
 from caffe.proto import caffe_pb2
 
+from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
-
-# The weight axis that holds the output channels, per quantizable layer type.
-OUTPUT_CHANNEL_AXIS = {"Convolution": 0, "Deconvolution": 1, "InnerProduct": None}
-
 
 def quantized_input_blob(layer: str) -> str:
     """The blob holding ``layer``'s fake-quantized input."""
@@ -17,7 +14,7 @@ def quantized_input_blob(layer: str) -> str:
 
 def weight_channel_axis(layer_type: str, channel_wise: bool) -> int | None:
     """Axis of per-channel weight scales, or None for one scale per tensor."""
-    return OUTPUT_CHANNEL_AXIS[layer_type] if channel_wise else None
+    return QUANTIZABLE_RULES[layer_type].channel_axis if channel_wise else None
 
 
 def _with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.LayerParameter):
@@ -54,7 +51,7 @@ def quantize_layer_block(layer: caffe_pb2.LayerParameter, layer_config, weight_s
                      weight_spec.lr_mult, weight_spec.decay_mult, **extra),
         quantized,
         ql.shift_n_layer(ql.shift_n_layer_name(name), layer.top[0], name, ulq_name, arq_name,
-                         weight_shape, axis, record_file, batch_num, layer_config.fixed_min, **extra),
+                         weight_shape, axis, record_file, batch_num, **extra),
     ]
     return [_with_phase_rules(inserted, layer) for inserted in block]
 

@@ -11,8 +11,9 @@ import sys
 
 import numpy as np
 from caffe.proto import caffe_pb2
-from google.protobuf import text_format
 from google.protobuf.message import DecodeError
+
+from amct_retrain.fileio import parse_text_proto, read_text_file
 
 
 class ModelError(ValueError):
@@ -20,16 +21,20 @@ class ModelError(ValueError):
 
 
 def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
-    """Parse a net prototxt; errors name FILE:LINE:COL."""
-    try:
-        with open(model_file, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise ModelError(f"{model_file}: cannot read the model file: {err.strerror}") from None
-    try:
-        return text_format.Parse(text, caffe_pb2.NetParameter())
-    except text_format.ParseError as err:
-        raise ModelError(f"{model_file}:{err.GetLine()}:{err.GetColumn()}: {err}") from None
+    """Parse a Caffe prototxt into a ``NetParameter`` without going through Caffe's C++.
+
+    Raises :class:`ModelError` for a missing file, a parse error (``FILE:LINE:COL: message``)
+    or a net written with V1 ``layers { }`` blocks.
+    """
+    path = os.fspath(model_file)
+    net = caffe_pb2.NetParameter()
+    parse_text_proto(path, read_text_file(path, "model file", ModelError), net, ModelError)
+    if len(net.layers):
+        raise ModelError(
+            f"{path}: the net uses V1 'layers {{ }}' definitions ({len(net.layers)} of them); "
+            "V1 definitions are not supported yet: upgrade the prototxt to 'layer { }' "
+            "(e.g. with Caffe's upgrade_net_proto_text tool)")
+    return net
 
 
 def read_caffemodel(weights_file: str | os.PathLike) -> dict[str, list[np.ndarray]]:

@@ -29,9 +29,9 @@ def shift_n_layer_name(quantized_layer: str) -> str:
     return f"{quantized_layer}_shift_n"
 
 
-def clip_param_names(ulq_name: str) -> tuple[str, str]:
-    """Param names of an ActivationULQ layer's (clip_max, clip_min) blobs."""
-    return f"{ulq_name}/clip_max", f"{ulq_name}/clip_min"
+def clip_param_names(ulq_name: str) -> tuple[str, str, str]:
+    """Param names of an ActivationULQ layer's (clip_max, clip_min, clip_state) blobs."""
+    return f"{ulq_name}/clip_max", f"{ulq_name}/clip_min", f"{ulq_name}/clip_state"
 
 
 def weight_param_names(arq_name: str) -> tuple[str, str]:
@@ -40,11 +40,13 @@ def weight_param_names(arq_name: str) -> tuple[str, str]:
 
 
 def _python_layer(name: str, module_class: tuple[str, str], bottom: str, top: str,
-                  params: dict) -> caffe_pb2.LayerParameter:
+                  params: dict, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
     layer = caffe_pb2.LayerParameter(name=name, type="Python", bottom=[bottom], top=[top])
     layer.python_param.module = f"{LAYERS_MODULE}.{module_class[0]}"
     layer.python_param.layer = module_class[1]
-    layer.python_param.param_str = json.dumps({"name": name, **params}, sort_keys=True)
+    # log_dir only when given: the param_str of a layer that does not log stays as it was.
+    log_key = {"log_dir": log_dir} if log_dir else {}
+    layer.python_param.param_str = json.dumps({"name": name, **params, **log_key}, sort_keys=True)
     return layer
 
 
@@ -61,31 +63,34 @@ def _param(layer: caffe_pb2.LayerParameter, name: str = "", lr_mult: float | Non
 
 def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
               clip_max: float | None = None, fixed_min: bool = False,
-              clip_lr_mult: float = 1.0) -> caffe_pb2.LayerParameter:
+              clip_lr_mult: float = 1.0, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
     """ActivationULQ from ``bottom`` to a new blob ``top`` (never in place: its backward needs x).
 
     The clips learn with ``clip_lr_mult`` and no weight decay (decay would shrink the range
-    for no reason); the third blob, the IFMR-done flag, never learns.
+    for no reason); the third blob, the clip state (ready flag, last valid pair), never learns.
+    With ``log_dir``, the layer logs its clips to TensorBoard there while training.
     """
     layer = _python_layer(name, ULQ_TYPE, bottom, top,
-                          {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min})
-    clip_max_name, clip_min_name = clip_param_names(name)
+                          {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min}, log_dir)
+    clip_max_name, clip_min_name, clip_state_name = clip_param_names(name)
     _param(layer, clip_max_name, clip_lr_mult, 0.0)
     _param(layer, clip_min_name, clip_lr_mult, 0.0)
-    _param(layer, "", 0.0, 0.0)
+    _param(layer, clip_state_name, 0.0, 0.0)
     return layer
 
 
 def arq_layer(name: str, blob: str, weight_shape: Sequence[int], channel_axis: int | None,
-              master_lr_mult: float = 1.0, master_decay_mult: float = 1.0) -> caffe_pb2.LayerParameter:
+              master_lr_mult: float = 1.0, master_decay_mult: float = 1.0,
+              log_dir: str | None = None) -> caffe_pb2.LayerParameter:
     """WeightARQ in place on ``blob``, the quantized layer's input.
 
     Blob 0 (fake-quant weights) learns with lr_mult 1 so the quantized layer computes a
     weight gradient, and decay 0; the quantized layer's own weight param must be set with
     :func:`share_fake_quant_weights`. The master weights take the original layer's lr/decay.
+    With ``log_dir``, the layer logs its weight scales to TensorBoard there while training.
     """
     layer = _python_layer(name, ARQ_TYPE, blob, blob,
-                          {"weight_shape": list(weight_shape), "channel_axis": channel_axis})
+                          {"weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
     fake_quant_name, master_name = weight_param_names(name)
     _param(layer, fake_quant_name, 1.0, 0.0)
     _param(layer, master_name, master_lr_mult, master_decay_mult)
@@ -103,13 +108,14 @@ def share_fake_quant_weights(quantized: caffe_pb2.LayerParameter, arq_name: str)
 
 def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq_name: str,
                   weight_shape: Sequence[int], channel_axis: int | None, record_file: str,
-                  batch_num: int = 1, fixed_min: bool = False) -> caffe_pb2.LayerParameter:
-    """ShiftNSearch in place on ``blob``, the quantized layer's output; it reads the clips
-    and master weights through shared params and writes ``quantized_layer``'s record entry."""
+                  batch_num: int = 1, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
+    """ShiftNSearch in place on ``blob``, the quantized layer's output; it reads the clip state
+    and master weights through shared params and writes ``quantized_layer``'s record entry
+    (with ``log_dir``, also its mean shift_bit to TensorBoard there)."""
     layer = _python_layer(name, SHIFT_N_TYPE, blob, blob, {
         "quantized_layer": quantized_layer, "record_file": record_file, "batch_num": batch_num,
-        "weight_shape": list(weight_shape), "channel_axis": channel_axis, "fixed_min": fixed_min})
-    for param_name in clip_param_names(ulq_name) + weight_param_names(arq_name)[1:]:
+        "weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
+    for param_name in clip_param_names(ulq_name)[2:] + weight_param_names(arq_name)[1:]:
         _param(layer, param_name)
     return layer
 

@@ -33,7 +33,7 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
         if ulq is None or name not in by_name or ql.arq_layer_name(name) not in by_name:
             raise ModelError(f"{model_file}: layer '{name}' lacks its ActivationULQ / WeightARQ / "
                              "quantized layer: not a model made by create_quant_retrain_model")
-        found[name] = QuantizedLayer(name, ulq.bottom[0], p["channel_axis"], p["fixed_min"],
+        found[name] = QuantizedLayer(name, ulq.bottom[0], p["channel_axis"], ql.layer_params(ulq)["fixed_min"],
                                      p["record_file"], p["batch_num"])
     if not found:
         raise ModelError(f"{model_file}: has no quantized layers: not a model made by create_quant_retrain_model")

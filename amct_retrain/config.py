@@ -1,0 +1,792 @@
+"""Retrain configuration: which layers are quantized, and how (contract sections 2 and 4).
+
+Three things live here:
+
+* The backend rules (:data:`QUANTIZABLE_RULES`): which Caffe layer types can be
+  quantized and under which constraints, as data, so that a new quantizable type
+  is one more entry, not new code paths.
+* The retrain config JSON: :func:`create_quant_retrain_config` writes it for every
+  quantizable layer (optionally shaped by a *simplified config*), and
+  :func:`load_retrain_config` reads and validates it against a net.
+* The simplified config (``config_defination``), in YAML (``.yaml``/``.yml``) or
+  protobuf text (``.cfg``).  Both formats are checked against one schema, a proto2
+  message built at import time from a ``FileDescriptorProto`` (the technique of
+  :mod:`amct_retrain.record`: no protoc, no generated file).  A YAML document is
+  walked against that descriptor, so unknown keys and wrong types are reported
+  the same way for both formats, and the same settings give byte-identical JSON.
+
+Design choices (not fixed by the contract):
+
+* Skipped layers are *omitted* from the generated JSON; a quantizable layer absent
+  from the JSON stays in float, exactly like one with ``"retrain_enable": false``.
+* Overrides replace whole blocks: a per-layer ``retrain_data_quant_config`` is the
+  complete data config of that layer (fields it leaves out take the defaults, they
+  are not inherited from the per-type or global block).  Field-wise inheritance
+  would make it impossible to send one layer back to IFMR initialisation (no clips)
+  once the global block sets clips.  Data and weight blocks are resolved separately.
+* A global ``channel_wise: true`` applies only to layer types that allow per-channel
+  weights (Convolution); InnerProduct stays per-tensor.  Asking for ``channel_wise:
+  true`` on an InnerProduct *type* or *layer* override is an error.
+* A layer both skipped and overridden is skipped, with a warning.
+* ``log_dir`` is an optional top-level JSON key of ours (not written by the
+  generator): where the quant layers write TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from caffe.proto import caffe_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
+from amct_retrain.graph.model_io import read_prototxt
+
+__all__ = [
+    "ConfigError",
+    "Constraint",
+    "QuantRule",
+    "QUANTIZABLE_RULES",
+    "quantizable_layers",
+    "create_quant_retrain_config",
+    "load_retrain_config",
+    "RetrainConfig",
+    "LayerQuantConfig",
+    "SimplifiedRetrainConfig",
+    "read_simplified_config",
+    "CONFIG_VERSION",
+    "DATA_ALGO",
+    "WEIGHT_ALGO",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+DATA_ALGO = "ulq_quantize"
+WEIGHT_ALGO = "arq_retrain"
+
+
+class ConfigError(ValueError):
+    """A model, retrain config or simplified config is missing or invalid.
+
+    The message names the file and, where there is one, the layer and the key.
+    """
+
+
+def _err(path: str, message: str, layer: str | None = None, key: str | None = None) -> ConfigError:
+    where = path
+    if layer is not None:
+        where += f": layer {layer!r}"
+    if key is not None:
+        where += f": key {key!r}"
+    return ConfigError(f"{where}: {message}")
+
+
+# --------------------------------------------------------------------------- backend rules
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One requirement a layer of a quantizable type must meet to be quantized.
+
+    ``text`` is what the user reads when it is broken, so it states the requirement
+    (e.g. ``"inner_product_param.transpose must be false"``).
+    """
+
+    text: str
+    check: Callable[[caffe_pb2.LayerParameter], bool]  # True when the layer meets it
+
+
+@dataclass(frozen=True)
+class QuantRule:
+    """How the backend quantizes one Caffe layer type.
+
+    ``applies`` selects the layers of the type the rule is about at all; the others
+    are plain float layers, silently (a later MAX Pooling must not warn like a
+    broken AVE Pooling).  ``constraints`` are checked on the selected layers; a
+    broken one leaves the layer in float with a warning, or is an error if the user
+    named the layer.  ``channel_axis`` is the weight axis of the output channels
+    (None: no weights).
+    """
+
+    layer_type: str
+    constraints: tuple[Constraint, ...] = ()
+    has_weights: bool = True
+    channel_wise_allowed: bool = False
+    channel_wise_default: bool = False
+    channel_axis: int | None = None
+    applies: Callable[[caffe_pb2.LayerParameter], bool] | None = None
+
+
+def _conv_filter_is_4d(layer: caffe_pb2.LayerParameter) -> bool:
+    # Caffe's filter has 2 + num_spatial_axes dims.  A 2-D net gives at most two
+    # values per spatial field; three kernel/pad/stride/dilation values mean an N-D
+    # (3-D) convolution.  A single kernel_size on a 5-D input cannot be told apart
+    # from the prototxt alone; shape checks belong to the graph passes.
+    p = layer.convolution_param
+    return all(len(field) <= 2 for field in (p.kernel_size, p.pad, p.stride, p.dilation))
+
+
+QUANTIZABLE_RULES: dict[str, QuantRule] = {
+    "Convolution": QuantRule(
+        layer_type="Convolution",
+        constraints=(Constraint("filter is not 4-D (only 2-D convolutions are quantizable)", _conv_filter_is_4d),),
+        channel_wise_allowed=True,
+        channel_wise_default=True,
+        channel_axis=0,
+    ),
+    "InnerProduct": QuantRule(
+        layer_type="InnerProduct",
+        constraints=(
+            Constraint("inner_product_param.transpose must be false", lambda l: not l.inner_product_param.transpose),
+            Constraint("inner_product_param.axis must be 1", lambda l: l.inner_product_param.axis == 1),
+        ),
+        channel_wise_allowed=False,
+        channel_wise_default=False,
+        channel_axis=0,
+    ),
+}
+"""Quantizable Caffe layer types -> their :class:`QuantRule`.  Add an entry to support a type."""
+
+
+def _layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
+    # A net may list one name several times under different include{phase} rules
+    # (TRAIN and TEST data layers); the first definition stands for the name.
+    layers: dict[str, caffe_pb2.LayerParameter] = {}
+    for layer in net.layer:
+        if layer.name and layer.name not in layers:
+            layers[layer.name] = layer
+    return layers
+
+
+def _rule_for(layer: caffe_pb2.LayerParameter) -> QuantRule | None:
+    rule = QUANTIZABLE_RULES.get(layer.type)
+    if rule is None or (rule.applies is not None and not rule.applies(layer)):
+        return None
+    return rule
+
+
+def _broken_constraints(layer: caffe_pb2.LayerParameter, rule: QuantRule) -> str | None:
+    broken = [c.text for c in rule.constraints if not c.check(layer)]
+    return "; ".join(broken) if broken else None
+
+
+def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str, str]]:
+    """Find the layers the backend can quantize.
+
+    Returns ``(names, broken)``: ``names`` are the quantizable layer names in net
+    order, each once; ``broken`` maps each layer of a quantizable type that breaks
+    a constraint to the broken constraint(s) as text.  The caller decides whether a
+    broken layer is a warning (found automatically) or an error (named by the user).
+    """
+    names: list[str] = []
+    broken: dict[str, str] = {}
+    for name, layer in _layers_by_name(net).items():
+        rule = _rule_for(layer)
+        if rule is None:
+            continue
+        why = _broken_constraints(layer, rule)
+        if why is None:
+            names.append(name)
+        else:
+            broken[name] = why
+    return names, broken
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+# --------------------------------------------------------------------------- simplified config schema
+
+_PACKAGE = "amct_retrain.retrain_config"
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def _build_schema() -> type:
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="amct_retrain/retrain_config.proto", package=_PACKAGE, syntax="proto2"
+    )
+
+    def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
+        m = fdp.message_type.add(name=name)
+        for fname, number, label, ftype, type_name in fields:
+            f = m.field.add(name=fname, number=number, label=label, type=ftype)
+            if type_name:
+                f.type_name = f".{_PACKAGE}.{type_name}"
+
+    opt, rep = _F.LABEL_OPTIONAL, _F.LABEL_REPEATED
+    msg, string = _F.TYPE_MESSAGE, _F.TYPE_STRING
+    # double, not float: YAML numbers are doubles, and the same clip written in
+    # YAML and in .cfg must give the same JSON (0.1 as float32 would not).
+    message("ClipMaxMin", [("clip_max", 1, opt, _F.TYPE_DOUBLE, ""), ("clip_min", 2, opt, _F.TYPE_DOUBLE, "")])
+    message("UlqQuantize", [("clip_max_min", 1, opt, msg, "ClipMaxMin"), ("fixed_min", 2, opt, _F.TYPE_BOOL, "")])
+    message("RetrainDataQuantConfig", [("ulq_quantize", 1, opt, msg, "UlqQuantize")])
+    message("ArqRetrain", [("channel_wise", 1, opt, _F.TYPE_BOOL, "")])
+    message("RetrainWeightQuantConfig", [("arq_retrain", 1, opt, msg, "ArqRetrain")])
+    blocks = [
+        ("retrain_data_quant_config", 2, opt, msg, "RetrainDataQuantConfig"),
+        ("retrain_weight_quant_config", 3, opt, msg, "RetrainWeightQuantConfig"),
+    ]
+    message("OverrideLayerType", [("layer_type", 1, opt, string, ""), *blocks])
+    message("OverrideLayerConfig", [("layer_name", 1, opt, string, ""), *blocks])
+    message("SimplifiedRetrainConfig", [
+        ("batch_num", 1, opt, _F.TYPE_UINT32, ""),
+        ("skip_layers", 2, rep, string, ""),
+        ("skip_layer_types", 3, rep, string, ""),
+        ("retrain_data_quant_config", 4, opt, msg, "RetrainDataQuantConfig"),
+        ("retrain_weight_quant_config", 5, opt, msg, "RetrainWeightQuantConfig"),
+        ("override_layer_types", 6, rep, msg, "OverrideLayerType"),
+        ("override_layer_configs", 7, rep, msg, "OverrideLayerConfig"),
+        ("quant_skip_layers", 8, rep, string, ""),
+    ])
+
+    # A private pool, as in record.py: no clash with the process-wide default pool.
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.SimplifiedRetrainConfig"))
+
+
+SimplifiedRetrainConfig = _build_schema()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        with contextlib.suppress(TypeError):  # unhashable keys: construct_mapping reports them
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# PyYAML follows YAML 1.1, where a float needs a dot: `clip_min: 1e-5` would be the
+# string "1e-5".  Also resolve exponent-only floats, as YAML 1.2 (and users) do.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _fill_message(path: str, data: Any, msg: Message, key: str) -> None:
+    """Copy a YAML mapping into ``msg``, checking keys and types against its descriptor."""
+    if not isinstance(data, dict):
+        raise _err(path, f"expected a mapping, got {_yaml_type_name(data)}", key=key or "<top level>")
+    fields = msg.DESCRIPTOR.fields_by_name
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else str(name)
+        field = fields.get(name) if isinstance(name, str) else None
+        if field is None:
+            raise _err(path, f"unknown field; expected one of: {', '.join(fields)}", key=sub)
+        if field.is_repeated:
+            if not isinstance(value, list):
+                raise _err(path, f"expected a list, got {_yaml_type_name(value)}", key=sub)
+            for i, item in enumerate(value):
+                if field.type == _F.TYPE_MESSAGE:
+                    _fill_message(path, item, getattr(msg, name).add(), f"{sub}[{i}]")
+                else:
+                    getattr(msg, name).append(_scalar(path, field, item, f"{sub}[{i}]"))
+        elif field.type == _F.TYPE_MESSAGE:
+            sub_msg = getattr(msg, name)
+            sub_msg.SetInParent()  # an empty mapping still counts as "given"
+            _fill_message(path, value, sub_msg, sub)
+        else:
+            setattr(msg, name, _scalar(path, field, value, sub))
+
+
+def _scalar(path: str, field: Any, value: Any, key: str) -> Any:
+    ftype = field.type
+    if ftype == _F.TYPE_BOOL:
+        ok, want = isinstance(value, bool), "a boolean (true/false)"
+    elif ftype == _F.TYPE_STRING:
+        ok, want = isinstance(value, str), "a string"
+    elif ftype == _F.TYPE_DOUBLE:
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:  # integer types
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        if ok and ftype == _F.TYPE_UINT32 and not 0 <= value < 2**32:
+            raise _err(path, f"value {value} out of range for an unsigned 32-bit integer", key=key)
+    if not ok:
+        raise _err(path, f"expected {want}, got {_yaml_type_name(value)} {value!r}", key=key)
+    return float(value) if ftype == _F.TYPE_DOUBLE else value
+
+
+def read_simplified_config(config_defination: str | os.PathLike) -> Message:
+    """Parse a simplified config (YAML or protobuf-text ``.cfg``) into a ``SimplifiedRetrainConfig``.
+
+    Only syntax, field names and field types are checked here; checks against a
+    model happen in :func:`create_quant_retrain_config`.
+    """
+    path = os.fspath(config_defination)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml", ".cfg"):
+        raise ConfigError(
+            f"{path}: unsupported simplified config extension {ext or '(none)'!r}; use .yaml, .yml or .cfg"
+        )
+    text = read_text_file(path, "simplified config", ConfigError)
+    msg = SimplifiedRetrainConfig()
+    if ext == ".cfg":
+        parse_text_proto(path, text, msg, ConfigError)
+        return msg
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        detail = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError(f"{where}: invalid YAML: {detail}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:  # an empty document: all defaults
+        return msg
+    _fill_message(path, data, msg, "")
+    return msg
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _check_clips(path: str, layer: str | None, key: str, clip_min: float, clip_max: float) -> None:
+    for name, v in (("clip_min", clip_min), ("clip_max", clip_max)):
+        if not math.isfinite(v):
+            raise _err(path, f"{name} must be a finite number, got {v}", layer, f"{key}.{name}")
+    if clip_min >= clip_max:
+        raise _err(path, f"clip_min ({clip_min}) must be less than clip_max ({clip_max})", layer, f"{key}.clip_min")
+    # The quantized range always holds an exact 0 (zero padding, ReLU outputs).
+    if clip_min > 0:
+        raise _err(path, f"clip_min ({clip_min}) must be <= 0: the range must contain 0", layer, f"{key}.clip_min")
+    if clip_max < 0:
+        raise _err(path, f"clip_max ({clip_max}) must be >= 0: the range must contain 0", layer, f"{key}.clip_max")
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class _DataSettings:
+    clip_min: float | None = None
+    clip_max: float | None = None
+    fixed_min: bool = False
+
+
+def _data_settings(path: str, block: Message, key: str, layer: str | None) -> _DataSettings:
+    ulq = block.ulq_quantize
+    clip_min = clip_max = None
+    if ulq.HasField("clip_max_min"):
+        cmm = ulq.clip_max_min
+        ckey = f"{key}.ulq_quantize.clip_max_min"
+        for name in ("clip_max", "clip_min"):
+            if not cmm.HasField(name):
+                raise _err(path, "clip_max_min needs both clip_max and clip_min", layer, f"{ckey}.{name}")
+        clip_min, clip_max = cmm.clip_min, cmm.clip_max
+        _check_clips(path, layer, ckey, clip_min, clip_max)
+    return _DataSettings(clip_min, clip_max, ulq.fixed_min)
+
+
+def _channel_wise_setting(block: Message) -> bool | None:
+    arq = block.arq_retrain
+    return arq.channel_wise if arq.HasField("channel_wise") else None
+
+
+@dataclass(frozen=True)
+class _Override:
+    data: _DataSettings | None
+    channel_wise: bool | None
+    weight_given: bool
+
+
+def _override(path: str, entry: Message, key: str, layer: str | None, rule: QuantRule | None) -> _Override:
+    data = None
+    if entry.HasField("retrain_data_quant_config"):
+        data = _data_settings(path, entry.retrain_data_quant_config, f"{key}.retrain_data_quant_config", layer)
+    channel_wise = None
+    if entry.HasField("retrain_weight_quant_config"):
+        channel_wise = _channel_wise_setting(entry.retrain_weight_quant_config)
+        if channel_wise and rule is not None and not rule.channel_wise_allowed:
+            raise _err(path, f"channel_wise must be false for {rule.layer_type}", layer,
+                       f"{key}.retrain_weight_quant_config.arq_retrain.channel_wise")
+    return _Override(data, channel_wise, entry.HasField("retrain_weight_quant_config"))
+
+
+def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, model_path: str) -> dict[str, Any]:
+    """Build the retrain config dict for ``net``, shaped by the simplified config ``spec``."""
+    by_name = _layers_by_name(net)
+    names, broken = quantizable_layers(net)
+    spec = spec if spec is not None else SimplifiedRetrainConfig()
+
+    batch_num = 1
+    if spec.HasField("batch_num"):
+        if spec.batch_num < 1:
+            raise _err(path, f"batch_num must be >= 1, got {spec.batch_num}", key="batch_num")
+        batch_num = spec.batch_num
+
+    skipped: set[str] = set()
+    for field in ("skip_layers", "quant_skip_layers"):
+        for i, name in enumerate(getattr(spec, field)):
+            if name not in by_name:
+                raise _err(path, f"model {model_path} has no layer named {name!r}", name, f"{field}[{i}]")
+            if _rule_for(by_name[name]) is None:
+                logger.warning("%s: %s lists layer %r of type %s, which is not quantizable anyway",
+                               path, field, name, by_name[name].type)
+            skipped.add(name)
+    skipped_types = set(spec.skip_layer_types)
+    for t in skipped_types - set(QUANTIZABLE_RULES):
+        logger.warning("%s: skip_layer_types lists %r, which is not a quantizable type (quantizable: %s)",
+                       path, t, ", ".join(QUANTIZABLE_RULES))
+
+    global_data = _DataSettings()
+    if spec.HasField("retrain_data_quant_config"):
+        global_data = _data_settings(path, spec.retrain_data_quant_config, "retrain_data_quant_config", None)
+    global_cw = None
+    if spec.HasField("retrain_weight_quant_config"):
+        global_cw = _channel_wise_setting(spec.retrain_weight_quant_config)
+
+    type_overrides: dict[str, _Override] = {}
+    for i, entry in enumerate(spec.override_layer_types):
+        key = f"override_layer_types[{i}]"
+        if not entry.HasField("layer_type"):
+            raise _err(path, "layer_type is required", key=f"{key}.layer_type")
+        t = entry.layer_type
+        if t not in QUANTIZABLE_RULES:
+            raise _err(path, f"layer type {t!r} is not quantizable (quantizable: {', '.join(QUANTIZABLE_RULES)})",
+                       key=f"{key}.layer_type")
+        if t in type_overrides:
+            raise _err(path, f"layer type {t!r} is overridden more than once", key=f"{key}.layer_type")
+        type_overrides[t] = _override(path, entry, key, None, QUANTIZABLE_RULES[t])
+        if t in skipped_types:
+            logger.warning("%s: layer type %s is in skip_layer_types; its override is ignored", path, t)
+
+    layer_overrides: dict[str, _Override] = {}
+    for i, entry in enumerate(spec.override_layer_configs):
+        key = f"override_layer_configs[{i}]"
+        if not entry.HasField("layer_name"):
+            raise _err(path, "layer_name is required", key=f"{key}.layer_name")
+        name = entry.layer_name
+        if name not in by_name:
+            raise _err(path, f"model {model_path} has no layer named {name!r}", name, f"{key}.layer_name")
+        if name in layer_overrides:
+            raise _err(path, "layer is overridden more than once", name, f"{key}.layer_name")
+        layer = by_name[name]
+        rule = _rule_for(layer)
+        if rule is None:
+            raise _err(path, f"layer of type {layer.type} is not quantizable "
+                       f"(quantizable: {', '.join(QUANTIZABLE_RULES)})", name, f"{key}.layer_name")
+        if name in broken:
+            raise _err(path, f"layer cannot be quantized: {broken[name]}", name, f"{key}.layer_name")
+        layer_overrides[name] = _override(path, entry, key, name, rule)
+        if name in skipped or layer.type in skipped_types:
+            logger.warning("%s: layer %r is skipped; its override_layer_configs entry is ignored", path, name)
+
+    # Found automatically, so a broken constraint is a warning, not an error.
+    for name, why in broken.items():
+        if name not in skipped and by_name[name].type not in skipped_types:
+            logger.warning("%s: layer %r (%s) is left in float: %s", model_path, name, by_name[name].type, why)
+
+    out: dict[str, Any] = {"version": CONFIG_VERSION, "batch_num": batch_num}
+    for name in names:
+        layer_type = by_name[name].type
+        if name in skipped or layer_type in skipped_types:
+            continue
+        rule = QUANTIZABLE_RULES[layer_type]
+        # Precedence, per block: layer override > type override > global > default.
+        chain = [o for o in (layer_overrides.get(name), type_overrides.get(layer_type)) if o is not None]
+        data = next((o.data for o in chain if o.data is not None), global_data)
+        weight_owner = next((o for o in chain if o.weight_given), None)
+        if weight_owner is not None:
+            channel_wise = weight_owner.channel_wise
+        else:
+            # A global channel_wise only reaches types that allow per-channel weights.
+            channel_wise = global_cw if rule.channel_wise_allowed else None
+        if channel_wise is None:
+            channel_wise = rule.channel_wise_default
+
+        data_cfg: dict[str, Any] = {"algo": DATA_ALGO}
+        if data.clip_max is not None:
+            data_cfg["clip_max"] = data.clip_max
+            data_cfg["clip_min"] = data.clip_min
+        data_cfg["fixed_min"] = data.fixed_min
+        entry: dict[str, Any] = {"retrain_enable": True, "retrain_data_config": data_cfg}
+        if rule.has_weights:
+            entry["retrain_weight_config"] = {"algo": WEIGHT_ALGO, "channel_wise": channel_wise}
+        out[name] = entry
+    return out
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def create_quant_retrain_config(
+    config_file: str | os.PathLike,
+    model_file: str | os.PathLike,
+    weights_file: str | os.PathLike,
+    config_defination: str | os.PathLike | None = None,
+) -> None:
+    """Write the retrain config JSON for every quantizable layer of ``model_file``.
+
+    Without ``config_defination`` every quantizable layer gets the defaults (clips
+    initialised by IFMR, ``fixed_min`` false, per-channel weights for Convolution,
+    per-tensor for InnerProduct).  With it, the simplified config (``.yaml``/``.yml``
+    or ``.cfg``) sets ``batch_num``, skips layers / types and overrides settings
+    globally, per type and per layer (layer > type > global > default).
+
+    Quantizable-type layers that break a backend constraint are left out with a
+    warning.  ``weights_file`` must exist; it is not read.  Everything is validated
+    before anything is written; the output folder is created if missing and the
+    file is replaced atomically.  Raises :class:`ConfigError` naming the file and
+    the offending key / layer.
+    """
+    out_path, model_path, weights_path = os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file)
+    def_path = os.fspath(config_defination) if config_defination is not None else None
+
+    net = read_prototxt(model_path)
+    if not os.path.isfile(weights_path):
+        raise ConfigError(f"{weights_path}: weights file does not exist")
+    spec = read_simplified_config(def_path) if def_path is not None else None
+    for other in (model_path, weights_path, def_path):
+        if other is not None and _same_file(out_path, other):
+            raise ConfigError(f"{out_path}: the config file to write is the input {other}; refusing to overwrite it")
+    if os.path.isdir(out_path):
+        raise ConfigError(f"{out_path}: is a directory, not a config file path")
+
+    data = _generate(def_path or out_path, spec, net, model_path)
+    # Self-check: what we write must load; a failure here is a bug, reported before writing.
+    _validate(out_path, data, net)
+    if len(data) == 2:
+        logger.warning("%s: no layer of %s is quantized (no quantizable layer left)", out_path, model_path)
+
+    atomic_write(out_path, json.dumps(data, indent=4) + "\n")
+    logger.info("wrote retrain config for %d layer(s) to %s", len(data) - 2, out_path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LayerQuantConfig:
+    """Retrain settings of one quantized layer.
+
+    ``clip_min``/``clip_max`` are both None (initialise from the first batch with
+    IFMR) or both set, with ``clip_min <= 0 <= clip_max`` and ``clip_min < clip_max``.
+    """
+
+    layer_type: str
+    clip_min: float | None
+    clip_max: float | None
+    fixed_min: bool
+    channel_wise: bool
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """A validated retrain config: ``layers`` holds only the enabled layers, in net order."""
+
+    batch_num: int
+    log_dir: str | None
+    layers: dict[str, LayerQuantConfig]
+
+
+_TOP_KEYS = ("version", "batch_num", "log_dir")
+_LAYER_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
+_DATA_KEYS = ("algo", "clip_max", "clip_min", "fixed_min")
+_WEIGHT_KEYS = ("algo", "channel_wise")
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def load_retrain_config(config_file: str | os.PathLike, net: caffe_pb2.NetParameter) -> RetrainConfig:
+    """Read the retrain config JSON and validate it against ``net``.
+
+    Raises :class:`ConfigError` naming the file, layer and key for invalid JSON
+    (with its line), a ``version`` other than 1, unknown keys, wrong types, layer
+    names the model lacks, layers that cannot be quantized, unknown algorithms,
+    inconsistent clips, ``channel_wise`` on a type that does not allow it, or
+    ``batch_num`` < 1.  Quantizable layers absent from the file stay in float.
+    """
+    path = os.fspath(config_file)
+    text = read_text_file(path, "retrain config", ConfigError)
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise _err(path, "key given more than once", key=e.key) from None
+    return _validate(path, data, net)
+
+
+def _want(path: str, value: Any, kind: str, layer: str | None, key: str) -> None:
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    else:  # "object"
+        ok = isinstance(value, dict)
+    if not ok:
+        names = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
+                 "object": "an object"}
+        raise _err(path, f"expected {names[kind]}, got {_json_type(value)} {json.dumps(value)[:80]}", layer, key)
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_keys(path: str, obj: Mapping[str, Any], allowed: Iterable[str], layer: str | None, key: str) -> None:
+    allowed = tuple(allowed)
+    for k in obj:
+        if k not in allowed:
+            raise _err(path, f"unknown key; expected one of: {', '.join(allowed)}", layer, f"{key}.{k}" if key else k)
+
+
+def _validate(path: str, data: Any, net: caffe_pb2.NetParameter) -> RetrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the retrain config must be a JSON object, got {_json_type(data)}")
+    if "version" not in data:
+        raise _err(path, f"missing; expected {CONFIG_VERSION}", key="version")
+    version = data["version"]
+    _want(path, version, "int", None, "version")
+    if version != CONFIG_VERSION:
+        raise _err(path, f"unsupported version {version}; expected {CONFIG_VERSION}", key="version")
+    batch_num = data.get("batch_num", 1)
+    _want(path, batch_num, "int", None, "batch_num")
+    if batch_num < 1:
+        raise _err(path, f"batch_num must be >= 1, got {batch_num}", key="batch_num")
+    log_dir = data.get("log_dir")
+    if log_dir is not None:
+        _want(path, log_dir, "str", None, "log_dir")
+        if not log_dir:
+            raise _err(path, "log_dir must not be empty (leave it out for no logs)", key="log_dir")
+
+    by_name = _layers_by_name(net)
+    _, broken = quantizable_layers(net)
+    configs: dict[str, LayerQuantConfig] = {}
+    for name, entry in data.items():
+        if name in _TOP_KEYS:
+            continue
+        if name not in by_name:
+            raise _err(path, f"unknown key: the model has no layer named {name!r} "
+                       f"(top-level keys are {', '.join(_TOP_KEYS)} and layer names)", name)
+        parsed = _validate_layer(path, name, entry, by_name[name], broken.get(name))
+        if parsed is not None:
+            configs[name] = parsed
+    # Net order, not file order: the graph passes walk the net.
+    layers = {name: configs[name] for name in by_name if name in configs}
+    return RetrainConfig(batch_num=batch_num, log_dir=log_dir, layers=layers)
+
+
+def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
+                    broken: str | None) -> LayerQuantConfig | None:
+    _want(path, entry, "object", name, name)
+    _check_keys(path, entry, _LAYER_KEYS, name, "")
+    if "retrain_enable" not in entry:
+        raise _err(path, "missing", name, "retrain_enable")
+    _want(path, entry["retrain_enable"], "bool", name, "retrain_enable")
+    enabled = entry["retrain_enable"]
+
+    # Structure and types are checked even for disabled layers: a typo is a typo.
+    data_cfg = entry.get("retrain_data_config")
+    if data_cfg is not None or enabled:
+        if data_cfg is None:
+            raise _err(path, "missing (needed when retrain_enable is true)", name, "retrain_data_config")
+        _want(path, data_cfg, "object", name, "retrain_data_config")
+        _check_keys(path, data_cfg, _DATA_KEYS, name, "retrain_data_config")
+    weight_cfg = entry.get("retrain_weight_config")
+    if weight_cfg is not None:
+        _want(path, weight_cfg, "object", name, "retrain_weight_config")
+        _check_keys(path, weight_cfg, _WEIGHT_KEYS, name, "retrain_weight_config")
+    for cfg, key, algo in ((data_cfg, "retrain_data_config", DATA_ALGO),
+                           (weight_cfg, "retrain_weight_config", WEIGHT_ALGO)):
+        if cfg is None:
+            continue
+        if "algo" not in cfg:
+            raise _err(path, f"missing; expected {algo!r}", name, f"{key}.algo")
+        _want(path, cfg["algo"], "str", name, f"{key}.algo")
+        if cfg["algo"] != algo:
+            raise _err(path, f"unsupported algorithm {cfg['algo']!r}; expected {algo!r}", name, f"{key}.algo")
+    if data_cfg is not None:
+        for k in ("clip_max", "clip_min"):
+            if k in data_cfg:
+                _want(path, data_cfg[k], "number", name, f"retrain_data_config.{k}")
+        if "fixed_min" in data_cfg:
+            _want(path, data_cfg["fixed_min"], "bool", name, "retrain_data_config.fixed_min")
+    if weight_cfg is not None and "channel_wise" in weight_cfg:
+        _want(path, weight_cfg["channel_wise"], "bool", name, "retrain_weight_config.channel_wise")
+    if not enabled:
+        return None
+
+    rule = _rule_for(layer)
+    if rule is None:
+        raise _err(path, f"layer of type {layer.type} is not quantizable "
+                   f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set retrain_enable false or remove it",
+                   name, "retrain_enable")
+    if broken is not None:
+        raise _err(path, f"layer cannot be quantized: {broken}", name, "retrain_enable")
+
+    clip_min, clip_max = data_cfg.get("clip_min"), data_cfg.get("clip_max")
+    if (clip_min is None) != (clip_max is None):
+        missing = "clip_min" if clip_min is None else "clip_max"
+        raise _err(path, "clip_max and clip_min must be given together (or neither, for IFMR)",
+                   name, f"retrain_data_config.{missing}")
+    if clip_min is not None:
+        _check_clips(path, name, "retrain_data_config", float(clip_min), float(clip_max))
+        clip_min, clip_max = float(clip_min), float(clip_max)
+
+    if rule.has_weights and weight_cfg is None:
+        raise _err(path, "missing (needed when retrain_enable is true)", name, "retrain_weight_config")
+    channel_wise = rule.channel_wise_default
+    if weight_cfg is not None and "channel_wise" in weight_cfg:
+        channel_wise = weight_cfg["channel_wise"]
+    if channel_wise and not rule.channel_wise_allowed:
+        raise _err(path, f"channel_wise must be false for {layer.type}", name, "retrain_weight_config.channel_wise")
+    return LayerQuantConfig(
+        layer_type=layer.type,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        fixed_min=data_cfg.get("fixed_min", False),
+        channel_wise=channel_wise,
+    )

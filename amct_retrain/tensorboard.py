@@ -1,0 +1,156 @@
+"""TensorBoard scalars of a retraining run, shared by ``solver.train`` and the fake-quant layers.
+
+One event file per log folder per process: :func:`get_writer` caches a writer per folder, so
+``train()`` and the layers of the train and test nets that log into the same folder share it.
+
+Events are written synchronously and flushed on every call, with tensorboardX's own event
+writer and protos rather than its ``SummaryWriter``: ``SummaryWriter`` hands events to a
+background thread through a queue that its ``flush()`` does not drain, and the ``caffe``
+binary never finalizes the Python it embeds, so neither that thread nor ``atexit`` would
+write the end of a ``caffe train`` run (its last TEST, the shift-N search). A few scalars
+every N iterations cost one small write each.
+
+Tags are ``<layer>/<quantity>``; the stats functions below are the only place that names
+them, so ``train()`` and the layers log the same series under the same tags.
+"""
+import atexit
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+
+from amct_retrain import numerics
+
+LOG = logging.getLogger(__name__)
+LAYER_LOG_EVERY = 10
+"""Default of the layers' ``log_every`` param_str key: log on forward calls 0, 10, 20, ..."""
+
+_SERIAL = itertools.count()
+_WRITERS: dict[str, "ScalarWriter"] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+class ScalarWriter:
+    """Appends scalar summaries to a new event file in ``log_dir`` (created if missing)."""
+
+    def __init__(self, log_dir: str) -> None:
+        os.makedirs(log_dir, exist_ok=True)
+        # tensorboardX names event files by the second and the host only: the pid and a
+        # serial keep two writers of one folder (two processes, or close and reopen) apart.
+        self._events = EventsWriter(os.path.join(log_dir, "events"), f".{os.getpid()}.{next(_SERIAL)}")
+        self.log_dir = log_dir
+
+    def add_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Write ``{tag: value}`` as one event at ``step`` and flush it to the file."""
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))
+                                 for tag, value in scalars.items()])
+        self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._events.flush()
+
+    def close(self) -> None:
+        """Close the event file."""
+        self._events.close()
+
+
+def get_writer(log_dir: str | os.PathLike) -> ScalarWriter:
+    """The process's writer for ``log_dir`` (one per absolute path), created on first use."""
+    key = os.path.abspath(log_dir)
+    with _WRITERS_LOCK:
+        writer = _WRITERS.get(key)
+        if writer is None:
+            writer = _WRITERS[key] = ScalarWriter(key)
+            LOG.info("TensorBoard scalars go to %s", key)
+    return writer
+
+
+def log_scalars(log_dir: str | os.PathLike, scalars: Mapping[str, float], step: int) -> None:
+    """Write ``{tag: value}`` at ``step`` into ``log_dir``'s event file, flushed."""
+    get_writer(log_dir).add_scalars(scalars, step)
+
+
+def close_all() -> None:
+    """Close every cached writer (run at exit); a later :func:`get_writer` starts a new file."""
+    with _WRITERS_LOCK:
+        writers = list(_WRITERS.values())
+        _WRITERS.clear()
+    for writer in writers:
+        writer.close()
+
+
+atexit.register(close_all)
+
+
+# --------------------------------------------------------------------------- what is logged
+
+
+def ulq_scalars(layer: str, x: npt.ArrayLike, clips: tuple[float, float]) -> dict[str, float]:
+    """An ActivationULQ layer's clips, ``scale_d`` and the share of its input it clipped.
+
+    Args:
+        layer: the ULQ layer's name (the tag prefix).
+        x: the layer's input (bottom) of the batch it quantized, any shape.
+        clips: the sanitised ``(clip_min, clip_max)`` it quantized that batch with.
+    """
+    scale_d, _ = numerics.ulq_deploy_factors(*clips)
+    return {f"{layer}/clip_min": clips[0], f"{layer}/clip_max": clips[1], f"{layer}/scale_d": float(scale_d),
+            f"{layer}/fraction_clipped": numerics.fraction_clipped(x, *clips)}
+
+
+def arq_scalars(layer: str, scale_w: npt.ArrayLike) -> dict[str, float]:
+    """Min, mean and max of a WeightARQ layer's weight scales (one per channel, or one)."""
+    scale_w = np.asarray(scale_w, dtype=np.float64)
+    return {f"{layer}/scale_w_min": scale_w.min(), f"{layer}/scale_w_mean": scale_w.mean(),
+            f"{layer}/scale_w_max": scale_w.max()}
+
+
+def shift_n_scalars(layer: str, shift_bits: Sequence[int]) -> dict[str, float]:
+    """The mean shift_bit over the channels of a ShiftNSearch layer's quantized layer."""
+    return {f"{layer}/shift_bit_mean": float(np.mean(shift_bits))}
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class LayerLog:
+    """When a Python layer logs: on its forward calls 0, ``every``, 2*``every``, ...
+
+    The step of an event is the 0-based index of the forward call counted so far; a call
+    that does not log costs one increment and one modulo.
+    """
+
+    def __init__(self, log_dir: str, every: int = 1) -> None:
+        self.log_dir, self.every, self.calls = log_dir, every, 0
+
+    def count(self) -> bool:
+        """Count one forward call; True if this call is one to log."""
+        self.calls += 1
+        return (self.calls - 1) % self.every == 0
+
+    def write(self, scalars: Mapping[str, float]) -> None:
+        """Log ``scalars`` at the step of the last counted call."""
+        log_scalars(self.log_dir, scalars, self.calls - 1)
+
+
+def layer_log(params: Mapping[str, Any], layer_type: str) -> LayerLog | None:
+    """The LayerLog asked for by a layer's parsed param_str (keys ``log_dir``, optional
+    ``log_every``), or None when it has no ``log_dir``.
+
+    Raises:
+        ValueError: ``log_every`` is below 1; the message names the layer and the key.
+    """
+    if not params.get("log_dir"):
+        return None
+    every = params.get("log_every", 1)
+    if every < 1:
+        raise ValueError(f"{layer_type} layer '{params['name']}': param_str key 'log_every' "
+                         f"must be >= 1, got {every}")
+    return LayerLog(params["log_dir"], every)
