@@ -12,4 +12,4 @@ test-fast: setup
 	$(PY) -m pytest -m "not caffe"
 
 demo: setup
-	$(PY) samples/layers_demo.py
+	$(PY) samples/digits_demo.py

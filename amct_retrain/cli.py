@@ -1,0 +1,106 @@
+"""`amct-retrain`: the retraining steps from the shell, each a thin call into the API.
+
+    amct-retrain config  --model float.prototxt --weights float.caffemodel --output config.json
+    amct-retrain prepare --model float.prototxt --weights float.caffemodel --config config.json \\
+                         --output-dir retrain/ --max-iter 1000 --test-iter 10
+    amct-retrain train   --solver retrain/solver.prototxt --weights retrain/retrain.caffemodel
+    amct-retrain save    --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel \\
+                         --save-path result/model
+"""
+import argparse
+import logging
+import os
+import sys
+
+import amct_retrain
+from amct_retrain import solver as amct_solver
+
+LOG = logging.getLogger("amct_retrain")
+
+
+def _config(args: argparse.Namespace) -> None:
+    amct_retrain.create_quant_retrain_config(args.output, args.model, args.weights, args.simplified_config)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    out = args.output_dir
+    files = {name: os.path.join(out, name) for name in
+             ("retrain.prototxt", "retrain.caffemodel", "record.txt", "solver.prototxt")}
+    amct_retrain.create_quant_retrain_model(args.model, args.weights, args.config, files["retrain.prototxt"],
+                                            files["retrain.caffemodel"], files["record.txt"])
+    amct_solver.create_solver(files["solver.prototxt"], files["retrain.prototxt"], max_iter=args.max_iter,
+                              test_iter=args.test_iter, base_lr=args.base_lr,
+                              snapshot_prefix=os.path.join(out, "retrained"))
+    amct_solver.check_solver(files["solver.prototxt"], args.config)
+    LOG.info("next: amct-retrain train --solver %s --weights %s   (or: caffe train -solver %s -weights %s)",
+             files["solver.prototxt"], files["retrain.caffemodel"], files["solver.prototxt"],
+             files["retrain.caffemodel"])
+
+
+def _train(args: argparse.Namespace) -> None:
+    snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
+    LOG.info("final snapshot: %s", snapshot)
+
+
+def _save(args: argparse.Namespace) -> None:
+    amct_retrain.save_quant_retrain_model(args.model, args.weights, args.type, args.save_path, args.record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amct-retrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantization-aware retraining of Caffe models to INT8.\n\n"
+                    "Steps: config -> prepare -> train -> save (see each step's --help).",
+        epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+
+    p = steps.add_parser("config", help="write the retrain config (JSON) of every quantizable layer")
+    p.add_argument("--model", required=True, help="float net prototxt (TRAIN and TEST phases)")
+    p.add_argument("--weights", required=True, help="float caffemodel")
+    p.add_argument("--output", required=True, help="config JSON to write")
+    p.add_argument("--simplified-config", help="optional .yaml/.yml or .cfg simplified config to generate it from")
+    p.set_defaults(run=_config)
+
+    p = steps.add_parser("prepare", help="write the quantization-aware model, its weights, the record and a solver")
+    p.add_argument("--model", required=True, help="float net prototxt (TRAIN and TEST phases)")
+    p.add_argument("--weights", required=True, help="float caffemodel")
+    p.add_argument("--config", required=True, help="retrain config JSON (from the config step)")
+    p.add_argument("--output-dir", required=True, help="folder for retrain.prototxt, retrain.caffemodel, "
+                                                       "record.txt and solver.prototxt (created if missing)")
+    p.add_argument("--max-iter", type=int, default=1000, help="retraining iterations (default %(default)s)")
+    p.add_argument("--test-iter", type=int, default=1,
+                   help="TEST batches at the end; at least the config's batch_num (default %(default)s)")
+    p.add_argument("--base-lr", type=float, default=0.001, help="learning rate (default %(default)s)")
+    p.set_defaults(run=_prepare)
+
+    p = steps.add_parser("train", help="retrain through pycaffe with a progress bar and TensorBoard logs")
+    p.add_argument("--solver", required=True, help="solver prototxt (from the prepare step)")
+    p.add_argument("--weights", help="initial caffemodel (retrain.caffemodel from the prepare step)")
+    p.add_argument("--snapshot", help="a .solverstate to resume from (instead of --weights)")
+    p.add_argument("--log-dir", help="TensorBoard log folder")
+    p.set_defaults(run=_train)
+
+    p = steps.add_parser("save", help="write the fake-quant and deploy models from the retrained weights")
+    p.add_argument("--model", required=True, help="the quantization-aware prototxt (retrain.prototxt)")
+    p.add_argument("--weights", required=True, help="the final snapshot caffemodel of the retraining")
+    p.add_argument("--save-path", required=True, help="output prefix, e.g. result/model")
+    p.add_argument("--record", help="record file (default: the one the model's layers write)")
+    p.add_argument("--type", default="Both", choices=("Fakequant", "Deploy", "Both"), help="default %(default)s")
+    p.set_defaults(run=_save)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"amct-retrain {args.step}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
