@@ -17,9 +17,11 @@ import atexit
 import itertools
 import logging
 import os
+import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import masked_crc32c
 
 from amct_retrain import numerics
 
@@ -87,6 +90,38 @@ def close_all() -> None:
 
 
 atexit.register(close_all)
+
+
+def _tfrecords(path: Path) -> Iterator[bytes]:
+    """The payloads of a TFRecord file: each record is a u64 length, the masked crc32c of
+    those 8 bytes, the payload and the payload's masked crc32c (all little-endian)."""
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+        header = data[pos:pos + 8]
+        length = struct.unpack("<Q", header)[0] if len(header) == 8 else 0
+        header_crc, payload_crc = data[pos + 8:pos + 12], data[pos + 12 + length:pos + 16 + length]
+        payload = data[pos + 12:pos + 12 + length]
+        if (len(payload_crc) != 4 or struct.unpack("<I", header_crc)[0] != masked_crc32c(header)
+                or struct.unpack("<I", payload_crc)[0] != masked_crc32c(payload)):
+            raise ValueError(f"{path}: truncated or corrupt event record at byte {pos}")
+        yield payload
+        pos += 16 + length
+
+
+def read_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files in ``log_dir``: ``{tag: [(step, value), ...]}`` in file
+    (name) order, then write order. Needs neither TensorFlow nor TensorBoard.
+
+    Raises:
+        ValueError: a truncated or corrupt event file; the message names it.
+    """
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for payload in _tfrecords(path):
+            event = Event.FromString(payload)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 # --------------------------------------------------------------------------- what is logged
