@@ -14,14 +14,15 @@ import pathlib
 import subprocess
 import sys
 
-import caffe
-import h5py
-import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+os.environ.setdefault("GLOG_minloglevel", "2")  # Caffe's own log goes to the log files, not the console
+import caffe  # noqa: E402
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
 
-import amct_retrain
-from amct_retrain import solver as amct_solver
+import amct_retrain  # noqa: E402
+from amct_retrain import solver as amct_solver  # noqa: E402
 
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
 NET = """name: "digits_lenet"
