@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-from amct_retrain.fileio import atomic_write
+from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
 
 __all__ = [
     "SingleLayerRecord",
@@ -194,28 +194,10 @@ def layer_record_complete(rec: SingleLayerRecord) -> bool:
 
 
 def _read(path: str, missing_ok: bool) -> dict[str, SingleLayerRecord]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        if missing_ok:
-            return {}
-        raise RecordFileError(f"{path}: record file does not exist") from None
-    except UnicodeDecodeError as e:
-        raise RecordFileError(f"{path}: not UTF-8 text: {e}") from None
-
+    if missing_ok and not os.path.exists(path):
+        return {}
     msg = ScaleOffsetRecord()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as e:
-        line, col = e.GetLine(), e.GetColumn()
-        detail = str(e)
-        # ParseError prefixes "LINE:COL : "; re-emit in the usual FILE:LINE:COL: form.
-        prefix = f"{line}:{col} : " if col is not None else f"{line} : "
-        if line is not None and detail.startswith(prefix):
-            detail = detail[len(prefix):]
-        where = path if line is None else f"{path}:{line}" if col is None else f"{path}:{line}:{col}"
-        raise RecordFileError(f"{where}: {detail}") from None
+    parse_text_proto(path, read_text_file(path, "record file", RecordFileError), msg, RecordFileError)
 
     records: dict[str, SingleLayerRecord] = {}
     for i, entry in enumerate(msg.record):

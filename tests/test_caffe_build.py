@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from caffe.proto import caffe_pb2
 
+from amct_retrain.graph.model_io import length_delimited_field
+
 pytestmark = pytest.mark.caffe
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
 
@@ -51,32 +53,18 @@ def test_caffe_train_weights_flag_takes_effect_in_train_and_test_nets(tmp_path):
         f"TRAIN net did not start from -weights: {snap.params['ip'][0].data}"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def test_weights_file_over_512_mb_loads(tmp_path):
     """Upstream reads protobuf files up to 2 GB; this fork aborted above 512 MB (VGG-16)."""
     model, weights = _tiny_net_with_weights(tmp_path, 0.25)
     # Append an extra layer with a 600 MB blob: Caffe must parse the whole file, then ignore
     # the layer the net lacks. Concatenated protobuf messages merge, so this is a valid file.
     n = 150 * 2 ** 20
-    blob = _field(5, np.zeros(n, np.float32).tobytes())          # BlobProto.data, packed
-    layer = _field(1, b"padding") + _field(7, blob)               # LayerParameter.name, .blobs
+    blob = length_delimited_field(5, np.zeros(n, np.float32).tobytes())          # BlobProto.data, packed
+    layer = length_delimited_field(1, b"padding") + length_delimited_field(7, blob)               # LayerParameter.name, .blobs
     big = tmp_path / "big.caffemodel"
     with open(big, "wb") as f:
         f.write(weights.read_bytes())
-        f.write(_field(100, layer))                                # NetParameter.layer
+        f.write(length_delimited_field(100, layer))                                # NetParameter.layer
     assert big.stat().st_size > 600 * 10 ** 6
     code = ("import caffe, sys; n = caffe.Net(sys.argv[1], sys.argv[2], caffe.TEST); "
             "assert (n.params['ip'][0].data == 0.25).all(); print('loaded')")

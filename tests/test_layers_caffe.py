@@ -14,16 +14,6 @@ pytestmark = pytest.mark.caffe
 VENV_BIN = os.path.join(os.path.dirname(sys.executable))
 
 
-@pytest.fixture
-def model(tmp_path):
-    """(model_file, weights_file, record_file) of the test net with master weights filled."""
-    record_file = tmp_path / "record.txt"
-    model_file = nets.write_net(nets.quant_net(record_file), tmp_path / "quant.prototxt")
-    weights_file = tmp_path / "init.caffemodel"
-    nets.init_weights(model_file, weights_file)
-    return model_file, weights_file, record_file
-
-
 def _ulq_backward_literal(x, g, cmin, cmax):
     """Contract section 3, ULQ backward, written out region by region."""
     s = (np.float64(cmax) - np.float64(cmin)) / 255

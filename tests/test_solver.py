@@ -20,16 +20,6 @@ CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
 
 
 @pytest.fixture
-def model(tmp_path):
-    """(model_file, weights_file, record_file) of the test net with master weights filled."""
-    record_file = tmp_path / "record.txt"
-    model_file = nets.write_net(nets.quant_net(record_file), tmp_path / "quant.prototxt")
-    weights_file = tmp_path / "init.caffemodel"
-    nets.init_weights(model_file, weights_file)
-    return model_file, weights_file, record_file
-
-
-@pytest.fixture
 def config(tmp_path):
     def write(batch_num=1):
         path = tmp_path / "config.json"

@@ -77,7 +77,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _length_delimited(number: int, payload: bytes) -> bytes:
+def length_delimited_field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
@@ -89,7 +89,7 @@ def array_to_blob(array: np.ndarray) -> caffe_pb2.BlobProto:
     """
     a = np.ascontiguousarray(array, dtype="<f4")
     shape = b"".join(_varint(d) for d in a.shape)
-    payload = _length_delimited(7, _length_delimited(1, shape)) + _length_delimited(5, a.tobytes())
+    payload = length_delimited_field(7, length_delimited_field(1, shape)) + length_delimited_field(5, a.tobytes())
     return caffe_pb2.BlobProto.FromString(payload)
 
 
