@@ -46,6 +46,20 @@ def _save(args: argparse.Namespace) -> None:
     amct_retrain.save_quant_retrain_model(args.model, args.weights, args.type, args.save_path, args.record)
 
 
+def _reference(args: argparse.Namespace) -> None:
+    from amct_retrain.reference import ReferenceExecutor
+
+    executor = ReferenceExecutor(args.model, args.weights)
+    totals: dict[str, float] = {}
+    for _ in range(args.iterations):
+        for name, value in executor.forward().items():
+            if value.size == 1:
+                totals[name] = totals.get(name, 0.0) + float(value.ravel()[0])
+    for name, total in totals.items():
+        LOG.info("%s = %.6g (mean of %d batches, integer arithmetic)", name, total / args.iterations,
+                 args.iterations)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amct-retrain", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="record file (default: the one the model's layers write)")
     p.add_argument("--type", default="Both", choices=("Fakequant", "Deploy", "Both"), help="default %(default)s")
     p.set_defaults(run=_save)
+
+    p = steps.add_parser("reference", help="run a deploy model with integer arithmetic (the reference executor)")
+    p.add_argument("--model", required=True, help="deploy prototxt (model_deploy_model.prototxt)")
+    p.add_argument("--weights", required=True, help="deploy caffemodel (model_deploy_weights.caffemodel)")
+    p.add_argument("--iterations", type=int, default=1, help="batches to run from the data layers (default %(default)s)")
+    p.set_defaults(run=_reference)
     return parser
 
 

@@ -278,6 +278,29 @@ def quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     return k.astype(np.int8)
 
 
+def quant_layer_forward(x: npt.ArrayLike, quant_scale: npt.ArrayLike,
+                        offset_d: npt.ArrayLike) -> npt.NDArray[np.int8]:
+    """What a deploy model's ``Quant`` layer computes on the target:
+    ``q = clamp(rint(x * quant_scale) + offset_d, -128, 127)`` with ``quant_scale = 1/scale_d``
+    as the layer stores it (float32). It multiplies where the fake-quant model divides by
+    scale_d, so a value within an ulp of a rounding boundary may land one code apart.
+
+    Args:
+        x: activations, any shape, converted to float32; must be finite.
+        quant_scale: positive float32 multiplier (``quant_param.scale``).
+        offset_d: integer in [-128, 127].
+
+    Returns:
+        int8 array of x's shape.
+    """
+    inv = _positive_scale(quant_scale, "quant_scale")
+    off = _offset_int8(offset_d)
+    x32 = _as_f32(x, "Quant layer input")
+    k = np.rint(x32 * inv)
+    np.clip(k, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off), out=k)
+    return (k + np.float32(off)).astype(np.int8)
+
+
 def dequantize_activation(q: npt.ArrayLike, scale_d: npt.ArrayLike,
                           offset_d: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """``x' = (q - offset_d) * scale_d`` in float32.

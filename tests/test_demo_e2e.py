@@ -43,6 +43,8 @@ def test_cli_runs_the_steps_and_reports_bad_input(tmp_path):
     fake = caffe.Net(str(tmp_path / "result" / "m_fake_quant_model.prototxt"), caffe.TEST,
                      weights=str(tmp_path / "result" / "m_fake_quant_weights.caffemodel"))
     assert np.isfinite(fake.forward()["loss"]), "the saved fake-quant model does not run"
+    assert cli.main(["reference", "--model", str(tmp_path / "result" / "m_deploy_model.prototxt"),
+                     "--weights", str(tmp_path / "result" / "m_deploy_weights.caffemodel")]) == 0
     # Bad input: an error line naming the file, exit code 2, no traceback.
     code = cli.main(["save", "--model", str(model), "--weights", str(weights), "--save-path", str(tmp_path / "x")])
     assert code == 2, "saving a model that was never made quantization-aware must fail"
@@ -52,5 +54,5 @@ def test_console_script_help_lists_the_steps():
     script = os.path.join(os.path.dirname(sys.executable), "amct-retrain")
     run = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    for step in ("config", "prepare", "train", "save"):
+    for step in ("config", "prepare", "train", "save", "reference"):
         assert step in run.stdout, f"--help does not mention the {step} step:\n{run.stdout}"

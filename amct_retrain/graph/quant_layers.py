@@ -39,7 +39,7 @@ def weight_param_names(arq_name: str) -> tuple[str, str]:
     return f"{arq_name}/fake_quant_weights", f"{arq_name}/master_weights"
 
 
-def _python_layer(name: str, module_class: tuple[str, str], bottom: str, top: str,
+def python_layer(name: str, module_class: tuple[str, str], bottom: str, top: str,
                   params: dict, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
     layer = caffe_pb2.LayerParameter(name=name, type="Python", bottom=[bottom], top=[top])
     layer.python_param.module = f"{LAYERS_MODULE}.{module_class[0]}"
@@ -70,7 +70,7 @@ def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
     for no reason); the third blob, the clip state (ready flag, last valid pair), never learns.
     With ``log_dir``, the layer logs its clips to TensorBoard there while training.
     """
-    layer = _python_layer(name, ULQ_TYPE, bottom, top,
+    layer = python_layer(name, ULQ_TYPE, bottom, top,
                           {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min}, log_dir)
     clip_max_name, clip_min_name, clip_state_name = clip_param_names(name)
     _param(layer, clip_max_name, clip_lr_mult, 0.0)
@@ -89,7 +89,7 @@ def arq_layer(name: str, blob: str, weight_shape: Sequence[int], channel_axis: i
     :func:`share_fake_quant_weights`. The master weights take the original layer's lr/decay.
     With ``log_dir``, the layer logs its weight scales to TensorBoard there while training.
     """
-    layer = _python_layer(name, ARQ_TYPE, blob, blob,
+    layer = python_layer(name, ARQ_TYPE, blob, blob,
                           {"weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
     fake_quant_name, master_name = weight_param_names(name)
     _param(layer, fake_quant_name, 1.0, 0.0)
@@ -112,7 +112,7 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
     """ShiftNSearch in place on ``blob``, the quantized layer's output; it reads the clip state
     and master weights through shared params and writes ``quantized_layer``'s record entry
     (with ``log_dir``, also its mean shift_bit to TensorBoard there)."""
-    layer = _python_layer(name, SHIFT_N_TYPE, blob, blob, {
+    layer = python_layer(name, SHIFT_N_TYPE, blob, blob, {
         "quantized_layer": quantized_layer, "record_file": record_file, "batch_num": batch_num,
         "weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
     for param_name in clip_param_names(ulq_name)[2:] + weight_param_names(arq_name)[1:]:
@@ -127,14 +127,14 @@ REQUANT_TYPE = ("fixed", "Requantize")
 def fake_quant_activation_layer(name: str, bottom: str, top: str, scale_d: float,
                                 offset_d: int) -> caffe_pb2.LayerParameter:
     """The saved fake-quant model's fixed activation quantizer (not in place)."""
-    return _python_layer(name, FAKE_QUANT_TYPE, bottom, top,
+    return python_layer(name, FAKE_QUANT_TYPE, bottom, top,
                          {"scale_d": float(scale_d), "offset_d": int(offset_d)})
 
 
 def requantize_layer(name: str, blob: str, deq: Sequence[float],
                      shift_bit: Sequence[int]) -> caffe_pb2.LayerParameter:
     """The saved fake-quant model's int16 requantisation, in place on the layer's output."""
-    return _python_layer(name, REQUANT_TYPE, blob, blob,
+    return python_layer(name, REQUANT_TYPE, blob, blob,
                          {"deq": [float(d) for d in deq], "shift_bit": [int(n) for n in shift_bit]})
 
 

@@ -1,0 +1,36 @@
+"""Caffe layer parameters normalised the way Caffe itself reads them."""
+from dataclasses import dataclass
+
+from caffe.proto import caffe_pb2
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """2-D convolution geometry: (height, width) pairs and the group count."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    dilation: tuple[int, int]
+    group: int
+
+
+def _pair(repeated, h: int, w: int, has_hw: bool, default: int) -> tuple[int, int]:
+    # Caffe: explicit _h/_w win; else one value for both dims, or one per dim; else the default.
+    if has_hw:
+        return int(h), int(w)
+    values = list(repeated)
+    if not values:
+        return default, default
+    return (int(values[0]), int(values[0])) if len(values) == 1 else (int(values[0]), int(values[1]))
+
+
+def conv_geometry(layer: caffe_pb2.LayerParameter) -> ConvGeometry:
+    """The 2-D geometry of a Convolution or Deconvolution layer."""
+    p = layer.convolution_param
+    return ConvGeometry(
+        kernel=_pair(p.kernel_size, p.kernel_h, p.kernel_w, p.HasField("kernel_h"), 1),
+        stride=_pair(p.stride, p.stride_h, p.stride_w, p.HasField("stride_h"), 1),
+        pad=_pair(p.pad, p.pad_h, p.pad_w, p.HasField("pad_h"), 0),
+        dilation=_pair(p.dilation, 1, 1, False, 1),
+        group=int(p.group),
+    )

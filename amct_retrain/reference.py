@@ -1,0 +1,134 @@
+"""Integer reference executor of deploy models: what the target computes, run on this machine.
+
+Every ``Quant -> quantized layer -> DeQuant`` triple of a deploy model becomes one
+``IntegerLayer`` (layers/integer.py): the Quant layer's scale and offset make int8 codes, int8
+x int8 products accumulate with the int32 bias, the accumulator is shifted by the channel's
+shift_bit into int16 and dequantized with the unpacked deq_scale. Everything else runs in
+Caffe, in float, as the deploy model says.
+"""
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
+
+from amct_retrain import numerics
+from amct_retrain.graph import model_io
+from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.caffe_params import conv_geometry
+from amct_retrain.graph.model_io import ModelError
+
+INTEGER_TYPE = ("integer", "IntegerLayer")
+QUANTIZED_TYPES = ("Convolution", "InnerProduct")
+
+
+@dataclass(frozen=True)
+class IntegerParams:
+    """The integers of one quantized layer of a deploy model, validated."""
+    weights: np.ndarray       # int8, the layer's weight shape
+    bias: np.ndarray          # int64 (C,), zeros when the layer has no bias
+    deq: np.ndarray           # float32 (C,)
+    shift_bit: np.ndarray     # int64 (C,), 1..16
+
+
+def integer_params(deploy: dict[str, list[caffe_pb2.BlobProto]], layer: str, dequant: str,
+                   weights_file: str) -> IntegerParams:
+    """Read and check the int8 weights, int32 bias and packed deq_scale of ``layer``."""
+    where = f"{weights_file}: layer '{layer}'"
+    blobs = deploy.get(layer)
+    if not blobs or not blobs[0].int8_data:
+        raise ModelError(f"{where}: no int8 weights (blob 0 int8_data)")
+    shape = tuple(blobs[0].shape.dim)
+    if len(blobs[0].int8_data) != int(np.prod(shape)):
+        raise ModelError(f"{where}: {len(blobs[0].int8_data)} int8 weights for shape {shape}")
+    weights = np.frombuffer(blobs[0].int8_data, np.int8).reshape(shape)
+    packed = deploy.get(dequant)
+    if not packed or not packed[0].uint64_data:
+        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}' of '{layer}' has no deq_scale (uint64_data)")
+    try:
+        deq, shift_bit, _ = numerics.unpack_deq_scale(np.array(packed[0].uint64_data, np.uint64))
+    except numerics.NumericsError as err:
+        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': {err}") from None
+    channels = deq.size
+    if not (np.all(np.isfinite(deq)) and np.all(deq > 0)):
+        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': deq_scale does not unpack to "
+                         f"positive finite scales: {deq[~(np.isfinite(deq) & (deq > 0))][:4]}")
+    if np.any(shift_bit < 1) or np.any(shift_bit > 16):
+        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': shift_bit outside 1..16: {shift_bit}")
+    bias = np.zeros(channels, np.int64)
+    if len(blobs) > 1:
+        if len(blobs[1].int32_data) != channels:
+            raise ModelError(f"{where}: {len(blobs[1].int32_data)} int32 bias values for {channels} channels")
+        bias = np.array(blobs[1].int32_data, np.int64)
+    return IntegerParams(weights, bias, deq, shift_bit.astype(np.int64))
+
+
+def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
+    """Every layer's raw blobs of a deploy caffemodel (int8/int32/uint64 fields kept)."""
+    try:
+        with open(weights_file, "rb") as f:
+            net = caffe_pb2.NetParameter.FromString(f.read())
+    except OSError as err:
+        raise ModelError(f"{weights_file}: cannot read the deploy weights: {err.strerror}") from None
+    return {layer.name: list(layer.blobs) for layer in net.layer}
+
+
+def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
+    """Graph pass: each Quant -> layer -> DeQuant triple of ``deploy_net`` becomes one
+    IntegerLayer reading its integers from ``weights_file``; other layers stay."""
+    deploy = read_deploy_blobs(weights_file)
+    layers = list(deploy_net.layer)
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(deploy_net)
+    del out.layer[:]
+    i = 0
+    while i < len(layers):
+        quant = layers[i]
+        if quant.type != "Quant":
+            out.layer.add().CopyFrom(quant)
+            i += 1
+            continue
+        if i + 2 >= len(layers) or layers[i + 1].type not in QUANTIZED_TYPES or layers[i + 2].type != "DeQuant":
+            raise ModelError(f"{weights_file}: Quant layer '{quant.name}' is not followed by a quantized "
+                             f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
+        layer, dequant = layers[i + 1], layers[i + 2]
+        integer_params(deploy, layer.name, dequant.name, weights_file)  # validate now, not inside Caffe
+        geometry = conv_geometry(layer).__dict__ if layer.type == "Convolution" else None
+        integer = ql.python_layer(f"{layer.name}_integer", INTEGER_TYPE, quant.bottom[0], dequant.top[0], {
+            "layer": layer.name, "dequant": dequant.name, "weights_file": os.path.abspath(weights_file),
+            "quant_scale": float(quant.quant_param.scale),
+            "quant_offset": struct.unpack("b", quant.quant_param.offset)[0], "conv": geometry})
+        integer.include.extend(layer.include)
+        integer.exclude.extend(layer.exclude)
+        out.layer.append(integer)
+        i += 3
+    return out
+
+
+class ReferenceExecutor:
+    """A deploy model run with integer arithmetic where the target would (TEST phase).
+
+    ``net`` is the pycaffe net: ``net.forward()`` reads the model's data layers, or set
+    input blobs and call ``net.forward(start=...)``.
+    """
+
+    def __init__(self, deploy_model_file: str, deploy_weights_file: str) -> None:
+        import caffe  # pycaffe only where a net is run
+
+        net = reference_net(model_io.read_prototxt(deploy_model_file), deploy_weights_file)
+        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+            f.write(text_format.MessageToString(net))
+        try:
+            self.net = caffe.Net(f.name, caffe.TEST, weights=deploy_weights_file)
+        finally:
+            os.unlink(f.name)
+
+    def forward(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the whole net (inputs, if given, are copied into the named input blobs)."""
+        for name, value in inputs.items():
+            self.net.blobs[name].reshape(*value.shape)
+            self.net.blobs[name].data[...] = value
+        return {k: v.copy() for k, v in self.net.forward().items()}

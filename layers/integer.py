@@ -1,0 +1,84 @@
+"""IntegerLayer: a deploy model's Quant -> Convolution/InnerProduct -> DeQuant, in integers."""
+import functools
+
+import caffe
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from amct_retrain import numerics
+from amct_retrain.reference import integer_params, read_deploy_blobs
+from amct_retrain_layers.params import NUMBER, Key, parse_param_str
+
+PARAMS = {
+    "name": Key((str,), required=True),
+    "layer": Key((str,), required=True),
+    "dequant": Key((str,), required=True),
+    "weights_file": Key((str,), required=True),
+    "quant_scale": Key(NUMBER, required=True),
+    "quant_offset": Key((int,), required=True),
+    "conv": Key((dict, type(None))),
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _deploy_blobs(weights_file: str):
+    return read_deploy_blobs(weights_file)
+
+
+def _conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
+    """Integer convolution of x (N, C, H, W) by w (M, C/group, KH, KW), both integer-valued
+    float64: im2col + one matmul per group. float64 sums of int8 x int9 products are exact
+    far beyond any real layer's size, so BLAS gives the int32 accumulator exactly."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
+    group = g["group"]
+    n, c = x.shape[:2]
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero in integer terms: x - offset = 0
+    windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # (N, C, OH, OW, KH, KW)
+    oh, ow = windows.shape[2:4]
+    m = w.shape[0]
+    out = np.empty((n, m, oh, ow))
+    cg, mg = c // group, m // group
+    for gi in range(group):
+        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+        kernel = w[gi * mg:(gi + 1) * mg].reshape(mg, -1)
+        out[:, gi * mg:(gi + 1) * mg] = (cols @ kernel.T).reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+    return out
+
+
+class IntegerLayer(caffe.Layer):
+    """Quant (x * quant_scale + offset -> int8), integer Convolution / InnerProduct with the
+    int32 bias, shift-N into int16, DeQuant (t * deq * 2^N): the target's arithmetic."""
+
+    def setup(self, bottom, top):
+        p = parse_param_str(self.param_str, PARAMS, "IntegerLayer")
+        self.layer_name, self.geometry = p["layer"], p["conv"]
+        self.quant_scale, self.quant_offset = np.float32(p["quant_scale"]), p["quant_offset"]
+        params = integer_params(_deploy_blobs(p["weights_file"]), p["layer"], p["dequant"], p["weights_file"])
+        self.weights = params.weights.astype(np.float64)
+        self.bias, self.deq, self.shift_bit = params.bias.astype(np.float64), params.deq, params.shift_bit
+
+    def reshape(self, bottom, top):
+        x = bottom[0].data
+        if self.geometry is None:
+            top[0].reshape(x.shape[0], self.weights.shape[0])
+        else:
+            g = self.geometry
+            out_hw = [(size + 2 * pad - (k - 1) * d - 1) // stride + 1 for size, pad, k, d, stride
+                      in zip(x.shape[2:], g["pad"], g["kernel"], g["dilation"], g["stride"])]
+            top[0].reshape(x.shape[0], self.weights.shape[0], *out_hw)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data
+        numerics.check_finite(x, f"IntegerLayer '{self.layer_name}' input")
+        q = numerics.quant_layer_forward(x, self.quant_scale, self.quant_offset)
+        xi = q.astype(np.float64) - self.quant_offset
+        if self.geometry is None:
+            acc = xi.reshape(xi.shape[0], -1) @ self.weights.reshape(self.weights.shape[0], -1).T
+        else:
+            acc = _conv_accumulate(xi, self.weights, self.geometry)
+        acc += self.bias.reshape((1, -1) + (1,) * (acc.ndim - 2))
+        top[0].data[...] = numerics.requantized_output(acc, self.deq, self.shift_bit)
+
+    def backward(self, top, propagate_down, bottom):
+        raise NotImplementedError(f"IntegerLayer '{self.layer_name}': the reference executor is for inference")
