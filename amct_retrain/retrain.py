@@ -10,7 +10,7 @@ from amct_retrain import numerics
 from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.insert import insert_quant_layers, weight_channel_axis
+from amct_retrain.graph.insert import activation_quantizer_owners, insert_quant_layers, weight_channel_axis
 
 LOG = logging.getLogger("amct_retrain")
 
@@ -22,7 +22,7 @@ def _check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str
                 raise ValueError(f"{out_role} '{out_path}' is the {in_role}: inputs are never overwritten")
 
 
-def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config,
+def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantizer_owners: dict[str, str],
                     model_file: str) -> dict[str, list[np.ndarray]]:
     """The modified model's blobs: the float ones, plus for each quantized layer its ULQ clips
     and clip state (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
@@ -35,6 +35,8 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config,
         fake_quant = numerics.arq_fake_quantize(weights, numerics.arq_scale(weights, axis), axis)
         out[name] = [fake_quant, *rest]
         out[ql.arq_layer_name(name)] = [fake_quant, weights]
+        if quantizer_owners[name] != name:
+            continue  # its activation quantizer belongs to the first layer reading the same blob
         clip_min, clip_max = layer_config.clip_min, layer_config.clip_max
         state = (1.0, clip_min, clip_max) if clip_min is not None else (0.0, 0.0, 0.0)
         out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
@@ -63,7 +65,8 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     model_io.check_weights_match(model_file, weights_file, shapes, params)
     record_file = os.path.abspath(scale_offset_record_file)
     modified = insert_quant_layers(net, retrain_config, {k: v[0] for k, v in shapes.items()}, record_file)
-    blobs = retrain_weights(params, retrain_config, model_file)
+    owners = activation_quantizer_owners(net, list(retrain_config.layers))
+    blobs = retrain_weights(params, retrain_config, owners, model_file)
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
         out.write(modified_weights_file, model_io.caffemodel_bytes(modified.name, blobs))

@@ -49,7 +49,7 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     if not record.layer_record_complete(rec):
         raise ModelError(f"{files}: the record of layer '{name}' is incomplete (no TEST pass "
                          "searched its shift_bit): run a TEST phase after the last iteration")
-    clip_max, clip_min, (clips_ready, last_min, last_max) = (params[ql.ulq_layer_name(name)][i] for i in (0, 1, 2))
+    clip_max, clip_min, (clips_ready, last_min, last_max) = (params[layer.ulq_name][i] for i in (0, 1, 2))
     if not clips_ready:
         raise ModelError(f"{files}: layer '{name}' never initialised its clips: the weights do not match "
                          "the record (not retrained, or another model): use the snapshot of the run")
@@ -103,7 +103,7 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     params = model_io.read_caffemodel(retrained_weights_file)
     files = f"{retrained_weights_file} / {record_file}"
     for name in quantized:
-        for owner in (name, ql.ulq_layer_name(name), ql.arq_layer_name(name)):
+        for owner in (name, quantized[name].ulq_name, ql.arq_layer_name(name)):
             if owner not in params:
                 raise ModelError(f"{retrained_weights_file}: has no weights for layer '{owner}' of "
                                  f"{retrained_model_file}: weights of another model?")
@@ -112,7 +112,7 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     factors = {name: layer_factors(q, records[name], params, files) for name, q in quantized.items()}
     float_net = strip_quant_layers(net, quantized)
     float_params = {k: v for k, v in params.items()
-                    if k not in {ql.ulq_layer_name(n) for n in quantized} | {ql.arq_layer_name(n) for n in quantized}}
+                    if k not in {q.ulq_name for q in quantized.values()} | {ql.arq_layer_name(n) for n in quantized}}
     fake_params, deploy_params = dict(float_params), dict(float_params)
     for name, q in quantized.items():
         f = factors[name]
@@ -120,9 +120,10 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
         deploy_params[quant_layer_names(name)["dequant"]] = [
             numerics.pack_deq_scale(f.deq, f.shift_bit, np.zeros_like(f.shift_bit, dtype=np.int8))]
     outputs = output_files(save_path)
+    tops = {layer.name: layer.top[0] for layer in float_net.layer if layer.name in quantized}
     info = {"version": 1, "record_file": os.path.abspath(record_file), "fused_layers": {},
-            "quantized_layers": {name: {"input_blob": q.input_blob, **quant_layer_names(name)}
-                                 for name, q in quantized.items()}}
+            "quantized_layers": {name: {"input_blob": q.input_blob, "output_blob": tops[name],
+                                        **quant_layer_names(name)} for name, q in quantized.items()}}
     with staged_outputs() as out:
         if save_type in ("Fakequant", "Both"):
             out.write(outputs["fake_quant_model"], text_format.MessageToString(fake_quant_net(float_net, factors)))

@@ -11,6 +11,7 @@ LOG = logging.getLogger("amct_retrain.layers")
 PARAMS = {
     "name": Key((str,), required=True),
     "quantized_layer": Key((str,), required=True),
+    "activation_quantizer": Key((str,), required=True),  # the ActivationULQ whose clip state it shares
     "record_file": Key((str,), required=True),
     "batch_num": Key((int,), default=1),
     "weight_shape": Key((list,), required=True),

@@ -15,10 +15,13 @@ VENV_BIN = os.path.join(os.path.dirname(sys.executable))
 
 
 def _ulq_backward_literal(x, g, cmin, cmax):
-    """Contract section 3, ULQ backward, written out region by region."""
-    s = (np.float64(cmax) - np.float64(cmin)) / 255
-    o = np.rint(cmin / s)
-    lo, hi = np.float32(s * o), np.float32(s * (o + 255))
+    """Contract section 3, ULQ backward, written out region by region. The grid ends are the
+    float32 values the forward clamps to (s is a float32 factor, as the record stores it): IFMR
+    puts clip_min on the smallest input, so that element sits right on the lower end."""
+    s = np.float32((np.float64(cmax) - np.float64(cmin)) / 255)
+    o = np.rint(cmin / np.float64(s))
+    lo, hi = s * np.float32(o), s * np.float32(o + 255)
+    s = np.float64(s)
     x, g = x.astype(np.float64), g.astype(np.float64)
     d = lambda v: (np.rint(v / s) - v / s) / 255  # noqa: E731
     inside, above, below = (x >= lo) & (x <= hi), x > hi, x < lo

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from caffe.proto import caffe_pb2
 
-from amct_retrain import record
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.reference import ReferenceExecutor
 from amct_retrain.saver import output_files
@@ -23,27 +22,6 @@ def digits(tmp_path_factory):
     return out, accuracies, output_files(str(out / "result" / "digits"))
 
 
-def output_steps(record_file, layer: str) -> np.ndarray:
-    """deq * 2^N per channel of ``layer``: its output's quantization step."""
-    rec = record.read_record(record_file)[layer]
-    deq = np.float32(rec.scale_d) * np.asarray(rec.scale_w, np.float32)
-    return np.broadcast_to(deq.astype(np.float64), (len(rec.shift_bit),)) * 2.0 ** np.asarray(rec.shift_bit)
-
-
-def largest_step_difference(fake: caffe.Net, reference: caffe.Net, info: dict, record_file) -> dict[str, float]:
-    """Per quantized layer, on the same input: |reference - fake-quant| in output steps."""
-    worst = {}
-    for name, layer in info.items():
-        x = fake.blobs[layer["input_blob"]].data
-        fake.forward(start=layer["fake_quant"], end=layer["requantize"])
-        reference.blobs[layer["input_blob"]].data[...] = x
-        reference.forward(start=f"{name}_integer", end=f"{name}_integer")
-        y_fake, y_ref = fake.blobs[name].data, reference.blobs[name].data
-        step = output_steps(record_file, name).reshape((1, -1) + (1,) * (y_fake.ndim - 2))
-        worst[name] = float((np.abs(y_ref.astype(np.float64) - y_fake) / step).max())
-    return worst
-
-
 def test_digits_reference_executor_matches_fake_quant_within_one_step(digits):
     out, accuracies, files = digits
     fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
@@ -51,7 +29,7 @@ def test_digits_reference_executor_matches_fake_quant_within_one_step(digits):
     acc_ref = float(reference.net.forward()["accuracy"])
     fake.forward()  # the whole test set in one batch: fills every blob
     info = json.load(open(files["quant_info"]))["quantized_layers"]
-    worst = largest_step_difference(fake, reference.net, info, out / "record.txt")
+    worst = nets.largest_step_difference(fake, reference.net, info, out / "record.txt")
     assert max(worst.values()) <= 1.0, f"largest difference in output steps per layer: {worst}"
     assert abs(acc_ref - accuracies["INT8 fake-quant, retrained"]) <= 0.005, \
         f"integer executor accuracy {acc_ref} vs fake-quant {accuracies}"
@@ -85,6 +63,6 @@ def test_grouped_and_biasless_layers_match_fake_quant_within_one_step(retrained)
     reference = ReferenceExecutor(retrained["deploy_model"], retrained["deploy_weights"])
     fake.forward()
     info = json.load(open(retrained["quant_info"]))["quantized_layers"]
-    worst = largest_step_difference(fake, reference.net, info, retrained["record"])
+    worst = nets.largest_step_difference(fake, reference.net, info, retrained["record"])
     assert set(worst) == set(nets.QUANTIZED) and max(worst.values()) <= 1.0, \
         f"largest difference in output steps per layer: {worst}"

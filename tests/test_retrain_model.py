@@ -1,5 +1,6 @@
 """create_quant_retrain_model on real Caffe nets: structure, weights, and bad input."""
 import hashlib
+import json
 
 import caffe
 import numpy as np
@@ -8,8 +9,10 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
-from amct_retrain import numerics
+from amct_retrain import numerics, record
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.reference import ReferenceExecutor
+from tests import nets
 from tests.nets import QUANTIZED, float_model
 
 pytestmark = pytest.mark.caffe
@@ -106,3 +109,55 @@ def test_output_that_is_an_input_is_refused(prepared):
     with pytest.raises(ValueError, match="inputs are never overwritten"):
         create(p)
     assert digest(p["weights"]) == before
+
+
+BRANCHED_NET = """name: "branched"
+layer { name: "data" type: "DummyData" top: "data" top: "target"
+  dummy_data_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } shape { dim: 4 dim: 5 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "branch_a" type: "Convolution" bottom: "data" top: "a"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+layer { name: "branch_b" type: "Convolution" bottom: "data" top: "b"
+  convolution_param { num_output: 4 kernel_size: 1 weight_filler { type: "xavier" } } }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }
+layer { name: "relu" type: "ReLU" bottom: "sum" top: "sum" }
+layer { name: "fc" type: "InnerProduct" bottom: "sum" top: "fc"
+  inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "target" top: "loss" }
+"""
+
+
+def test_layers_reading_one_blob_share_one_activation_quantizer(tmp_path):
+    model = tmp_path / "branched.prototxt"
+    model.write_text(BRANCHED_NET)
+    weights = tmp_path / "branched.caffemodel"
+    caffe.Net(str(model), caffe.TEST).save(str(weights))
+    config, modified, modified_weights, record_file = (tmp_path / n for n in
+                                                       ("c.json", "m.prototxt", "m.caffemodel", "r.txt"))
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(modified),
+                                            str(modified_weights), str(record_file))
+    layers = text_format.Parse(modified.read_text(), caffe_pb2.NetParameter()).layer
+    ulqs = [layer for layer in layers if layer.python_param.layer == "ActivationULQ"]
+    assert [layer.bottom[0] for layer in ulqs] == ["data", "sum"], \
+        f"expected one quantizer on 'data' shared by both branches, got {[(q.name, q.bottom[0]) for q in ulqs]}"
+    by_name = {layer.name: layer for layer in layers}
+    assert by_name["branch_a"].bottom[0] == by_name["branch_b"].bottom[0] == ulqs[0].top[0], "branches not shared"
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(nets.solver_text(modified, tmp_path / "snap", max_iter=4))
+    solver = caffe.get_solver(str(solver_file))
+    solver.net.copy_from(str(modified_weights))
+    solver.solve()
+    records = record.read_record(record_file)
+    assert records["branch_a"].scale_d == records["branch_b"].scale_d and \
+        records["branch_a"].offset_d == records["branch_b"].offset_d, "sharers must share scale_d/offset_d"
+    save_path = str(tmp_path / "result" / "branched")
+    amct_retrain.save_quant_retrain_model(str(modified), str(tmp_path / "snap_iter_4.caffemodel"), "Both",
+                                          save_path, str(record_file))
+    fake = caffe.Net(f"{save_path}_fake_quant_model.prototxt", caffe.TEST,
+                     weights=f"{save_path}_fake_quant_weights.caffemodel")
+    assert np.isfinite(fake.forward()["loss"]), "the saved fake-quant model of the branched net does not run"
+    reference = ReferenceExecutor(f"{save_path}_deploy_model.prototxt", f"{save_path}_deploy_weights.caffemodel")
+    info = json.loads(open(f"{save_path}_quant.json").read())["quantized_layers"]
+    worst = nets.largest_step_difference(fake, reference.net, info, record_file)
+    assert max(worst.values()) <= 1.0, f"integer executor vs fake-quant, output steps per layer: {worst}"

@@ -1,4 +1,10 @@
-"""Graph pass: wrap every configured layer with the fake-quant retraining layers."""
+"""Graph pass: wrap every configured layer with the fake-quant retraining layers.
+
+Layers that read the same version of the same blob (same phase rules) share one
+ActivationULQ, as the original toolkit does, so they share scale_d: it sits before the first
+of them, followed by every sharer's WeightARQ (in place on the shared quantized blob, so no
+layer reads it before a later in-place write); each quantized layer keeps its own ShiftNSearch.
+"""
 from collections.abc import Mapping, Sequence
 
 from caffe.proto import caffe_pb2
@@ -7,8 +13,9 @@ from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 
+
 def quantized_input_blob(layer: str) -> str:
-    """The blob holding ``layer``'s fake-quantized input."""
+    """The blob holding the fake-quantized input of the layers whose quantizer ``layer`` owns."""
     return f"{layer}_input_q"
 
 
@@ -17,43 +24,39 @@ def weight_channel_axis(layer_type: str, channel_wise: bool) -> int | None:
     return QUANTIZABLE_RULES[layer_type].channel_axis if channel_wise else None
 
 
-def _with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.LayerParameter):
-    inserted.include.extend(layer.include)
-    inserted.exclude.extend(layer.exclude)
-    return inserted
+def _phase_key(layer: caffe_pb2.LayerParameter) -> tuple[bytes, ...]:
+    return tuple(r.SerializeToString() for r in layer.include) + (b"|",) + tuple(
+        r.SerializeToString() for r in layer.exclude)
 
 
-def quantize_layer_block(layer: caffe_pb2.LayerParameter, layer_config, weight_shape: Sequence[int],
-                         record_file: str, batch_num: int,
-                         log_dir: str | None = None) -> list[caffe_pb2.LayerParameter]:
-    """[ActivationULQ, WeightARQ, the layer reading the quantized input, ShiftNSearch].
+def activation_quantizer_owners(net: caffe_pb2.NetParameter, quantized: Sequence[str]) -> dict[str, str]:
+    """For each quantized layer, the quantized layer that owns its ActivationULQ: the first
+    quantized layer reading the same version of the same blob under the same phase rules.
+    An in-place layer (ReLU) writing a blob starts a new version of it."""
+    version: dict[str, int] = {}
+    owner_of_input: dict[tuple, str] = {}
+    owners: dict[str, str] = {}
+    for layer in net.layer:
+        if layer.name in quantized:
+            key = (layer.bottom[0], version.get(layer.bottom[0], 0), _phase_key(layer))
+            owners[layer.name] = owner_of_input.setdefault(key, layer.name)
+        for top in layer.top:
+            version[top] = version.get(top, 0) + 1
+    return owners
 
-    The layer's own weight lr/decay multipliers move to the master weights; its weight
-    param becomes the ARQ layer's fake-quant blob.
-    """
+
+def _check_quantizable(layer: caffe_pb2.LayerParameter) -> None:
     if len(layer.bottom) != 1 or len(layer.top) != 1:
         raise ModelError(f"layer '{layer.name}': a quantized layer needs exactly one bottom and one top")
     if layer.param and layer.param[0].name:
         raise ModelError(f"layer '{layer.name}': shares its weights (param name '{layer.param[0].name}'); "
                          "shared weights cannot be quantized: add the layer to skip_layers")
-    name, axis = layer.name, weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
-    ulq_name, arq_name = ql.ulq_layer_name(name), ql.arq_layer_name(name)
-    weight_spec = layer.param[0] if layer.param else caffe_pb2.ParamSpec()
-    quantized = caffe_pb2.LayerParameter()
-    quantized.CopyFrom(layer)
-    quantized.bottom[0] = quantized_input_blob(name)
-    ql.share_fake_quant_weights(quantized, arq_name)
-    extra = {"log_dir": log_dir} if log_dir else {}
-    block = [
-        ql.ulq_layer(ulq_name, layer.bottom[0], quantized.bottom[0], layer_config.clip_min,
-                     layer_config.clip_max, layer_config.fixed_min, **extra),
-        ql.arq_layer(arq_name, quantized.bottom[0], weight_shape, axis,
-                     weight_spec.lr_mult, weight_spec.decay_mult, **extra),
-        quantized,
-        ql.shift_n_layer(ql.shift_n_layer_name(name), layer.top[0], name, ulq_name, arq_name,
-                         weight_shape, axis, record_file, batch_num, **extra),
-    ]
-    return [_with_phase_rules(inserted, layer) for inserted in block]
+
+
+def _with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.LayerParameter):
+    inserted.include.extend(layer.include)
+    inserted.exclude.extend(layer.exclude)
+    return inserted
 
 
 def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
@@ -61,17 +64,45 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
                         record_file: str) -> caffe_pb2.NetParameter:
     """A copy of ``net`` with every layer of ``retrain_config.layers`` quantization-aware.
 
-    Each block goes where the layer was, so the ULQ layer reads its input after any
-    in-place layer (ReLU) that ran before, exactly as the layer itself did.
+    Each ActivationULQ goes right before the first layer it serves, so it reads its input
+    after any in-place layer (ReLU) that ran before, exactly as that layer did. The layer's
+    own weight lr/decay multipliers move to its master weights.
     """
+    configs = retrain_config.layers
+    owners = activation_quantizer_owners(net, list(configs))
+    by_name = {layer.name: layer for layer in net.layer}
+    log = {"log_dir": retrain_config.log_dir} if retrain_config.log_dir else {}
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     del out.layer[:]
     for layer in net.layer:
-        layer_config = retrain_config.layers.get(layer.name)
-        if layer_config is None:
+        name = layer.name
+        if name not in configs:
             out.layer.add().CopyFrom(layer)
-        else:
-            out.layer.extend(quantize_layer_block(layer, layer_config, weight_shapes[layer.name], record_file,
-                                                  retrain_config.batch_num, retrain_config.log_dir))
+            continue
+        _check_quantizable(layer)
+        owner = owners[name]
+        quantized_input = quantized_input_blob(owner)
+        if owner == name:
+            c = configs[name]
+            out.layer.append(_with_phase_rules(ql.ulq_layer(
+                ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
+                c.fixed_min, **log), layer))
+            for sharer in (n for n, o in owners.items() if o == name):
+                shared = by_name[sharer]
+                spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
+                out.layer.append(_with_phase_rules(ql.arq_layer(
+                    ql.arq_layer_name(sharer), quantized_input, weight_shapes[sharer], _axis(configs[sharer]),
+                    spec.lr_mult, spec.decay_mult, **log), shared))
+        quantized = out.layer.add()
+        quantized.CopyFrom(layer)
+        quantized.bottom[0] = quantized_input
+        ql.share_fake_quant_weights(quantized, ql.arq_layer_name(name))
+        out.layer.append(_with_phase_rules(ql.shift_n_layer(
+            ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), ql.arq_layer_name(name),
+            weight_shapes[name], _axis(configs[name]), record_file, retrain_config.batch_num, **log), layer))
     return out
+
+
+def _axis(layer_config) -> int | None:
+    return weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)

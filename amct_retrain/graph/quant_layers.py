@@ -113,8 +113,8 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
     and master weights through shared params and writes ``quantized_layer``'s record entry
     (with ``log_dir``, also its mean shift_bit to TensorBoard there)."""
     layer = python_layer(name, SHIFT_N_TYPE, blob, blob, {
-        "quantized_layer": quantized_layer, "record_file": record_file, "batch_num": batch_num,
-        "weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
+        "quantized_layer": quantized_layer, "activation_quantizer": ulq_name, "record_file": record_file,
+        "batch_num": batch_num, "weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
     for param_name in clip_param_names(ulq_name)[2:] + weight_param_names(arq_name)[1:]:
         _param(layer, param_name)
     return layer

@@ -13,6 +13,7 @@ RETRAIN_CLASSES = {ql.ULQ_TYPE[1], ql.ARQ_TYPE[1], ql.SHIFT_N_TYPE[1]}
 class QuantizedLayer:
     """One layer the retrained net quantizes, as its retraining layers describe it."""
     name: str
+    ulq_name: str           # its ActivationULQ, possibly shared with other quantized layers
     input_blob: str         # the float blob its ActivationULQ read
     channel_axis: int | None
     fixed_min: bool
@@ -29,11 +30,11 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
             continue
         p = ql.layer_params(layer)
         name = p["quantized_layer"]
-        ulq = by_name.get(ql.ulq_layer_name(name))
+        ulq = by_name.get(p["activation_quantizer"])
         if ulq is None or name not in by_name or ql.arq_layer_name(name) not in by_name:
             raise ModelError(f"{model_file}: layer '{name}' lacks its ActivationULQ / WeightARQ / "
                              "quantized layer: not a model made by create_quant_retrain_model")
-        found[name] = QuantizedLayer(name, ulq.bottom[0], p["channel_axis"], ql.layer_params(ulq)["fixed_min"],
+        found[name] = QuantizedLayer(name, ulq.name, ulq.bottom[0], p["channel_axis"], ql.layer_params(ulq)["fixed_min"],
                                      p["record_file"], p["batch_num"])
     if not found:
         raise ModelError(f"{model_file}: has no quantized layers: not a model made by create_quant_retrain_model")
