@@ -5,15 +5,19 @@ toolkit asks Caffe about a model in a child process (`probe_param_shapes`) and p
 caffemodels with protobuf here: a user gets an exception naming the file and the layer.
 """
 import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf.message import DecodeError
 
 from amct_retrain.fileio import parse_text_proto, read_text_file
+
+LOG = logging.getLogger("amct_retrain")
 
 
 class ModelError(ValueError):
@@ -23,17 +27,38 @@ class ModelError(ValueError):
 def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
     """Parse a Caffe prototxt into a ``NetParameter`` without going through Caffe's C++.
 
-    Raises :class:`ModelError` for a missing file, a parse error (``FILE:LINE:COL: message``)
-    or a net written with V1 ``layers { }`` blocks.
+    A net written with V1 ``layers { }`` blocks is upgraded with Caffe's own
+    ``upgrade_net_proto_text`` tool (in a child process) and then parsed. Raises
+    :class:`ModelError` for a missing file or a parse error (``FILE:LINE:COL: message``).
     """
     path = os.fspath(model_file)
     net = caffe_pb2.NetParameter()
     parse_text_proto(path, read_text_file(path, "model file", ModelError), net, ModelError)
     if len(net.layers):
-        raise ModelError(
-            f"{path}: the net uses V1 'layers {{ }}' definitions ({len(net.layers)} of them); "
-            "V1 definitions are not supported yet: upgrade the prototxt to 'layer { }' "
-            "(e.g. with Caffe's upgrade_net_proto_text tool)")
+        net = _upgraded(path)
+    return net
+
+
+def caffe_tool(name: str) -> str:
+    """Path of one of the built Caffe's command-line tools (``upgrade_net_proto_text``, ...)."""
+    import caffe  # the tools sit in the build tree beside pycaffe
+
+    build = os.path.join(os.path.dirname(caffe.__file__), "..", "..", ".temp_release", "tools")
+    return os.path.normpath(os.path.join(build, f"{name}.bin"))
+
+
+def _upgraded(path: str) -> caffe_pb2.NetParameter:
+    """A V1 net upgraded by Caffe's upgrade_net_proto_text (the routines Caffe itself uses)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "upgraded.prototxt")
+        run = subprocess.run([caffe_tool("upgrade_net_proto_text"), path, out], capture_output=True, text=True,
+                             env=dict(os.environ, GLOG_minloglevel="1"))
+        if run.returncode or not os.path.exists(out):
+            reason = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ModelError(f"{path}: Caffe could not upgrade this V1 net: {reason}")
+        net = caffe_pb2.NetParameter()
+        parse_text_proto(out, read_text_file(out, "upgraded model", ModelError), net, ModelError)
+    LOG.info("%s: V1 layer definitions upgraded with Caffe's upgrade_net_proto_text", path)
     return net
 
 
