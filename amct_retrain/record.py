@@ -128,7 +128,7 @@ def write_record(path: str | os.PathLike, records: Mapping[str, SingleLayerRecor
     interleave with :func:`update_layer_record` in other processes.
     """
     path = os.fspath(path)
-    text = _serialize(records)  # before taking the lock or touching the disk
+    text = format_record(records)  # before taking the lock or touching the disk
     with _locked(path):
         atomic_write(path, text)
     logger.debug("wrote %d layer record(s) to %s", len(records), path)
@@ -164,7 +164,7 @@ def update_layer_record(path: str | os.PathLike, layer: str, **fields: Any) -> N
                 getattr(rec, name)[:] = getattr(patch, name)
             else:
                 setattr(rec, name, getattr(patch, name))
-        atomic_write(path, _serialize(records))
+        atomic_write(path, format_record(records))
     logger.debug("updated %s in %s: %s", layer, path, ", ".join(sorted(fields)))
 
 
@@ -209,7 +209,7 @@ def _read(path: str, missing_ok: bool) -> dict[str, SingleLayerRecord]:
     return records
 
 
-def _serialize(records: Mapping[str, SingleLayerRecord]) -> str:
+def format_record(records: Mapping[str, SingleLayerRecord]) -> str:
     msg = ScaleOffsetRecord()
     for key in sorted(records):
         value = records[key]

@@ -6,10 +6,11 @@ import numpy as np
 from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io
-from amct_retrain import numerics
+from amct_retrain import numerics, record
 from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.fuse import fuse_for_retraining
 from amct_retrain.graph.insert import activation_quantizer_owners, insert_quant_layers, weight_channel_axis
 
 LOG = logging.getLogger("amct_retrain")
@@ -44,15 +45,25 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
     return out
 
 
+def _skip_fusion_records(record_file: str) -> dict[str, record.SingleLayerRecord]:
+    """The ``skip_fusion`` entries of an existing record file: kept, and honoured."""
+    if not os.path.exists(record_file):
+        return {}
+    return {name: record.SingleLayerRecord(skip_fusion=True)
+            for name, rec in record.read_record(record_file).items() if rec.skip_fusion}
+
+
 def create_quant_retrain_model(model_file: str, weights_file: str, config_file: str,
                                modified_model_file: str, modified_weights_file: str,
                                scale_offset_record_file: str) -> None:
     """Write the quantization-aware model that Caffe retrains.
 
     Reads the float net (one prototxt with TRAIN and TEST phases, data layers included),
-    its caffemodel and the retrain config; inserts ActivationULQ / WeightARQ / ShiftNSearch
+    its caffemodel and the retrain config; folds Conv/Deconv + BatchNorm (+ Scale) with the
+    BatchNorm statistics frozen (layers named with ``skip_fusion`` in an existing record file are
+    left alone); inserts ActivationULQ / WeightARQ / ShiftNSearch
     around every configured layer; writes the new prototxt, its caffemodel (master weights =
-    the float weights) and an empty record file, all or nothing. The inputs are not modified.
+    the float weights) and the record file (empty but for skip_fusion entries), all or nothing. The inputs are not modified.
     """
     _check_outputs_are_not_inputs(
         {"model file": model_file, "weights file": weights_file, "config file": config_file},
@@ -64,12 +75,16 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     params = model_io.read_caffemodel(weights_file)
     model_io.check_weights_match(model_file, weights_file, shapes, params)
     record_file = os.path.abspath(scale_offset_record_file)
+    skip_fusion = _skip_fusion_records(record_file)
+    net, params, fused = fuse_for_retraining(net, params, skip_fusion)
+    for group in fused:
+        LOG.info("fused %s into layer '%s' (%s)", ", ".join(group.removed), group.layer, group.kind)
     modified = insert_quant_layers(net, retrain_config, {k: v[0] for k, v in shapes.items()}, record_file)
     owners = activation_quantizer_owners(net, list(retrain_config.layers))
     blobs = retrain_weights(params, retrain_config, owners, model_file)
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
         out.write(modified_weights_file, model_io.caffemodel_bytes(modified.name, blobs))
-        out.write(record_file, "")
+        out.write(record_file, record.format_record(skip_fusion))
     LOG.info("quantization-aware model with %d quantized layers written to %s and %s",
              len(retrain_config.layers), modified_model_file, modified_weights_file)

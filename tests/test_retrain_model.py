@@ -161,3 +161,61 @@ def test_layers_reading_one_blob_share_one_activation_quantizer(tmp_path):
     info = json.loads(open(f"{save_path}_quant.json").read())["quantized_layers"]
     worst = nets.largest_step_difference(fake, reference.net, info, record_file)
     assert max(worst.values()) <= 1.0, f"integer executor vs fake-quant, output steps per layer: {worst}"
+
+
+BN_NET = """name: "bn"
+layer { name: "data" type: "DummyData" top: "data" top: "target"
+  dummy_data_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } shape { dim: 2 dim: 4 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 5 kernel_size: 3 bias_term: false weight_filler { type: "xavier" } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc" inner_product_param { num_output: 4 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "target" top: "loss" }
+"""
+
+
+def _bn_model(tmp_path):
+    model = tmp_path / "bn.prototxt"
+    model.write_text(BN_NET)
+    net = caffe.Net(str(model), caffe.TEST)
+    rng = np.random.default_rng(3)
+    net.params["bn1"][0].data[...] = rng.normal(0, 1, 5)
+    net.params["bn1"][1].data[...] = rng.uniform(0.5, 2, 5)
+    net.params["bn1"][2].data[...] = 1.0
+    net.params["scale1"][0].data[...] = rng.uniform(0.5, 1.5, 5)
+    net.params["scale1"][1].data[...] = rng.normal(0, 0.1, 5)
+    weights = tmp_path / "bn.caffemodel"
+    net.save(str(weights))
+    config = tmp_path / "c.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    return net, model, weights, config
+
+
+def test_conv_batchnorm_scale_is_folded_before_retraining(tmp_path):
+    floats, model, weights, config = _bn_model(tmp_path)
+    out = {n: tmp_path / n for n in ("m.prototxt", "m.caffemodel", "r.txt")}
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), *(str(p) for p in out.values()))
+    types = [layer.type for layer in text_format.Parse(out["m.prototxt"].read_text(), caffe_pb2.NetParameter()).layer]
+    assert "BatchNorm" not in types and "Scale" not in types, f"BatchNorm/Scale left in the retrain model: {types}"
+    net = caffe.Net(str(out["m.prototxt"]), caffe.TEST, weights=str(out["m.caffemodel"]))
+    gamma = floats.params["scale1"][0].data / np.sqrt(floats.params["bn1"][1].data + 1e-5)
+    expected_w = floats.params["conv1"][0].data * gamma[:, None, None, None]
+    expected_b = floats.params["scale1"][1].data - floats.params["bn1"][0].data * gamma
+    assert np.allclose(net.params["conv1_arq"][1].data, expected_w, rtol=1e-6), "folded weights are not w*gamma/sigma"
+    assert np.allclose(net.params["conv1"][1].data, expected_b, rtol=1e-5, atol=1e-6), "folded bias is wrong"
+
+
+def test_skip_fusion_in_an_existing_record_keeps_the_batchnorm(tmp_path):
+    _, model, weights, config = _bn_model(tmp_path)
+    record_file = tmp_path / "r.txt"
+    record.write_record(record_file, {"conv1": record.SingleLayerRecord(skip_fusion=True)})
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(tmp_path / "m.prototxt"),
+                                            str(tmp_path / "m.caffemodel"), str(record_file))
+    layers = text_format.Parse((tmp_path / "m.prototxt").read_text(), caffe_pb2.NetParameter()).layer
+    bn = [layer for layer in layers if layer.type == "BatchNorm"]
+    assert len(bn) == 1 and bn[0].batch_norm_param.use_global_stats, "skip_fusion BatchNorm must stay, frozen"
+    assert record.read_record(record_file)["conv1"].skip_fusion, "the skip_fusion entry was lost"
+    caffe.Net(str(tmp_path / "m.prototxt"), caffe.TRAIN, weights=str(tmp_path / "m.caffemodel")).forward()

@@ -400,3 +400,26 @@ def fuse_batchnorm(net: caffe_pb2.NetParameter, params: Params, skip: Collection
         net, params, found = fusion(net, params, skip)
         groups.extend(found)
     return net, params, groups
+
+
+def freeze_batchnorm_statistics(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """A copy of ``net`` whose BatchNorm layers use their stored statistics in every phase
+    (``use_global_stats: true``): retraining folds them into the weights before it starts."""
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    for layer in out.layer:
+        if layer.type == "BatchNorm":
+            layer.batch_norm_param.use_global_stats = True
+    return out
+
+
+def fuse_for_retraining(net: caffe_pb2.NetParameter, params: Params, skip: Collection[str] = ()) -> FusionResult:
+    """The fusions of retraining (contract section 4): Conv+BN+Scale and Deconv+BN+Scale, with
+    the BatchNorm statistics frozen, so the layer that is quantized and retrained is the very
+    layer the deploy model runs (exact deploy parity)."""
+    net = freeze_batchnorm_statistics(net)
+    groups: list[FusedGroup] = []
+    for fusion in (fold_conv_batchnorm, fold_deconv_batchnorm):
+        net, params, found = fusion(net, params, skip)
+        groups.extend(found)
+    return net, params, groups
