@@ -178,8 +178,8 @@ def _grid_f32(x32: np.ndarray, scale: npt.ArrayLike, k_lo: npt.ArrayLike,
               k_hi: npt.ArrayLike) -> np.ndarray:
     """``clip(rint(x / scale), k_lo, k_hi)`` in float32 (integer-valued); shapes broadcast.
 
-    Every activation and weight path goes through this one function, which is why
-    they agree bit for bit.
+    Every weight path goes through this one function (activations through
+    ``_activation_codes_f32``), which is why they agree bit for bit.
     """
     shape = np.broadcast_shapes(np.shape(x32), np.shape(scale), np.shape(k_lo), np.shape(k_hi))
     k = np.empty(shape, dtype=np.float32)
@@ -190,6 +190,30 @@ def _grid_f32(x32: np.ndarray, scale: npt.ArrayLike, k_lo: npt.ArrayLike,
 
 
 # --------------------------------------------------------------------------- activations
+
+
+def quant_multiplier(scale_d: npt.ArrayLike) -> np.ndarray:
+    """``float32(1 / scale_d)``: the scale a deploy ``Quant`` layer stores and the target
+    multiplies by. Every activation quantization here multiplies by it too (instead of
+    dividing by scale_d), so the fake-quant model and the integer model make the same codes
+    even for values an ulp from a rounding boundary.
+
+    Args:
+        scale_d: positive scale(s), any shape.
+
+    Returns:
+        float32 array (0-d for a scalar).
+    """
+    return np.asarray(1.0 / np.asarray(scale_d, dtype=np.float32).astype(np.float64), dtype=np.float32)
+
+
+def _activation_codes_f32(x32: np.ndarray, scale: npt.ArrayLike, k_lo: npt.ArrayLike,
+                          k_hi: npt.ArrayLike) -> np.ndarray:
+    """``clip(rint(x * quant_multiplier(scale)), k_lo, k_hi)`` in float32 (integer-valued)."""
+    k = np.asarray(np.multiply(x32, quant_multiplier(scale), dtype=np.float32))
+    np.rint(k, out=k)
+    np.clip(k, k_lo, k_hi, out=k)
+    return k
 
 
 def _widen_range(data_min: float, data_max: float) -> tuple[float, float, np.float32]:
@@ -258,7 +282,8 @@ def _range_factors(data_min: npt.ArrayLike, data_max: npt.ArrayLike) -> tuple[np
 
 def quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
                         offset_d: npt.ArrayLike) -> npt.NDArray[np.int8]:
-    """``q = clamp(rint(x / scale_d) + offset_d, -128, 127)``.
+    """``q = clamp(rint(x / scale_d) + offset_d, -128, 127)``, the division done as the target
+    does it: a multiplication by ``quant_multiplier(scale_d)``.
 
     Args:
         x: activations, any shape, converted to float32; must be finite.
@@ -273,7 +298,7 @@ def quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     x32 = _as_f32(x, "quantize_activation input")
     # clip(rint(x/s) + off, -128, 127) == clip(rint(x/s), -128-off, 127-off) + off exactly:
     # the clipped values are small integers, exact in float32.
-    k = _grid_f32(x32, s, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
+    k = _activation_codes_f32(x32, s, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
     k += np.float32(off)
     return k.astype(np.int8)
 
@@ -281,13 +306,12 @@ def quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
 def quant_layer_forward(x: npt.ArrayLike, quant_scale: npt.ArrayLike,
                         offset_d: npt.ArrayLike) -> npt.NDArray[np.int8]:
     """What a deploy model's ``Quant`` layer computes on the target:
-    ``q = clamp(rint(x * quant_scale) + offset_d, -128, 127)`` with ``quant_scale = 1/scale_d``
-    as the layer stores it (float32). It multiplies where the fake-quant model divides by
-    scale_d, so a value within an ulp of a rounding boundary may land one code apart.
+    ``q = clamp(rint(x * quant_scale) + offset_d, -128, 127)``, ``quant_scale`` being the
+    layer's float32 ``quant_param.scale`` (= ``quant_multiplier(scale_d)``).
 
     Args:
         x: activations, any shape, converted to float32; must be finite.
-        quant_scale: positive float32 multiplier (``quant_param.scale``).
+        quant_scale: positive float32 multiplier.
         offset_d: integer in [-128, 127].
 
     Returns:
@@ -295,8 +319,8 @@ def quant_layer_forward(x: npt.ArrayLike, quant_scale: npt.ArrayLike,
     """
     inv = _positive_scale(quant_scale, "quant_scale")
     off = _offset_int8(offset_d)
-    x32 = _as_f32(x, "Quant layer input")
-    k = np.rint(x32 * inv)
+    k = np.asarray(np.multiply(_as_f32(x, "Quant layer input"), inv, dtype=np.float32))
+    np.rint(k, out=k)
     np.clip(k, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off), out=k)
     return (k + np.float32(off)).astype(np.int8)
 
@@ -339,7 +363,7 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     s = _positive_scale(scale_d, "scale_d")
     off = _offset_int8(offset_d)
     x32 = _as_f32(x, "fake_quantize_activation input")
-    k = _grid_f32(x32, s, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
+    k = _activation_codes_f32(x32, s, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
     k *= s
     return k
 
@@ -459,7 +483,7 @@ def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike,
     """
     s, o = ulq_scale_offset(clip_min, clip_max)
     x32 = _as_f32(x, "ulq_forward input")
-    k = _grid_f32(x32, s, np.float32(o), np.float32(o + 255))
+    k = _activation_codes_f32(x32, s, np.float32(o), np.float32(o + 255))
     k *= s
     return k
 
@@ -612,7 +636,7 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     chunk = max(1, _IFMR_CHUNK_BYTES // (16 * n))  # (c, n) float32 grid + float64 error
     for j0 in range(0, factors.size, chunk):
         sl = slice(j0, j0 + chunk)
-        y = _grid_f32(x32[None, :], scales[sl, None], k_lo[sl, None], k_hi[sl, None])
+        y = _activation_codes_f32(x32[None, :], scales[sl, None], k_lo[sl, None], k_hi[sl, None])
         y *= scales[sl, None]  # identical element-wise ops to fake_quantize_activation
         d = y - x64  # float64
         np.square(d, out=d)

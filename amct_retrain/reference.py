@@ -15,7 +15,7 @@ import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from amct_retrain import numerics
+from amct_retrain import numerics, record
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
@@ -106,6 +106,34 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
         out.layer.append(integer)
         i += 3
     return out
+
+
+def output_steps(rec: record.SingleLayerRecord) -> np.ndarray:
+    """float64 (C,): a quantized layer's output quantization step per channel, deq * 2^N."""
+    deq = numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)).astype(np.float64)
+    return np.broadcast_to(deq, (len(rec.shift_bit),)) * np.ldexp(1.0, np.asarray(rec.shift_bit, np.int64))
+
+
+def parity_in_output_steps(fake, reference, quant_info: dict,
+                           records: dict[str, record.SingleLayerRecord]) -> dict[str, float]:
+    """Per quantized layer: the largest |integer executor - fake-quant model| in output steps,
+    each layer fed the same input (what the fake-quant net's last forward gave it).
+
+    ``fake`` is the saved fake-quant model and ``reference`` a ReferenceExecutor's net (pycaffe);
+    ``quant_info`` the ``quantized_layers`` of the saver's quant info JSON. Inputs are taken from
+    the blob each layer really reads (Caffe renames a shared blob to split outputs).
+    """
+    worst = {}
+    for name, layer in quant_info.items():
+        x = fake.blobs[fake.bottom_names[layer["fake_quant"]][0]].data
+        fake.forward(start=layer["fake_quant"], end=layer["requantize"])
+        integer = f"{name}_integer"
+        reference.blobs[reference.bottom_names[integer][0]].data[...] = x
+        reference.forward(start=integer, end=integer)
+        y_fake, y_ref = fake.blobs[layer["output_blob"]].data, reference.blobs[layer["output_blob"]].data
+        step = output_steps(records[name]).reshape((1, -1) + (1,) * (y_fake.ndim - 2))
+        worst[name] = float((np.abs(y_ref.astype(np.float64) - y_fake) / step).max())
+    return worst
 
 
 class ReferenceExecutor:

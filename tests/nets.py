@@ -6,7 +6,6 @@ import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from amct_retrain import record
 from amct_retrain.graph import quant_layers as ql
 
 BATCH, IN_SHAPE, CONV_OUT, IP_OUT = 8, (3, 6, 6), 4, 5
@@ -120,26 +119,3 @@ def float_model(tmp_path, fc=10, tag="float"):
     weights = tmp_path / f"{tag}.caffemodel"
     caffe.Net(str(model), caffe.TEST).save(str(weights))
     return model, weights
-
-
-def output_steps(record_file, layer: str) -> np.ndarray:
-    """deq * 2^N per channel of ``layer``: its output's quantization step."""
-    rec = record.read_record(record_file)[layer]
-    deq = np.float32(rec.scale_d) * np.asarray(rec.scale_w, np.float32)
-    return np.broadcast_to(deq.astype(np.float64), (len(rec.shift_bit),)) * 2.0 ** np.asarray(rec.shift_bit)
-
-
-def largest_step_difference(fake: caffe.Net, reference: caffe.Net, info: dict, record_file) -> dict[str, float]:
-    """Per quantized layer, on the same input: |reference - fake-quant| in output steps.
-    (Inputs are read from the blob each layer really reads: Caffe renames shared blobs to
-    split outputs.)"""
-    worst = {}
-    for name, layer in info.items():
-        x = fake.blobs[fake.bottom_names[layer["fake_quant"]][0]].data
-        fake.forward(start=layer["fake_quant"], end=layer["requantize"])
-        reference.blobs[reference.bottom_names[f"{name}_integer"][0]].data[...] = x
-        reference.forward(start=f"{name}_integer", end=f"{name}_integer")
-        y_fake, y_ref = fake.blobs[layer["output_blob"]].data, reference.blobs[layer["output_blob"]].data
-        step = output_steps(record_file, name).reshape((1, -1) + (1,) * (y_fake.ndim - 2))
-        worst[name] = float((np.abs(y_ref.astype(np.float64) - y_fake) / step).max())
-    return worst

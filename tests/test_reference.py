@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from caffe.proto import caffe_pb2
 
+from amct_retrain import record
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.reference import ReferenceExecutor
+from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
 from amct_retrain.saver import output_files
 from samples import digits_demo
 from tests import nets
@@ -29,7 +30,7 @@ def test_digits_reference_executor_matches_fake_quant_within_one_step(digits):
     acc_ref = float(reference.net.forward()["accuracy"])
     fake.forward()  # the whole test set in one batch: fills every blob
     info = json.load(open(files["quant_info"]))["quantized_layers"]
-    worst = nets.largest_step_difference(fake, reference.net, info, out / "record.txt")
+    worst = parity_in_output_steps(fake, reference.net, info, record.read_record(out / "record.txt"))
     assert max(worst.values()) <= 1.0, f"largest difference in output steps per layer: {worst}"
     assert abs(acc_ref - accuracies["INT8 fake-quant, retrained"]) <= 0.005, \
         f"integer executor accuracy {acc_ref} vs fake-quant {accuracies}"
@@ -63,6 +64,6 @@ def test_grouped_and_biasless_layers_match_fake_quant_within_one_step(retrained)
     reference = ReferenceExecutor(retrained["deploy_model"], retrained["deploy_weights"])
     fake.forward()
     info = json.load(open(retrained["quant_info"]))["quantized_layers"]
-    worst = nets.largest_step_difference(fake, reference.net, info, retrained["record"])
+    worst = parity_in_output_steps(fake, reference.net, info, record.read_record(retrained["record"]))
     assert set(worst) == set(nets.QUANTIZED) and max(worst.values()) <= 1.0, \
         f"largest difference in output steps per layer: {worst}"

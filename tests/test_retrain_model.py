@@ -11,7 +11,7 @@ from google.protobuf import text_format
 import amct_retrain
 from amct_retrain import numerics, record
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.reference import ReferenceExecutor
+from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
 from tests import nets
 from tests.nets import QUANTIZED, float_model
 
@@ -159,7 +159,7 @@ def test_layers_reading_one_blob_share_one_activation_quantizer(tmp_path):
     assert np.isfinite(fake.forward()["loss"]), "the saved fake-quant model of the branched net does not run"
     reference = ReferenceExecutor(f"{save_path}_deploy_model.prototxt", f"{save_path}_deploy_weights.caffemodel")
     info = json.loads(open(f"{save_path}_quant.json").read())["quantized_layers"]
-    worst = nets.largest_step_difference(fake, reference.net, info, record_file)
+    worst = parity_in_output_steps(fake, reference.net, info, record.read_record(record_file))
     assert max(worst.values()) <= 1.0, f"integer executor vs fake-quant, output steps per layer: {worst}"
 
 

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 
 from caffe.proto import caffe_pb2
 
+from amct_retrain import numerics
 from amct_retrain.graph import quant_layers as ql
 
 
@@ -59,7 +60,7 @@ def deploy_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe_pb2
         int8_input = f"{layer.name}_input_int8"
         quant = caffe_pb2.LayerParameter(name=names["quant"], type="Quant",
                                          bottom=[layer.bottom[0]], top=[int8_input])
-        quant.quant_param.scale = 1.0 / float(f.scale_d)
+        quant.quant_param.scale = float(numerics.quant_multiplier(f.scale_d))
         quant.quant_param.offset = struct.pack("b", f.offset_d)
         dequant = caffe_pb2.LayerParameter(name=names["dequant"], type="DeQuant",
                                            bottom=[layer.top[0]], top=[layer.top[0]])
