@@ -1,6 +1,7 @@
 """QDQ ONNX export of a deploy model (contract section 3), run by onnxruntime on the CPU.
 
-Each ``Quant -> Convolution/InnerProduct -> DeQuant`` triple of the deploy model becomes::
+Each ``Quant -> Convolution/InnerProduct -> DeQuant`` triple of the deploy model becomes (an
+InnerProduct's input flattened to 2-D first, so that DequantizeLinear feeds Gemm directly)::
 
     x ---------> QuantizeLinear(scale_d, offset_d: int8) -> DequantizeLinear --+
     int8 weights -> DequantizeLinear(scale_w[c], 0, axis 0) ------------------+-> Conv / Gemm -> y
@@ -16,16 +17,17 @@ no later layer reads.
 Factors, from the deploy files alone (they hold ``1/scale_d`` and ``deq[c]``, not scale_d or
 scale_w):
 
-* ``scale_d``: the float32 whose reciprocal the Quant layer stores, i.e. the one of
-  ``float32(1/quant_param.scale)`` and its two float32 neighbours for which
-  ``float32(1/s) == quant_param.scale`` holds, nearest the exact reciprocal. onnxruntime's
-  QuantizeLinear divides by its scale exactly as the fake-quant model divides by scale_d, so
-  with the saver's scale_d the int8 codes are the same bit for bit. When two neighbours
-  both invert to the stored value (about a third of all float32 scales), the nearest one is
-  taken; the other would move a code only for an input within an ulp of a rounding boundary.
-* ``scale_w[c]``: ``float32(deq[c] / scale_d)``, or the nearest float32 neighbour (two each
-  side) for which ``numerics.deq_scales(scale_d, scale_w) == deq``, so that the bias scale is
-  exactly the input scale times the weight scale, as QDQ consumers assume.
+* ``scale_d`` = ``float32(1/quant_param.scale)``. The Quant layer (like the fake-quant model
+  and the integer executor) makes codes as ``rint(x * quant_param.scale)``, where ONNX's
+  QuantizeLinear computes ``rint(x / scale)``; no float32 scale makes the two agree for every
+  x (unless quant_param.scale is a power of two). The nearest reciprocal makes them agree
+  most often: for uniformly spread activations a code differs about 2.4 times per million
+  (the saver's own scale_d, when it is the other float32 inverting to the same multiplier,
+  5.5 per million); on the digits demo's real activations, never. The last bits of the
+  scale a DequantizeLinear feeds a Conv / Gemm are rounded away with the accumulator (below).
+* ``scale_w[c]``: ``float32(deq[c] / scale_d)``, or a float32 within two ulps of it for which
+  ``numerics.deq_scales(scale_d, scale_w) == deq``, so that the bias scale is the input scale
+  times the weight scale exactly, as QDQ consumers assume (within an ulp where none does).
 * the bias scale is ``deq[c]`` itself, the value the integer pipeline uses.
 * shift-N: ``Div -> Round`` recovers the int32 accumulator ``rint(y / deq[c])`` that the
   fake-quant model's Requantize layer recovers (``numerics.accumulator_from_output``); the
@@ -356,18 +358,22 @@ def _check_weight_shape(g: _Graph, layer: caffe_pb2.LayerParameter, shape: Seque
         raise ModelError(f"{g.where(layer)}: weight blob has shape {shape}, the layer needs {expected}")
 
 
+def _linear_input(g: _Graph, layer: caffe_pb2.LayerParameter, x: str) -> str:
+    """``x`` as the layer's operator takes it: an InnerProduct's flattened from axis 1 to 2-D."""
+    if layer.type != "InnerProduct" or g.rank(x) == 2:
+        return x
+    axis = layer.inner_product_param.axis
+    if axis % g.rank(x) != 1:
+        raise ModelError(f"{g.where(layer)}: axis {axis} is not supported (only axis 1, Caffe's default)")
+    return g.op("Flatten", [x], rank=2, axis=1)
+
+
 def _linear(g: _Graph, layer: caffe_pb2.LayerParameter, x: str, weights: str, bias: str | None,
             out: str) -> None:
     """The Conv / ConvTranspose / Gemm node of a (float or quantized) layer, into ``out``."""
-    operands = [x, weights] + ([bias] if bias else [])
+    operands = [_linear_input(g, layer, x), weights] + ([bias] if bias else [])
     if layer.type == "InnerProduct":
-        p = layer.inner_product_param
-        rank = g.rank(x)
-        if p.axis % rank != 1:
-            raise ModelError(f"{g.where(layer)}: axis {p.axis} is not supported (only axis 1, Caffe's default)")
-        if rank > 2:
-            operands[0] = g.op("Flatten", [x], axis=1)
-        g.op("Gemm", operands, out, transB=0 if p.transpose else 1)
+        g.op("Gemm", operands, out, transB=0 if layer.inner_product_param.transpose else 1)
         return
     p = layer.convolution_param
     if p.axis != 1 or len(p.kernel_size) > 2 or len(p.stride) > 2 or len(p.pad) > 2 or len(p.dilation) > 2:
@@ -543,22 +549,21 @@ FLOAT_CONVERTERS: dict[str, Converter] = {
 # --------------------------------------------------------------------------- quantized layers
 
 
-def _reciprocal_candidates(quant_scale: float) -> list[np.float32]:
-    """The float32 values whose reciprocal rounds to ``quant_scale`` (the saver's scale_d is one),
-    nearest the exact reciprocal first; the nearest float32 alone if none does."""
-    inv = np.float32(quant_scale)
-    exact = 1.0 / np.float64(inv)
-    nearest = np.float32(exact)
-    # scale_d lies within 1.5 ulp of 1/quant_scale: the nearest float32 or a neighbour.
-    near = [nearest, np.nextafter(nearest, np.float32(np.inf)), np.nextafter(nearest, np.float32(0))]
-    inverting = sorted((c for c in near if np.float32(1.0 / np.float64(c)) == inv),
-                       key=lambda c: abs(np.float64(c) - exact))
-    return inverting or [nearest]
+def recover_scales(quant_scale: float, deq: np.ndarray) -> tuple[np.float32, np.ndarray]:
+    """``(scale_d, scale_w)`` of a quantized layer for its QuantizeLinear / weight DequantizeLinear.
 
+    Args:
+        quant_scale: the Quant layer's ``quant_param.scale``, float32(1/scale_d), the multiplier
+            the codes are made with.
+        deq: float32 (C,) unpacked deq_scale, float32(scale_d * scale_w[c]).
 
-def _weight_scales(scale_d: np.float32, deq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (C,) scale_w: ``deq / scale_d`` or the float32 within two ulps of it for which
-    ``numerics.deq_scales(scale_d, scale_w) == deq``; and the (C,) mask of channels where one does."""
+    Returns:
+        scale_d (np.float32): the float32 nearest 1/quant_scale, the divisor whose quotients
+        round like the products with quant_scale most often;
+        scale_w (float32 (C,)): ``deq / scale_d``, or the float32 within two ulps of it for
+        which ``numerics.deq_scales(scale_d, scale_w) == deq`` where there is one.
+    """
+    scale_d = np.float32(numerics.quant_multiplier(quant_scale))  # float32(1/x), rounded once, either way
     scale_w = (deq / scale_d).astype(np.float32)
     matched = numerics.deq_scales(scale_d, scale_w) == deq
     up = down = scale_w
@@ -568,27 +573,6 @@ def _weight_scales(scale_d: np.float32, deq: np.ndarray) -> tuple[np.ndarray, np
             hit = ~matched & (numerics.deq_scales(scale_d, candidate) == deq)
             scale_w = np.where(hit, candidate, scale_w)
             matched |= hit
-    return scale_w, matched
-
-
-def recover_scales(quant_scale: float, deq: np.ndarray) -> tuple[np.float32, np.ndarray]:
-    """``(scale_d, scale_w)`` of a quantized layer from its deploy factors.
-
-    Args:
-        quant_scale: the Quant layer's ``quant_param.scale``, float32(1/scale_d).
-        deq: float32 (C,) unpacked deq_scale, float32(scale_d * scale_w[c]).
-
-    Returns:
-        scale_d (np.float32): of the float32 values whose reciprocal rounds to quant_scale,
-        the one for which the most channels' deq is a float32 product with some scale_w (the
-        saver's scale_d makes all of them one), the nearest to 1/quant_scale on a tie;
-        scale_w (float32 (C,)): those factors, ``deq / scale_d`` where none is found.
-    """
-    fits = [(s, *_weight_scales(s, deq)) for s in _reciprocal_candidates(quant_scale)]
-    scale_d, scale_w, matched = max(fits, key=lambda fit: int(fit[2].sum()))  # first maximum: the nearest
-    if not matched.all():
-        LOG.debug("no float32 scale_w reproduces deq for %d channel(s): there the bias scale is not exactly "
-                  "the input scale times the weight scale", int((~matched).sum()))
     return scale_d, scale_w
 
 
@@ -615,19 +599,23 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
         raise ModelError(f"{g.where(q.quant)}: quant_param needs a positive finite scale and a one-byte offset, "
                          f"got scale {quant_scale!r}, offset {q.quant.quant_param.offset!r}")
     scale_d, scale_w = recover_scales(quant_scale, ints.deq)
+    inexact = int(np.count_nonzero(numerics.deq_scales(scale_d, scale_w) != ints.deq))
+    if inexact:
+        LOG.debug("layer '%s': for %d channel(s) no float32 scale_w gives deq exactly: their bias scale is "
+                  "the input scale times the weight scale within an ulp", layer.name, inexact)
     offset_d = struct.unpack("b", q.quant.quant_param.offset)[0]
 
     g.scope = q.quant.name
-    x = g.read(q.quant.bottom[0], q.quant)
+    # Flatten (InnerProduct) before the Quant: QDQ consumers fuse DequantizeLinear -> Gemm.
+    x = _linear_input(g, layer, g.read(q.quant.bottom[0], q.quant))
     rank = g.rank(x)
     s, zp = g.const("scale", scale_d), g.const("zero_point", np.int8(offset_d))
     x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp]), s, zp], rank=rank)
 
     g.scope = layer.name
-    weights = g.op("DequantizeLinear", [g.const("weights_int8", ints.weights),
-                                        g.const("weight_scale", _per_channel_or_scalar(scale_w)),
-                                        g.const("weight_zero_point", np.zeros_like(_per_channel_or_scalar(scale_w),
-                                                                                  np.int8))], axis=0)
+    w_scale = _per_channel_or_scalar(scale_w)
+    weights = g.op("DequantizeLinear", [g.const("weights_int8", ints.weights), g.const("weight_scale", w_scale),
+                                        g.const("weight_zero_point", np.zeros_like(w_scale, np.int8))], axis=0)
     bias = None
     if len(deploy[layer.name]) > 1:
         bias = g.op("DequantizeLinear", [g.const("bias_int32", ints.bias.astype(np.int32)),
@@ -680,9 +668,9 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
     model_file, weights_file = os.fspath(deploy_model_file), os.fspath(deploy_weights_file)
     net = model_io.read_prototxt(model_file)
     units = _plan(test_phase_layers(net), model_file)
+    deploy = _read_deploy_blobs(weights_file)
     inputs = _input_blobs(net, units)
     shapes = _input_shapes(net, inputs, model_file, input_shapes)
-    deploy = _read_deploy_blobs(weights_file)
 
     final_writers = {top: _unit_name(u) for u in units for top in _unit_tops(u)}
     blob_names = set(inputs) | set(final_writers)
@@ -710,7 +698,8 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise ModelError(f"{model_file}: the ONNX graph does not check: {err}") from None
+        # The first error names the node (``<layer>/...``); the rest follow from it.
+        raise ModelError(f"{model_file}: the ONNX graph does not check: {str(err).splitlines()[0]}") from None
     atomic_write(onnx_file, model.SerializeToString())
     LOG.info("exported %s (%d quantized layers, %d nodes) to %s", model_file,
              sum(isinstance(u, _QuantizedLayer) for u in units), len(g.nodes), os.fspath(onnx_file))
