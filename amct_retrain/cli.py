@@ -60,6 +60,13 @@ def _reference(args: argparse.Namespace) -> None:
                  args.iterations)
 
 
+def _export_onnx(args: argparse.Namespace) -> None:
+    from amct_retrain.export import export_onnx
+
+    export_onnx(args.model, args.weights, args.output)
+    LOG.info("QDQ ONNX model written to %s", args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amct-retrain", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="deploy caffemodel (model_deploy_weights.caffemodel)")
     p.add_argument("--iterations", type=int, default=1, help="batches to run from the data layers (default %(default)s)")
     p.set_defaults(run=_reference)
+
+    p = steps.add_parser("export-onnx", help="write a deploy model as a QuantizeLinear/DequantizeLinear ONNX model")
+    p.add_argument("--model", required=True, help="deploy prototxt (model_deploy_model.prototxt)")
+    p.add_argument("--weights", required=True, help="deploy caffemodel (model_deploy_weights.caffemodel)")
+    p.add_argument("--output", required=True, help="ONNX file to write")
+    p.set_defaults(run=_export_onnx)
     return parser
 
 

@@ -5,7 +5,8 @@
 3. creates the retrain config and the quantization-aware model (amct_retrain API);
 4. measures the fake-quant model before retraining (clips from IFMR on the first batch);
 5. retrains with a generated solver through `caffe train -weights`;
-6. saves the fake-quant and deploy models and prints float vs INT8 accuracy.
+6. saves the fake-quant and deploy models, runs the deploy model with the integer reference
+   executor and, exported to ONNX, in onnxruntime, and prints every accuracy.
 """
 import argparse
 import logging
@@ -21,8 +22,12 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
+import onnxruntime  # noqa: E402
+
 import amct_retrain  # noqa: E402
 from amct_retrain import solver as amct_solver  # noqa: E402
+from amct_retrain.export import export_onnx  # noqa: E402
+from amct_retrain.reference import ReferenceExecutor  # noqa: E402
 
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
 NET = """name: "digits_lenet"
@@ -125,12 +130,20 @@ def run(out: pathlib.Path, float_iters: int = 600, retrain_iters: int = 300) -> 
     retrained = out / f"retrained_iter_{retrain_iters}.caffemodel"
     save_path = out / "result" / "digits"
     amct_retrain.save_quant_retrain_model(str(retrain_model), str(retrained), "Both", str(save_path), str(record))
+    deploy_model, deploy_weights = f"{save_path}_deploy_model.prototxt", f"{save_path}_deploy_weights.caffemodel"
+    onnx_file = f"{save_path}_int8.onnx"
+    export_onnx(deploy_model, deploy_weights, onnx_file)
+    with h5py.File(out / "test.h5") as f:
+        x_test, y_test = f["data"][...], f["label"][...]
+    logits = onnxruntime.InferenceSession(onnx_file).run(["ip2"], {"data": x_test})[0]
     return {
         "float": test_accuracy(float_model, float_weights),
         "INT8 fake-quant, before retraining": test_accuracy(f"{before_path}_fake_quant_model.prototxt",
                                                             f"{before_path}_fake_quant_weights.caffemodel"),
         "INT8 fake-quant, retrained": test_accuracy(f"{save_path}_fake_quant_model.prototxt",
                                                     f"{save_path}_fake_quant_weights.caffemodel"),
+        "INT8 deploy, integer executor": float(ReferenceExecutor(deploy_model, deploy_weights).forward()["accuracy"]),
+        "INT8 ONNX QDQ, onnxruntime": float(np.mean(logits.argmax(axis=1) == y_test)),
     }
 
 
@@ -143,9 +156,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = pathlib.Path(args.out).resolve()
     accuracies = run(out, args.float_iters, args.retrain_iters)
-    print(f"\n{'model':<36}{'test accuracy':>14}")
+    print(f"\n{'model':<38}{'test accuracy':>14}")
     for label, acc in accuracies.items():
-        print(f"{label:<36}{acc:>14.4f}")
+        print(f"{label:<38}{acc:>14.4f}")
     print(f"\nfake-quant and deploy models: {out / 'result'}; logs, record and solver: {out}")
 
 

@@ -20,6 +20,9 @@ def test_digits_retrained_int8_within_one_point_of_float(tmp_path):
     assert acc["float"] > 0.9, f"the float model did not learn the digits: {acc}"
     loss = acc["float"] - acc["INT8 fake-quant, retrained"]
     assert loss <= 0.01, f"retrained INT8 loses {loss:.4f} (more than 1 point): {acc}"
+    for integer in ("INT8 deploy, integer executor", "INT8 ONNX QDQ, onnxruntime"):
+        assert abs(acc[integer] - acc["INT8 fake-quant, retrained"]) <= 0.005, \
+            f"{integer} disagrees with the fake-quant model: {acc}"
     records = record.read_record(tmp_path / "record.txt")
     assert set(records) == {"conv1", "conv2", "ip1", "ip2"} and all(
         record.layer_record_complete(r) for r in records.values()), f"incomplete record: {records}"
@@ -43,8 +46,11 @@ def test_cli_runs_the_steps_and_reports_bad_input(tmp_path):
     fake = caffe.Net(str(tmp_path / "result" / "m_fake_quant_model.prototxt"), caffe.TEST,
                      weights=str(tmp_path / "result" / "m_fake_quant_weights.caffemodel"))
     assert np.isfinite(fake.forward()["loss"]), "the saved fake-quant model does not run"
-    assert cli.main(["reference", "--model", str(tmp_path / "result" / "m_deploy_model.prototxt"),
-                     "--weights", str(tmp_path / "result" / "m_deploy_weights.caffemodel")]) == 0
+    deploy = ["--model", str(tmp_path / "result" / "m_deploy_model.prototxt"),
+              "--weights", str(tmp_path / "result" / "m_deploy_weights.caffemodel")]
+    assert cli.main(["reference", *deploy]) == 0
+    assert cli.main(["export-onnx", *deploy, "--output", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0, "export-onnx wrote nothing"
     # Bad input: an error line naming the file, exit code 2, no traceback.
     code = cli.main(["save", "--model", str(model), "--weights", str(weights), "--save-path", str(tmp_path / "x")])
     assert code == 2, "saving a model that was never made quantization-aware must fail"
@@ -54,5 +60,5 @@ def test_console_script_help_lists_the_steps():
     script = os.path.join(os.path.dirname(sys.executable), "amct-retrain")
     run = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    for step in ("config", "prepare", "train", "save", "reference"):
+    for step in ("config", "prepare", "train", "save", "reference", "export-onnx"):
         assert step in run.stdout, f"--help does not mention the {step} step:\n{run.stdout}"

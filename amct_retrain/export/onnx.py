@@ -39,12 +39,9 @@ scale_w):
   weight and bias scales' last bits do not reach the output.
 """
 import functools
-import json
 import logging
 import os
 import struct
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -295,16 +292,10 @@ def probe_input_shapes(net: caffe_pb2.NetParameter, model_file: str) -> dict[str
         with open(path, "w") as f:
             f.write(text_format.MessageToString(probe))
         # The data layers' relative sources resolve against the working directory, as in Caffe.
-        run = subprocess.run([sys.executable, "-c", _PROBE, path], capture_output=True, text=True,
-                             env=dict(os.environ, GLOG_minloglevel="2"))
-    for line in run.stdout.splitlines():
-        if line.startswith("AMCT_SHAPES "):
-            return {k: tuple(v) for k, v in json.loads(line[len("AMCT_SHAPES "):]).items()}
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
-    fatal = [ln.split("] ", 1)[-1] for ln in lines if ln.startswith(("F", "E")) and "] " in ln]
-    reason = (fatal or lines[-1:] or ["no output"])[0]
-    raise ModelError(f"{model_file}: Caffe cannot set up the TEST-phase data layers ({reason}); "
-                     "pass input_shapes to export without them")
+        shapes = model_io.run_caffe_child(
+            _PROBE, [path], "AMCT_SHAPES", f"{model_file}: Caffe cannot set up the TEST-phase data layers "
+                                           "(pass input_shapes to export without them)")
+    return {k: tuple(v) for k, v in shapes.items()}
 
 
 def _input_shapes(net: caffe_pb2.NetParameter, inputs: Sequence[str], model_file: str,

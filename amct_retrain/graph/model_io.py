@@ -158,22 +158,30 @@ print("AMCT_PROBE " + json.dumps(shapes))
 """
 
 
+def run_caffe_child(script: str, args: list[str], marker: str, failure: str) -> object:
+    """Run ``script`` (Python that builds Caffe nets) in a child process and return the JSON it
+    prints after ``marker``. If Caffe aborts the child (a CHECK failed), raise ModelError
+    ``failure: <Caffe's fatal message>`` instead of losing this interpreter.
+    """
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         env=dict(os.environ, GLOG_minloglevel="2"))
+    for line in run.stdout.splitlines():
+        if line.startswith(marker + " "):
+            return json.loads(line[len(marker) + 1:])
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    fatal = [ln.split("] ", 1)[-1] for ln in lines if ln.startswith(("F", "E")) and "] " in ln]
+    raise ModelError(f"{failure}: {(fatal or lines[-1:] or ['no output'])[0]}")
+
+
 def probe_param_shapes(model_file: str | os.PathLike) -> dict[str, list[tuple[int, ...]]]:
     """The parameter blob shapes Caffe gives each layer of ``model_file`` (TRAIN and TEST nets).
 
     Runs in a child process, so a model that trips one of Caffe's CHECKs becomes a
     ModelError carrying Caffe's own message instead of killing this interpreter.
     """
-    env = dict(os.environ, GLOG_minloglevel="2")
-    run = subprocess.run([sys.executable, "-c", _PROBE, os.fspath(model_file)],
-                         capture_output=True, text=True, env=env)
-    for line in run.stdout.splitlines():
-        if line.startswith("AMCT_PROBE "):
-            return {k: [tuple(s) for s in v] for k, v in json.loads(line[len("AMCT_PROBE "):]).items()}
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
-    fatal = [ln.split("] ", 1)[-1] for ln in lines if ln.startswith(("F", "E")) and "] " in ln]
-    reason = (fatal or lines[-1:] or ["no output"])[0]
-    raise ModelError(f"{model_file}: Caffe cannot build this net: {reason}")
+    shapes = run_caffe_child(_PROBE, [os.fspath(model_file)], "AMCT_PROBE",
+                             f"{model_file}: Caffe cannot build this net")
+    return {k: [tuple(s) for s in v] for k, v in shapes.items()}
 
 
 def check_weights_match(model_file: str | os.PathLike, weights_file: str | os.PathLike,
