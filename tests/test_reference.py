@@ -67,3 +67,16 @@ def test_grouped_and_biasless_layers_match_fake_quant_within_one_step(retrained)
     worst = parity_in_output_steps(fake, reference.net, info, record.read_record(retrained["record"]))
     assert set(worst) == set(nets.QUANTIZED) and max(worst.values()) <= 1.0, \
         f"largest difference in output steps per layer: {worst}"
+
+
+def test_deploy_dequant_without_shift_bit_is_an_error_naming_the_layer(digits, tmp_path):
+    _, _, files = digits
+    net = caffe_pb2.NetParameter.FromString(open(files["deploy_weights"], "rb").read())
+    dequant = next(layer for layer in net.layer if layer.name == "ip2_dequant_layer")
+    packed = np.array(dequant.blobs[0].uint64_data, np.uint64) & np.uint64(0xFFFFFFFF)  # shift_bit bits cleared
+    del dequant.blobs[0].uint64_data[:]
+    dequant.blobs[0].uint64_data.extend(packed.tolist())
+    bad = tmp_path / "no_shift.caffemodel"
+    bad.write_bytes(net.SerializeToString())
+    with pytest.raises(ModelError, match="ip2_dequant_layer.*shift_bit"):
+        ReferenceExecutor(files["deploy_model"], str(bad))
