@@ -13,15 +13,19 @@ def _temp_path(path: str) -> str:
     return os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
 
 
-def _write_temp(path: str, data: bytes | str) -> str:
-    """Write ``data`` to a fresh temp file beside ``path`` (created folder included), fsynced."""
+def _write_temp(path: str, data: bytes | str | list[bytes | memoryview]) -> str:
+    """Write ``data`` (text, bytes, or byte chunks written in turn) to a fresh temp file beside
+    ``path`` (created folder included), fsynced."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _temp_path(path)
     # os.open with 0o666 honours the umask, unlike mkstemp's 0o600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if isinstance(data, list):
+                f.writelines(data)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):
@@ -55,7 +59,7 @@ class StagedOutputs:
     def __init__(self) -> None:
         self._staged: list[tuple[str, str]] = []
 
-    def write(self, path: str | os.PathLike, data: bytes | str) -> None:
+    def write(self, path: str | os.PathLike, data: bytes | str | list[bytes | memoryview]) -> None:
         path = os.fspath(path)
         try:
             self._staged.append((_write_temp(path, data), path))

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -193,11 +194,57 @@ def layer_record_complete(rec: SingleLayerRecord) -> bool:
 # --------------------------------------------------------------------------- internals
 
 
+# The plain shape every record file has ("record { key: "x" value { field: number ... } }"),
+# parsed without protobuf's pure-Python text parser, which takes seconds for a ResNet's
+# per-channel scales. Anything else (comments, other syntax, errors) goes to text_format.
+_TOKEN = re.compile(r'\s*(?:(record|key|value)\s*(?=[:{])|([a-z_]+)\s*:\s*([-+0-9.eE]+|true|false)\b|'
+                    r'(\{)|(\})|:\s*"((?:[^"\\\n])*)")')
+
+
+def _parse_plain(text: str) -> ScaleOffsetRecord | None:
+    msg, entry, pos, depth = ScaleOffsetRecord(), None, 0, 0
+    fields = SingleLayerRecord.DESCRIPTOR.fields_by_name
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            return None if text[pos:].strip() else msg
+        pos = m.end()
+        word, field, number, opening, closing, key = m.groups()
+        if word == "record" and depth == 0:
+            entry = msg.record.add()
+        elif word in ("key", "value"):
+            continue
+        elif opening:
+            depth += 1
+        elif closing:
+            depth -= 1
+        elif key is not None and entry is not None and depth == 1:
+            entry.key = key
+        elif field in fields and depth == 2:
+            desc = fields[field]
+            value = (number == "true") if desc.type == desc.TYPE_BOOL else (
+                float(number) if desc.type == desc.TYPE_FLOAT else int(number))
+            target = getattr(entry.value, field)
+            if isinstance(target, (int, float, bool)):
+                setattr(entry.value, field, value)
+            else:
+                target.append(value)
+        else:
+            return None
+    return msg if depth == 0 else None
+
+
 def _read(path: str, missing_ok: bool) -> dict[str, SingleLayerRecord]:
     if missing_ok and not os.path.exists(path):
         return {}
-    msg = ScaleOffsetRecord()
-    parse_text_proto(path, read_text_file(path, "record file", RecordFileError), msg, RecordFileError)
+    text = read_text_file(path, "record file", RecordFileError)
+    try:
+        msg = _parse_plain(text)
+    except (ValueError, TypeError):
+        msg = None
+    if msg is None:
+        msg = ScaleOffsetRecord()
+        parse_text_proto(path, text, msg, RecordFileError)
 
     records: dict[str, SingleLayerRecord] = {}
     for i, entry in enumerate(msg.record):

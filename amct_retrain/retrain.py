@@ -84,7 +84,7 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     blobs = retrain_weights(params, retrain_config, owners, model_file)
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
-        out.write(modified_weights_file, model_io.caffemodel_bytes(modified.name, blobs))
+        out.write(modified_weights_file, model_io.caffemodel_chunks(modified.name, blobs))
         out.write(record_file, record.format_record(skip_fusion))
     LOG.info("quantization-aware model with %d quantized layers written to %s and %s",
              len(retrain_config.layers), modified_model_file, modified_weights_file)

@@ -127,10 +127,10 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     with staged_outputs() as out:
         if save_type in ("Fakequant", "Both"):
             out.write(outputs["fake_quant_model"], text_format.MessageToString(fake_quant_net(float_net, factors)))
-            out.write(outputs["fake_quant_weights"], model_io.caffemodel_bytes(net.name, fake_params))
+            out.write(outputs["fake_quant_weights"], model_io.caffemodel_chunks(net.name, fake_params))
         if save_type in ("Deploy", "Both"):
             out.write(outputs["deploy_model"], text_format.MessageToString(deploy_net(float_net, factors)))
-            out.write(outputs["deploy_weights"], model_io.caffemodel_bytes(net.name, deploy_params))
+            out.write(outputs["deploy_weights"], model_io.caffemodel_chunks(net.name, deploy_params))
         out.write(outputs["quant_info"], json.dumps(info, indent=2))
     LOG.info("saved %s model(s) of %d quantized layers under %s", save_type, len(quantized), save_path)
 

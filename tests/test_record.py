@@ -8,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from google.protobuf import text_format
+
 from amct_retrain import record
 from amct_retrain.record import (
     RecordFileError,
@@ -233,3 +235,21 @@ def test_failed_replace_keeps_old_content_and_no_temp_files(tmp_path, monkeypatc
         create_empty_record(p)
     assert p.read_bytes() == before, "failed write changed the record file"
     assert sorted(os.listdir(tmp_path)) == listing, f"stray files after failed write: {os.listdir(tmp_path)}"
+
+
+def test_plain_parser_agrees_with_text_format_on_written_records():
+    """The fast path must read exactly what text_format reads, for every file write_record makes."""
+    rng = np.random.default_rng(5)
+    records = {f"layer{i}": SingleLayerRecord(
+        scale_d=float(np.float32(rng.uniform(1e-4, 1))), offset_d=int(rng.integers(-128, 128)),
+        scale_w=[float(v) for v in rng.uniform(1e-5, 1e-2, 7).astype(np.float32)], offset_w=[0] * 7,
+        shift_bit=[int(v) for v in rng.integers(1, 17, 7)], channels=3, skip_fusion=bool(i % 2))
+        for i in range(5)}
+    text = record.format_record(records)
+    fast = record._parse_plain(text)
+    assert fast is not None, "the plain parser gave up on a file write_record wrote"
+    slow = record.ScaleOffsetRecord()
+    text_format.Parse(text, slow)
+    assert fast == slow, "the plain parser reads a record differently from text_format"
+    assert record._parse_plain(text.replace("scale_d", "# a comment\n  scale_d", 1)) is None, \
+        "a file with a comment must go to text_format"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 
 import numpy as np
 from caffe.proto import caffe_pb2
@@ -62,7 +63,36 @@ def _upgraded(path: str) -> caffe_pb2.NetParameter:
     return net
 
 
-def read_caffemodel(weights_file: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+class CaffemodelParams(Mapping):
+    """Layer name -> float32 arrays in blob order, converted from the parsed caffemodel on
+    first access (a retrained model holds two copies of every quantized weight, and a saver
+    needs one)."""
+
+    def __init__(self, net: caffe_pb2.NetParameter, source: str) -> None:
+        self._source = source
+        self._layers = {}
+        for layer in list(net.layer) + list(net.layers):  # `layers`: V1 definitions
+            if layer.blobs and layer.name not in self._layers:
+                self._layers[layer.name] = layer
+        self._arrays: dict[str, list[np.ndarray]] = {}
+
+    def __getitem__(self, name: str) -> list[np.ndarray]:
+        if name not in self._arrays:
+            layer = self._layers[name]
+            self._arrays[name] = [blob_to_array(b, self._source, name) for b in layer.blobs]
+        return self._arrays[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._layers  # without converting the layer's blobs
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
+def read_caffemodel(weights_file: str | os.PathLike) -> CaffemodelParams:
     """The blobs of every layer of a caffemodel: layer name -> float32 arrays in blob order."""
     try:
         with open(weights_file, "rb") as f:
@@ -73,11 +103,7 @@ def read_caffemodel(weights_file: str | os.PathLike) -> dict[str, list[np.ndarra
         net = caffe_pb2.NetParameter.FromString(data)
     except DecodeError as err:
         raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
-    params: dict[str, list[np.ndarray]] = {}
-    for layer in list(net.layer) + list(net.layers):  # `layers`: V1 definitions
-        if layer.blobs and layer.name not in params:
-            params[layer.name] = [blob_to_array(b, weights_file, layer.name) for b in layer.blobs]
-    return params
+    return CaffemodelParams(net, os.fspath(weights_file))
 
 
 def blob_to_array(blob: caffe_pb2.BlobProto, source: str | os.PathLike = "", layer: str = "") -> np.ndarray:
@@ -106,16 +132,21 @@ def length_delimited_field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def array_to_blob(array: np.ndarray) -> caffe_pb2.BlobProto:
-    """A float32 BlobProto of ``array``'s shape and values.
-
-    Encoded by hand (shape = field 7, packed data = field 5) and parsed back: protobuf's
-    ``extend`` from numpy takes seconds for a ResNet-50-sized layer, this takes milliseconds.
-    """
+def _float_blob_chunks(array: np.ndarray) -> list[bytes | memoryview]:
+    # BlobProto: shape (field 7: BlobShape.dim, field 1, packed) and packed float data (field 5);
+    # the data goes out as a view of the array, never copied into a bytes object.
     a = np.ascontiguousarray(array, dtype="<f4")
-    shape = b"".join(_varint(d) for d in a.shape)
-    payload = length_delimited_field(7, length_delimited_field(1, shape)) + length_delimited_field(5, a.tobytes())
-    return caffe_pb2.BlobProto.FromString(payload)
+    shape = length_delimited_field(7, length_delimited_field(1, b"".join(_varint(d) for d in a.shape)))
+    return [shape, _varint(5 << 3 | 2) + _varint(a.nbytes), memoryview(a).cast("B")]
+
+
+def _float_blob_bytes(array: np.ndarray) -> bytes:
+    return b"".join(_float_blob_chunks(array))
+
+
+def array_to_blob(array: np.ndarray) -> caffe_pb2.BlobProto:
+    """A float32 BlobProto of ``array``'s shape and values."""
+    return caffe_pb2.BlobProto.FromString(_float_blob_bytes(array))
 
 
 def integer_blob(array: np.ndarray) -> caffe_pb2.BlobProto:
@@ -134,26 +165,56 @@ def integer_blob(array: np.ndarray) -> caffe_pb2.BlobProto:
     return blob
 
 
-def caffemodel_bytes(name: str, params: dict[str, list[np.ndarray]]) -> bytes:
-    """A caffemodel (binary NetParameter) holding ``params`` (layer name -> blobs): float
-    arrays become float blobs, int8 / int32 / uint64 arrays deploy blobs."""
-    net = caffe_pb2.NetParameter(name=name)
+def caffemodel_chunks(name: str, params: Mapping[str, list[np.ndarray]]) -> list[bytes | memoryview]:
+    """A caffemodel (binary NetParameter) holding ``params`` (layer name -> blobs), as chunks to
+    write one after the other: float arrays become float blobs, int8 / int32 / uint64 arrays
+    deploy blobs.
+
+    Encoded field by field (NetParameter.name = 1, .layer = 100; LayerParameter.name = 1,
+    .blobs = 7) with the weights as views of the arrays: building protobuf messages and
+    serializing them copies a ResNet-50's 100 MB three times.
+    """
+    chunks: list[bytes | memoryview] = [length_delimited_field(1, name.encode())]
     for layer_name, blobs in params.items():
-        layer = net.layer.add(name=layer_name)
+        layer = [length_delimited_field(1, layer_name.encode())]
         for array in blobs:
-            floating = np.issubdtype(array.dtype, np.floating)
-            layer.blobs.add().CopyFrom(array_to_blob(array) if floating else integer_blob(array))
-    return net.SerializeToString()
+            if np.issubdtype(array.dtype, np.floating):
+                blob = _float_blob_chunks(array)
+            else:
+                blob = [integer_blob(array).SerializeToString()]
+            layer += [_varint(7 << 3 | 2) + _varint(sum(len(c) for c in blob)), *blob]
+        chunks += [_varint(100 << 3 | 2) + _varint(sum(len(c) for c in layer)), *layer]
+    return chunks
+
+
+def caffemodel_bytes(name: str, params: Mapping[str, list[np.ndarray]]) -> bytes:
+    """:func:`caffemodel_chunks` joined into one bytes object."""
+    return b"".join(caffemodel_chunks(name, params))
 
 
 _PROBE = """
-import json, sys, caffe
+import json, os, sys, tempfile
+import caffe
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
 caffe.set_mode_cpu()
+# Shapes only: without fillers (constant 0) Caffe does not spend seconds drawing random weights.
+net = text_format.Parse(open(sys.argv[1]).read(), caffe_pb2.NetParameter())
+for layer in net.layer:
+    for field, value in layer.ListFields():
+        if hasattr(value, "DESCRIPTOR"):  # a (non-repeated) sub-message such as convolution_param
+            for filler in ("weight_filler", "bias_filler", "filler"):
+                if filler in value.DESCRIPTOR.fields_by_name:
+                    value.ClearField(filler)
+with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+    f.write(text_format.MessageToString(net))
 shapes = {}
-for phase in (caffe.TRAIN, caffe.TEST):
-    net = caffe.Net(sys.argv[1], phase)
-    for name, blobs in net.params.items():
-        shapes.setdefault(name, [list(b.data.shape) for b in blobs])
+try:
+    for phase in (caffe.TRAIN, caffe.TEST):
+        for name, blobs in caffe.Net(f.name, phase).params.items():
+            shapes.setdefault(name, [list(b.data.shape) for b in blobs])
+finally:
+    os.unlink(f.name)
 print("AMCT_PROBE " + json.dumps(shapes))
 """
 
