@@ -137,13 +137,29 @@ def _conv_filter_is_4d(layer: caffe_pb2.LayerParameter) -> bool:
     return all(len(field) <= 2 for field in (p.kernel_size, p.pad, p.stride, p.dilation))
 
 
+_FILTER_4D = Constraint("filter is not 4-D (only 2-D convolutions are quantizable)", _conv_filter_is_4d)
+
 QUANTIZABLE_RULES: dict[str, QuantRule] = {
     "Convolution": QuantRule(
         layer_type="Convolution",
-        constraints=(Constraint("filter is not 4-D (only 2-D convolutions are quantizable)", _conv_filter_is_4d),),
+        constraints=(_FILTER_4D,),
         channel_wise_allowed=True,
         channel_wise_default=True,
         channel_axis=0,
+    ),
+    # Weights (C_in, C_out/group, kh, kw): the output channels are axis 1.  The constraints are
+    # the target's (contract section 4); with groups, axis 1 would hold only C_out/group channels.
+    "Deconvolution": QuantRule(
+        layer_type="Deconvolution",
+        constraints=(
+            Constraint("convolution_param.group must be 1", lambda l: l.convolution_param.group == 1),
+            Constraint("convolution_param.dilation must be 1",
+                       lambda l: all(d == 1 for d in l.convolution_param.dilation)),
+            _FILTER_4D,
+        ),
+        channel_wise_allowed=True,
+        channel_wise_default=True,
+        channel_axis=1,
     ),
     "InnerProduct": QuantRule(
         layer_type="InnerProduct",

@@ -1,10 +1,10 @@
 """Integer reference executor of deploy models: what the target computes, run on this machine.
 
-Every ``Quant -> quantized layer -> DeQuant`` triple of a deploy model becomes one
-``IntegerLayer`` (layers/integer.py): the Quant layer's scale and offset make int8 codes, int8
-x int8 products accumulate with the int32 bias, the accumulator is shifted by the channel's
-shift_bit into int16 and dequantized with the unpacked deq_scale. Everything else runs in
-Caffe, in float, as the deploy model says.
+Every ``Quant -> Convolution/Deconvolution/InnerProduct -> DeQuant`` triple of a deploy model
+becomes one ``IntegerLayer`` (layers/integer.py): the Quant layer's scale and offset make int8
+codes, int8 x int8 products accumulate with the int32 bias, the accumulator is shifted by the
+channel's shift_bit into int16 and dequantized with the unpacked deq_scale. Everything else runs
+in Caffe, in float, as the deploy model says.
 """
 import os
 import struct
@@ -16,13 +16,14 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
+from amct_retrain.config import quantizable_layers
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.graph.model_io import ModelError
 
 INTEGER_TYPE = ("integer", "IntegerLayer")
-QUANTIZED_TYPES = ("Convolution", "InnerProduct")
+QUANTIZED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,17 @@ def integer_params(deploy: dict[str, list[caffe_pb2.BlobProto]], layer: str, deq
     return IntegerParams(weights, bias, deq, shift_bit.astype(np.int64))
 
 
+def check_quantized_layer(layer: caffe_pb2.LayerParameter, source: str) -> None:
+    """Refuse a deploy model's quantized layer that breaks a constraint of its type (a grouped
+    Deconvolution, a transposed InnerProduct, ...): the integer arithmetic here and in the ONNX
+    export is written for the layers the quantization rules admit, and nothing else.
+    ``source`` names the deploy file in the message."""
+    _, broken = quantizable_layers(caffe_pb2.NetParameter(layer=[layer]))
+    if layer.name in broken:
+        raise ModelError(f"{source}: quantized layer '{layer.name}' ({layer.type}) cannot be "
+                         f"quantized: {broken[layer.name]}")
+
+
 def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
     """Every layer's raw blobs of a deploy caffemodel (int8/int32/uint64 fields kept)."""
     try:
@@ -95,10 +107,12 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
             raise ModelError(f"{weights_file}: Quant layer '{quant.name}' is not followed by a quantized "
                              f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
         layer, dequant = layers[i + 1], layers[i + 2]
-        integer_params(deploy, layer.name, dequant.name, weights_file)  # validate now, not inside Caffe
-        geometry = conv_geometry(layer).__dict__ if layer.type == "Convolution" else None
+        check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
+        integer_params(deploy, layer.name, dequant.name, weights_file)
+        geometry = conv_geometry(layer).__dict__ if layer.type != "InnerProduct" else None
         integer = ql.python_layer(f"{layer.name}_integer", INTEGER_TYPE, quant.bottom[0], dequant.top[0], {
-            "layer": layer.name, "dequant": dequant.name, "weights_file": os.path.abspath(weights_file),
+            "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
+            "weights_file": os.path.abspath(weights_file),
             "quant_scale": float(quant.quant_param.scale),
             "quant_offset": struct.unpack("b", quant.quant_param.offset)[0], "conv": geometry})
         integer.include.extend(layer.include)

@@ -1,4 +1,4 @@
-"""IntegerLayer: a deploy model's Quant -> Convolution/InnerProduct -> DeQuant, in integers."""
+"""IntegerLayer: a deploy model's Quant -> Convolution/Deconvolution/InnerProduct -> DeQuant, in integers."""
 import functools
 
 import caffe
@@ -6,12 +6,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from amct_retrain import numerics
+from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.reference import integer_params, read_deploy_blobs
 from amct_retrain_layers.params import NUMBER, Key, parse_param_str
 
 PARAMS = {
     "name": Key((str,), required=True),
     "layer": Key((str,), required=True),
+    "layer_type": Key((str,), required=True),
     "dequant": Key((str,), required=True),
     "weights_file": Key((str,), required=True),
     "quant_scale": Key(NUMBER, required=True),
@@ -46,13 +48,43 @@ def _conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     return out
 
 
+def _deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
+    """Integer transposed convolution (Caffe's Deconvolution, group 1) of x (N, C, H, W) by
+    w (C, M, KH, KW), both integer-valued float64, as Caffe computes it: one matmul gives every
+    input pixel's contribution to every kernel tap, col2im adds each tap's contributions into
+    the output at stride steps, and the pad is cropped from both borders. Exact as in
+    ``_conv_accumulate``: integer float64 sums."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
+    n, c, h, wd = x.shape
+    m = w.shape[1]
+    taps = (x.transpose(0, 2, 3, 1).reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, m, kh, kw)
+    taps = taps.transpose(0, 3, 4, 5, 1, 2)                    # (N, M, KH, KW, H, W)
+    full = np.zeros((n, m, sh * (h - 1) + dh * (kh - 1) + 1, sw * (wd - 1) + dw * (kw - 1) + 1))
+    for i in range(kh):
+        for j in range(kw):
+            full[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (wd - 1) + 1:sw] += taps[:, :, i, j]
+    return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
+
+
+def _output_hw(in_hw: tuple[int, ...], g: dict, transposed: bool) -> list[int]:
+    """Caffe's output height and width of a Convolution, or of a Deconvolution (transposed)."""
+    out = []
+    for size, pad, k, d, stride in zip(in_hw, g["pad"], g["kernel"], g["dilation"], g["stride"]):
+        extent = (k - 1) * d + 1
+        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
+    return out
+
+
 class IntegerLayer(caffe.Layer):
-    """Quant (x * quant_scale + offset -> int8), integer Convolution / InnerProduct with the
-    int32 bias, shift-N into int16, DeQuant (t * deq * 2^N): the target's arithmetic."""
+    """Quant (x * quant_scale + offset -> int8), integer Convolution / Deconvolution /
+    InnerProduct with the int32 bias, shift-N into int16, DeQuant (t * deq * 2^N): the target's
+    arithmetic."""
 
     def setup(self, bottom, top):
         p = parse_param_str(self.param_str, PARAMS, "IntegerLayer")
         self.layer_name, self.geometry = p["layer"], p["conv"]
+        self.transposed = p["layer_type"] == "Deconvolution"
+        self.channel_axis = QUANTIZABLE_RULES[p["layer_type"]].channel_axis  # the output channels' weight axis
         self.quant_scale, self.quant_offset = np.float32(p["quant_scale"]), p["quant_offset"]
         params = integer_params(_deploy_blobs(p["weights_file"]), p["layer"], p["dequant"], p["weights_file"])
         self.weights = params.weights.astype(np.float64)
@@ -60,13 +92,11 @@ class IntegerLayer(caffe.Layer):
 
     def reshape(self, bottom, top):
         x = bottom[0].data
+        channels = self.weights.shape[self.channel_axis]
         if self.geometry is None:
-            top[0].reshape(x.shape[0], self.weights.shape[0])
+            top[0].reshape(x.shape[0], channels)
         else:
-            g = self.geometry
-            out_hw = [(size + 2 * pad - (k - 1) * d - 1) // stride + 1 for size, pad, k, d, stride
-                      in zip(x.shape[2:], g["pad"], g["kernel"], g["dilation"], g["stride"])]
-            top[0].reshape(x.shape[0], self.weights.shape[0], *out_hw)
+            top[0].reshape(x.shape[0], channels, *_output_hw(x.shape[2:], self.geometry, self.transposed))
 
     def forward(self, bottom, top):
         x = bottom[0].data
@@ -75,6 +105,8 @@ class IntegerLayer(caffe.Layer):
         xi = q.astype(np.float64) - self.quant_offset
         if self.geometry is None:
             acc = xi.reshape(xi.shape[0], -1) @ self.weights.reshape(self.weights.shape[0], -1).T
+        elif self.transposed:
+            acc = _deconv_accumulate(xi, self.weights, self.geometry)
         else:
             acc = _conv_accumulate(xi, self.weights, self.geometry)
         acc += self.bias.reshape((1, -1) + (1,) * (acc.ndim - 2))

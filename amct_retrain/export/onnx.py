@@ -1,10 +1,11 @@
 """QDQ ONNX export of a deploy model (contract section 3), run by onnxruntime on the CPU.
 
-Each ``Quant -> Convolution/InnerProduct -> DeQuant`` triple of the deploy model becomes (an
-InnerProduct's input flattened to 2-D first, so that DequantizeLinear feeds Gemm directly)::
+Each ``Quant -> Convolution/Deconvolution/InnerProduct -> DeQuant`` triple of the deploy model
+becomes (an InnerProduct's input flattened to 2-D first, so that DequantizeLinear feeds Gemm
+directly; the weight axis is 1 for a Deconvolution, whose weights are (C_in, C_out, kh, kw))::
 
     x ---------> QuantizeLinear(scale_d, offset_d: int8) -> DequantizeLinear --+
-    int8 weights -> DequantizeLinear(scale_w[c], 0, axis 0) ------------------+-> Conv / Gemm -> y
+    int8 weights -> DequantizeLinear(scale_w[c], 0, axis 0 or 1) -------------+-> Conv / ConvTranspose / Gemm -> y
     int32 bias ---> DequantizeLinear(deq[c], 0, axis 0) ----------------------+
     y -> Div(deq[c]) -> Round -> QuantizeLinear(2^N[c], 0: int16, axis 1)
       -> DequantizeLinear(deq[c] * 2^N[c], 0: int16, axis 1)
@@ -54,6 +55,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from amct_retrain import numerics, reference
+from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.fileio import atomic_write
 from amct_retrain.graph import model_io
 from amct_retrain.graph.caffe_params import conv_geometry
@@ -222,6 +224,7 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
             if len(triple) < 3 or triple[1].type not in reference.QUANTIZED_TYPES or triple[2].type != "DeQuant":
                 raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
                                  f"{'/'.join(reference.QUANTIZED_TYPES)} layer and a DeQuant layer")
+            reference.check_quantized_layer(triple[1], model_file)
             units.append(_check_wiring(_QuantizedLayer(*triple), model_file))
             i += 3
             continue
@@ -231,7 +234,7 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         if layer.type not in DATA_TYPES | OUTPUT_TYPES and layer.type not in FLOAT_CONVERTERS:
             raise ModelError(f"{model_file}: layer '{layer.name}' has type '{layer.type}', which the ONNX export "
                              f"does not support (supported: {', '.join(sorted(FLOAT_CONVERTERS))}, "
-                             "Quant/DeQuant around Convolution/InnerProduct, data and loss layers)")
+                             f"Quant/DeQuant around {'/'.join(reference.QUANTIZED_TYPES)}, data and loss layers)")
         units.append(layer)
         i += 1
     return units
@@ -579,9 +582,9 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
     ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file)
     _blob_count(g, layer, deploy[layer.name], 1 + _bias_term(layer))
     _check_weight_shape(g, layer, ints.weights.shape)
-    channels = ints.weights.shape[0]  # Convolution and InnerProduct (transpose false): axis 0
-    if layer.type == "InnerProduct" and layer.inner_product_param.transpose:
-        raise ModelError(f"{g.where(layer)}: a quantized InnerProduct must have transpose false")
+    # The output channels' weight axis: 0, or 1 for a Deconvolution (group 1, checked in _plan).
+    axis = QUANTIZABLE_RULES[layer.type].channel_axis
+    channels = ints.weights.shape[axis]
     if ints.deq.size != channels:
         raise ModelError(f"{weights_file}: DeQuant layer '{q.dequant.name}' holds {ints.deq.size} deq_scale "
                          f"values for the {channels} output channels of '{layer.name}'")
@@ -606,7 +609,7 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
     g.scope = layer.name
     w_scale = _per_channel_or_scalar(scale_w)
     weights = g.op("DequantizeLinear", [g.const("weights_int8", ints.weights), g.const("weight_scale", w_scale),
-                                        g.const("weight_zero_point", np.zeros_like(w_scale, np.int8))], axis=0)
+                                        g.const("weight_zero_point", np.zeros_like(w_scale, np.int8))], axis=axis)
     bias = None
     if len(deploy[layer.name]) > 1:
         bias = g.op("DequantizeLinear", [g.const("bias_int32", ints.bias.astype(np.int32)),
