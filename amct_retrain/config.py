@@ -25,7 +25,7 @@ Design choices (not fixed by the contract):
   would make it impossible to send one layer back to IFMR initialisation (no clips)
   once the global block sets clips.  Data and weight blocks are resolved separately.
 * A global ``channel_wise: true`` applies only to layer types that allow per-channel
-  weights (Convolution); InnerProduct stays per-tensor.  Asking for ``channel_wise:
+  weights (Convolution, Deconvolution); InnerProduct stays per-tensor.  Asking for ``channel_wise:
   true`` on an InnerProduct *type* or *layer* override is an error.
 * A layer both skipped and overridden is skipped, with a warning.
 * ``log_dir`` is an optional top-level JSON key of ours (not written by the
