@@ -6,6 +6,7 @@ codes, int8 x int8 products accumulate with the int32 bias, the accumulator is s
 channel's shift_bit into int16 and dequantized with the unpacked deq_scale. Everything else runs
 in Caffe, in float, as the deploy model says.
 """
+import json
 import os
 import struct
 import tempfile
@@ -148,6 +149,23 @@ def parity_in_output_steps(fake, reference, quant_info: dict,
         step = output_steps(records[name]).reshape((1, -1) + (1,) * (y_fake.ndim - 2))
         worst[name] = float((np.abs(y_ref.astype(np.float64) - y_fake) / step).max())
     return worst
+
+
+def saved_model_parity(save_path: str, record_file: str) -> dict[str, float]:
+    """:func:`parity_in_output_steps` of the models ``save_quant_retrain_model`` (or the
+    calibration's ``save_model``) wrote under ``save_path``, on one batch of the fake-quant
+    model's own TEST data layers."""
+    import caffe
+
+    from amct_retrain.saver import output_files  # the saver's file names
+
+    files = output_files(save_path)
+    fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
+    fake.forward()
+    reference = ReferenceExecutor(files["deploy_model"], files["deploy_weights"])
+    with open(files["quant_info"], encoding="utf-8") as f:
+        info = json.load(f)["quantized_layers"]
+    return parity_in_output_steps(fake, reference.net, info, record.read_record(record_file))
 
 
 class ReferenceExecutor:

@@ -7,7 +7,6 @@ input, as a markdown table for docs/parity.md.
 
     .venv/bin/python bench/parity_report.py
 """
-import json
 import os
 import pathlib
 import sys
@@ -18,21 +17,10 @@ import caffe  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import amct_retrain  # noqa: E402
-from amct_retrain import record  # noqa: E402
 from amct_retrain import solver as amct_solver  # noqa: E402
-from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps  # noqa: E402
-from amct_retrain.saver import output_files  # noqa: E402
+from amct_retrain.reference import saved_model_parity  # noqa: E402
 from bench.qat_overhead import conv_net  # noqa: E402
 from samples import digits_demo  # noqa: E402
-
-
-def parity(save_path: pathlib.Path, record_file: pathlib.Path) -> dict[str, float]:
-    files = output_files(str(save_path))
-    fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
-    fake.forward()
-    reference = ReferenceExecutor(files["deploy_model"], files["deploy_weights"])
-    info = json.load(open(files["quant_info"]))["quantized_layers"]
-    return parity_in_output_steps(fake, reference.net, info, record.read_record(record_file))
 
 
 def conv5x64(out: pathlib.Path, iters: int = 5) -> dict[str, float]:
@@ -51,7 +39,7 @@ def conv5x64(out: pathlib.Path, iters: int = 5) -> dict[str, float]:
     save_path = out / "result" / "conv5x64"
     amct_retrain.save_quant_retrain_model(str(files["qat.prototxt"]), snapshot, "Both", str(save_path),
                                           str(files["record.txt"]))
-    return parity(save_path, files["record.txt"])
+    return saved_model_parity(str(save_path), str(files["record.txt"]))
 
 
 def main() -> None:
@@ -59,7 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
         digits_demo.run(out / "digits")
-        rows = {"digits LeNet (make demo)": parity(out / "digits" / "result" / "digits", out / "digits" / "record.txt"),
+        rows = {"digits LeNet (make demo)": saved_model_parity(str(out / "digits" / "result" / "digits"),
+                                                                str(out / "digits" / "record.txt")),
                 "5 conv x 64 ch, 32x32x3": conv5x64(out)}
     print("| model | layer | largest difference (output steps) |\n|---|---|---|")
     for model, layers in rows.items():

@@ -16,7 +16,7 @@ from amct_retrain.config import ConfigError
 from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
-from amct_retrain.reference import ReferenceExecutor, output_steps, parity_in_output_steps, read_deploy_blobs
+from amct_retrain.reference import ReferenceExecutor, output_steps, read_deploy_blobs, saved_model_parity
 from amct_retrain.saver import output_files
 from amct_retrain_layers.integer import _deconv_accumulate, _output_hw
 from tests import nets
@@ -67,7 +67,7 @@ def seg(tmp_path_factory):
     save_path = str(tmp / "result" / "seg")
     amct_retrain.save_quant_retrain_model(str(files["retrain_model"]), str(files["snapshot"]), "Both", save_path,
                                           str(files["record"]))
-    return {**files, **output_files(save_path)}
+    return {**files, "save_path": save_path, **output_files(save_path)}
 
 
 def test_config_quantizes_the_deconvolution_per_channel(seg):
@@ -127,15 +127,13 @@ def test_deploy_and_fake_quant_deconvolution_blobs_agree(seg):
 
 
 def test_integer_executor_matches_fake_quant_within_one_step(seg):
-    fake = caffe.Net(seg["fake_quant_model"], caffe.TEST, weights=seg["fake_quant_weights"])
-    reference = ReferenceExecutor(seg["deploy_model"], seg["deploy_weights"])
-    fake.forward()
-    info = json.load(open(seg["quant_info"]))["quantized_layers"]
-    worst = parity_in_output_steps(fake, reference.net, info, record.read_record(seg["record"]))
+    worst = saved_model_parity(seg["save_path"], str(seg["record"]))
     assert set(worst) == {"conv1", "deconv"} and max(worst.values()) <= 1.0, \
         f"largest difference in output steps per layer: {worst}"
-    assert reference.net.blobs["deconv"].data.shape == (BATCH, CLASSES, HW, HW), \
-        f"integer Deconvolution output shape {reference.net.blobs['deconv'].data.shape}"
+    reference = ReferenceExecutor(seg["deploy_model"], seg["deploy_weights"])
+    reference.forward()
+    shape = reference.net.blobs["deconv"].data.shape
+    assert shape == (BATCH, CLASSES, HW, HW), f"integer Deconvolution output shape {shape}"
 
 
 def test_onnx_export_runs_a_quantized_conv_transpose_like_the_fake_quant_model(seg):

@@ -8,7 +8,7 @@ from caffe.proto import caffe_pb2
 
 from amct_retrain import record
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
+from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps, saved_model_parity
 from amct_retrain.saver import output_files
 from samples import digits_demo
 from tests import nets
@@ -60,11 +60,7 @@ def test_deploy_blobs_that_contradict_the_record_are_errors_naming_the_layer(dig
 
 def test_grouped_and_biasless_layers_match_fake_quant_within_one_step(retrained):
     """The small test net: grouped conv without bias, conv with bias, InnerProduct."""
-    fake = caffe.Net(retrained["fake_quant_model"], caffe.TEST, weights=retrained["fake_quant_weights"])
-    reference = ReferenceExecutor(retrained["deploy_model"], retrained["deploy_weights"])
-    fake.forward()
-    info = json.load(open(retrained["quant_info"]))["quantized_layers"]
-    worst = parity_in_output_steps(fake, reference.net, info, record.read_record(retrained["record"]))
+    worst = saved_model_parity(retrained["save_path"], str(retrained["record"]))
     assert set(worst) == set(nets.QUANTIZED) and max(worst.values()) <= 1.0, \
         f"largest difference in output steps per layer: {worst}"
 
