@@ -11,7 +11,8 @@ from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import fuse_for_retraining
-from amct_retrain.graph.insert import activation_quantizer_owners, insert_quant_layers, weight_channel_axis
+from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, insert_quant_layers,
+                                       weight_channel_axis)
 
 LOG = logging.getLogger("amct_retrain")
 
@@ -27,8 +28,18 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
                     model_file: str) -> dict[str, list[np.ndarray]]:
     """The modified model's blobs: the float ones, plus for each quantized layer its ULQ clips
     and clip state (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
-    fake-quant weights, and the float weights as the master weights)."""
+    fake-quant weights, the float weights as the master weights and, for a per-channel
+    Convolution, its ULQ's clip state, which the ARQ shares)."""
     out = dict(params)
+    clip_states = {}
+    for name, layer_config in retrain_config.layers.items():
+        if quantizer_owners[name] != name:
+            continue  # its activation quantizer belongs to the first layer reading the same blob
+        clip_min, clip_max = layer_config.clip_min, layer_config.clip_max
+        clip_states[name] = np.array((1.0, clip_min, clip_max) if clip_min is not None else (0.0, 0.0, 0.0),
+                                     np.float32)
+        out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
+                                        np.array([clip_min or 0.0], np.float32), clip_states[name]]
     for name, layer_config in retrain_config.layers.items():
         weights, *rest = params[name]
         numerics.check_finite(weights, f"{model_file}: layer '{name}' weights")
@@ -36,12 +47,8 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         fake_quant = numerics.arq_fake_quantize(weights, numerics.arq_scale(weights, axis), axis)
         out[name] = [fake_quant, *rest]
         out[ql.arq_layer_name(name)] = [fake_quant, weights]
-        if quantizer_owners[name] != name:
-            continue  # its activation quantizer belongs to the first layer reading the same blob
-        clip_min, clip_max = layer_config.clip_min, layer_config.clip_max
-        state = (1.0, clip_min, clip_max) if clip_min is not None else (0.0, 0.0, 0.0)
-        out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
-                                        np.array([clip_min or 0.0], np.float32), np.array(state, np.float32)]
+        if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):
+            out[ql.arq_layer_name(name)].append(clip_states[quantizer_owners[name]])  # shared with its ULQ
     return out
 
 

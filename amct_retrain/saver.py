@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
@@ -12,6 +13,7 @@ from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
+from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
 
@@ -81,6 +83,27 @@ def quantized_params(layer: QuantizedLayer, f: LayerFactors, params: dict) -> tu
     return fake, deploy
 
 
+def _layer(net: caffe_pb2.NetParameter, name: str) -> caffe_pb2.LayerParameter:
+    return next(layer for layer in net.layer if layer.name == name)
+
+
+def _split_by_test_phase(net: caffe_pb2.NetParameter, retrained: dict[str, QuantizedLayer], model_file: str
+                         ) -> tuple[dict[str, QuantizedLayer], list[str]]:
+    """(the quantized layers that run in the TEST phase, the names of those that never do).
+
+    A layer that the phase rules keep out of every TEST net (an auxiliary TRAIN-only head) was
+    retrained, but no TEST pass measured its factors, and no inference net runs it: the saved
+    models keep it in float, with its float weights."""
+    train_only = [name for name in retrained if not may_run_in_phase(_layer(net, name), caffe_pb2.TEST)]
+    if train_only:
+        LOG.warning("layers %s never run in the TEST phase (phase rules): no TEST pass measured their "
+                    "factors; the saved models keep them in float", ", ".join(train_only))
+    quantized = {name: q for name, q in retrained.items() if name not in train_only}
+    if not quantized:
+        raise ModelError(f"{model_file}: none of its quantized layers runs in the TEST phase")
+    return quantized, train_only
+
+
 def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: str, save_type: str,
                              save_path: str, scale_offset_record_file: str | None = None,
                              config_file: str | None = None) -> None:
@@ -97,22 +120,29 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     if config_file is not None and not os.path.isfile(config_file):
         raise ModelError(f"{config_file}: config file does not exist")
     net = model_io.read_prototxt(retrained_model_file)
-    quantized = find_quantized_layers(net, retrained_model_file)
+    retrained = find_quantized_layers(net, retrained_model_file)
+    quantized, train_only = _split_by_test_phase(net, retrained, retrained_model_file)
     record_file = scale_offset_record_file or next(iter(quantized.values())).record_file
     records = record.read_record(record_file)
     params = model_io.read_caffemodel(retrained_weights_file)
     files = f"{retrained_weights_file} / {record_file}"
-    for name in quantized:
-        for owner in (name, quantized[name].ulq_name, ql.arq_layer_name(name)):
+    for name in retrained:
+        for owner in (name, retrained[name].ulq_name, ql.arq_layer_name(name)):
+            if owner not in params and not may_run_in_phase(_layer(net, name), caffe_pb2.TRAIN):
+                raise ModelError(f"{retrained_weights_file}: has no weights for layer '{owner}': layer '{name}' "
+                                 "never runs in the TRAIN phase (phase rules) and Caffe's snapshots hold the TRAIN "
+                                 "net's weights only: a TEST-only layer cannot be retrained; add it to skip_layers")
             if owner not in params:
                 raise ModelError(f"{retrained_weights_file}: has no weights for layer '{owner}' of "
                                  f"{retrained_model_file}: weights of another model?")
-        if name not in records:
+        if name in quantized and name not in records:
             raise ModelError(f"{record_file}: has no record of layer '{name}': run a TEST phase after training")
     factors = {name: layer_factors(q, records[name], params, files) for name, q in quantized.items()}
-    float_net = strip_quant_layers(net, quantized)
+    float_net = strip_quant_layers(net, retrained)
     float_params = {k: v for k, v in params.items()
-                    if k not in {q.ulq_name for q in quantized.values()} | {ql.arq_layer_name(n) for n in quantized}}
+                    if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
+    for name in train_only:  # left in float: its float (master) weights again
+        float_params[name] = [params[ql.arq_layer_name(name)][1], *params[name][1:]]
     fake_params, deploy_params = dict(float_params), dict(float_params)
     for name, q in quantized.items():
         f = factors[name]

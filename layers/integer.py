@@ -7,6 +7,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from amct_retrain import numerics
 from amct_retrain.config import QUANTIZABLE_RULES
+from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain.reference import integer_params, read_deploy_blobs
 from amct_retrain_layers.params import NUMBER, Key, parse_param_str
 
@@ -66,15 +67,6 @@ def _deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
 
 
-def _output_hw(in_hw: tuple[int, ...], g: dict, transposed: bool) -> list[int]:
-    """Caffe's output height and width of a Convolution, or of a Deconvolution (transposed)."""
-    out = []
-    for size, pad, k, d, stride in zip(in_hw, g["pad"], g["kernel"], g["dilation"], g["stride"]):
-        extent = (k - 1) * d + 1
-        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
-    return out
-
-
 class IntegerLayer(caffe.Layer):
     """Quant (x * quant_scale + offset -> int8), integer Convolution / Deconvolution /
     InnerProduct with the int32 bias, shift-N into int16, DeQuant (t * deq * 2^N): the target's
@@ -96,7 +88,7 @@ class IntegerLayer(caffe.Layer):
         if self.geometry is None:
             top[0].reshape(x.shape[0], channels)
         else:
-            top[0].reshape(x.shape[0], channels, *_output_hw(x.shape[2:], self.geometry, self.transposed))
+            top[0].reshape(x.shape[0], channels, *conv_output_hw(x.shape[2:], self.geometry, self.transposed))
 
     def forward(self, bottom, top):
         x = bottom[0].data

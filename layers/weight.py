@@ -3,6 +3,7 @@ import caffe
 import numpy as np
 
 from amct_retrain import numerics, tensorboard
+from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
 
 PARAMS = {
@@ -11,8 +12,13 @@ PARAMS = {
     "channel_axis": Key((int, type(None))),
     "log_dir": Key((str, type(None))),
     "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
+    # A per-channel Convolution: the ActivationULQ whose clip state (blob 2) it shares, and the
+    # convolution's geometry, to tell a 1 x 1 output ("global conv") from the input shape.
+    "activation_quantizer": Key((str, type(None))),
+    "conv": Key((dict, type(None))),
 }
-FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS = 0, 1
+FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS, CLIP_STATE = 0, 1, 2
+LAST_MIN, LAST_MAX = 1, 2  # ActivationULQ's clip_state: [ready, min, max] of its last forward
 TRAIN = 0
 
 
@@ -26,6 +32,12 @@ class WeightARQ(caffe.Layer):
     diff (straight-through) and zeroes blob 0's diff so the solver leaves blob 0 alone.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the
     min/mean/max weight scale to TensorBoard (step: the call's index).
+
+    With ``activation_quantizer`` and ``conv`` in param_str (a per-channel Convolution), blob 2
+    is that quantizer's clip state (shared): when the convolution's output is 1 x 1 (a "global
+    conv"), the deploy model gives every channel the largest deq (contract section 3), so the
+    weights are fake-quantized with the unified scale_w computed from the pair the quantizer
+    used in this very forward pass, as ShiftNSearch records it.
     """
 
     def setup(self, bottom, top):
@@ -42,6 +54,14 @@ class WeightARQ(caffe.Layer):
             raise LayerParamError(f"WeightARQ layer '{self.layer_name}': needs as many tops as bottoms")
         self.blobs.add_blob(*shape)
         self.blobs.add_blob(*shape)
+        self.conv = None
+        if p["activation_quantizer"] is not None:
+            self.conv = p["conv"]
+            if not (isinstance(self.conv, dict) and {"kernel", "stride", "pad", "dilation"} <= set(self.conv)):
+                raise LayerParamError(f"WeightARQ layer '{self.layer_name}': param_str key 'conv' must hold the "
+                                      f"convolution's kernel, stride, pad and dilation, got {self.conv!r}")
+            self.blobs.add_blob(3)
+        self.global_conv = False
         self.in_place = None
         self.log = tensorboard.layer_log(p, "WeightARQ")
 
@@ -50,11 +70,19 @@ class WeightARQ(caffe.Layer):
         for i in range(len(bottom)):
             top[i].reshape(*bottom[i].data.shape)
         self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
+        in_shape = bottom[0].data.shape
+        self.global_conv = (self.conv is not None and len(in_shape) == 4
+                            and conv_output_hw(in_shape[2:], self.conv) == [1, 1])
 
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
         numerics.check_finite(master, f"WeightARQ layer '{self.layer_name}' master weights")
         scale_w = numerics.arq_scale(master, self.channel_axis)
+        if self.global_conv and scale_w.size > 1:
+            # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
+            state = self.blobs[CLIP_STATE].data
+            scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
+            scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))

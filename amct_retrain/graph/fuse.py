@@ -105,18 +105,23 @@ def batchnorm_affine(bn: caffe_pb2.LayerParameter, bn_blobs: list[np.ndarray],
     return a, b
 
 
-def _may_run_in_train(layer: caffe_pb2.LayerParameter) -> bool:
-    """Whether Caffe may put ``layer`` in a TRAIN net.  Levels and stages are unknown here: a
-    rule that uses them is taken to possibly match, so only a plain exclude rule excludes."""
-    def matches_train(rule: caffe_pb2.NetStateRule) -> bool:
-        return not rule.HasField("phase") or rule.phase == caffe_pb2.TRAIN
+def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
+    """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
+    and stages are unknown here: a rule that uses them is taken to possibly match, so only a
+    plain exclude rule excludes."""
+    def matches(rule: caffe_pb2.NetStateRule) -> bool:
+        return not rule.HasField("phase") or rule.phase == phase
 
     def phase_only(rule: caffe_pb2.NetStateRule) -> bool:
         return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
 
-    if layer.include and not any(matches_train(rule) for rule in layer.include):
+    if layer.include and not any(matches(rule) for rule in layer.include):
         return False
-    return not any(matches_train(rule) and phase_only(rule) for rule in layer.exclude)
+    return not any(matches(rule) and phase_only(rule) for rule in layer.exclude)
+
+
+def _may_run_in_train(layer: caffe_pb2.LayerParameter) -> bool:
+    return may_run_in_phase(layer, caffe_pb2.TRAIN)
 
 
 def check_inference_form(bn: caffe_pb2.LayerParameter) -> None:

@@ -11,6 +11,7 @@ from caffe.proto import caffe_pb2
 
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.graph.model_io import ModelError
 
 
@@ -22,6 +23,13 @@ def quantized_input_blob(layer: str) -> str:
 def weight_channel_axis(layer_type: str, channel_wise: bool) -> int | None:
     """Axis of per-channel weight scales, or None for one scale per tensor."""
     return QUANTIZABLE_RULES[layer_type].channel_axis if channel_wise else None
+
+
+def arq_reads_clip_state(layer_type: str, channel_wise: bool) -> bool:
+    """Whether the WeightARQ of a layer shares its activation quantizer's clip state (blob 2):
+    a per-channel Convolution, whose output may be 1 x 1 (a "global conv", where all channels
+    use the largest deq, so its weights must train on that unified scale)."""
+    return layer_type == "Convolution" and channel_wise
 
 
 def _phase_key(layer: caffe_pb2.LayerParameter) -> tuple[bytes, ...]:
@@ -91,9 +99,12 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
             for sharer in (n for n, o in owners.items() if o == name):
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
+                global_conv = ({"activation_quantizer": ql.ulq_layer_name(name),
+                                "conv": conv_geometry(shared).__dict__}
+                               if arq_reads_clip_state(shared.type, configs[sharer].channel_wise) else {})
                 out.layer.append(_with_phase_rules(ql.arq_layer(
                     ql.arq_layer_name(sharer), quantized_input, weight_shapes[sharer], _axis(configs[sharer]),
-                    spec.lr_mult, spec.decay_mult, **log), shared))
+                    spec.lr_mult, spec.decay_mult, **log, **global_conv), shared))
         quantized = out.layer.add()
         quantized.CopyFrom(layer)
         quantized.bottom[0] = quantized_input

@@ -81,19 +81,28 @@ def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
 
 def arq_layer(name: str, blob: str, weight_shape: Sequence[int], channel_axis: int | None,
               master_lr_mult: float = 1.0, master_decay_mult: float = 1.0,
-              log_dir: str | None = None) -> caffe_pb2.LayerParameter:
+              log_dir: str | None = None, activation_quantizer: str | None = None,
+              conv: dict | None = None) -> caffe_pb2.LayerParameter:
     """WeightARQ in place on ``blob``, the quantized layer's input.
 
     Blob 0 (fake-quant weights) learns with lr_mult 1 so the quantized layer computes a
     weight gradient, and decay 0; the quantized layer's own weight param must be set with
     :func:`share_fake_quant_weights`. The master weights take the original layer's lr/decay.
     With ``log_dir``, the layer logs its weight scales to TensorBoard there while training.
+    With ``activation_quantizer`` (the ActivationULQ feeding a per-channel Convolution) and the
+    convolution's geometry ``conv`` (:func:`~amct_retrain.graph.caffe_params.conv_geometry` as a
+    dict), blob 2 shares that quantizer's clip state, so that when the output is 1 x 1 (a "global
+    conv") the weights train on the unified scale the deploy model uses (contract section 3).
     """
-    layer = python_layer(name, ARQ_TYPE, blob, blob,
-                          {"weight_shape": list(weight_shape), "channel_axis": channel_axis}, log_dir)
+    params = {"weight_shape": list(weight_shape), "channel_axis": channel_axis}
+    if activation_quantizer is not None:
+        params.update(activation_quantizer=activation_quantizer, conv=conv)
+    layer = python_layer(name, ARQ_TYPE, blob, blob, params, log_dir)
     fake_quant_name, master_name = weight_param_names(name)
     _param(layer, fake_quant_name, 1.0, 0.0)
     _param(layer, master_name, master_lr_mult, master_decay_mult)
+    if activation_quantizer is not None:
+        _param(layer, clip_param_names(activation_quantizer)[2])
     return layer
 
 
