@@ -86,7 +86,8 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     net, params, fused = fuse_for_retraining(net, params, skip_fusion)
     for group in fused:
         LOG.info("fused %s into layer '%s' (%s)", ", ".join(group.removed), group.layer, group.kind)
-    modified = insert_quant_layers(net, retrain_config, {k: v[0] for k, v in shapes.items()}, record_file)
+    fusions = {g.layer: {"kind": g.kind, "removed": list(g.removed)} for g in fused}
+    modified = insert_quant_layers(net, retrain_config, {k: v[0] for k, v in shapes.items()}, record_file, fusions)
     owners = activation_quantizer_owners(net, list(retrain_config.layers))
     blobs = retrain_weights(params, retrain_config, owners, model_file)
     with staged_outputs() as out:

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,17 +71,62 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     return LayerFactors(scale_d, offset_d, scale_w, np.asarray(rec.shift_bit, np.uint32))
 
 
-def quantized_params(layer: QuantizedLayer, f: LayerFactors, params: dict) -> tuple[list, list]:
-    """(fake-quant blobs, deploy blobs) of a quantized layer: float32 weights on the int8 grid
-    and the int32 bias times deq; int8 weights and int32 bias."""
-    master = params[ql.arq_layer_name(layer.name)][1]
-    fake = [numerics.arq_fake_quantize(master, f.scale_w, layer.channel_axis)]
-    deploy = [numerics.arq_quantize(master, f.scale_w, layer.channel_axis)]
-    if len(params[layer.name]) > 1:
-        bias = numerics.quantize_bias(params[layer.name][1], f.scale_d, f.scale_w, layer.name)
-        fake.append(numerics.dequantize_bias(bias, f.deq))
-        deploy.append(bias)
+def quantized_params(name: str, weights: np.ndarray, bias: np.ndarray | None, f: LayerFactors,
+                     channel_axis: int | None) -> tuple[list, list]:
+    """(fake-quant blobs, deploy blobs) of quantized layer ``name`` from its float weights and
+    bias: float32 weights on the int8 grid and the int32 bias times deq; int8 weights and
+    int32 bias."""
+    fake = [numerics.arq_fake_quantize(weights, f.scale_w, channel_axis)]
+    deploy = [numerics.arq_quantize(weights, f.scale_w, channel_axis)]
+    if bias is not None:
+        bias_int32 = numerics.quantize_bias(bias, f.scale_d, f.scale_w, name)
+        fake.append(numerics.dequantize_bias(bias_int32, f.deq))
+        deploy.append(bias_int32)
     return fake, deploy
+
+
+@dataclass(frozen=True)
+class ExportLayer:
+    """A layer the saved models quantize: its float input blob and its weight channel axis."""
+    name: str
+    input_blob: str
+    channel_axis: int | None
+
+
+def write_quantized_models(float_net, float_params: Mapping[str, list[np.ndarray]],
+                           layers: Mapping[str, ExportLayer], factors: Mapping[str, LayerFactors],
+                           save_type: str, save_path: str, record_file: str,
+                           fused: Mapping[str, dict] | None = None) -> None:
+    """Write the fake-quant and/or deploy models and the quant info file of ``float_net``
+    (its float weights in ``float_params``) with ``layers`` quantized by ``factors``: the one
+    exporter behind retraining's, calibration's and conversion's savers. ``fused``: layer name ->
+    {"kind", "removed"} of the BatchNorm fusions the model went through, for the quant info file.
+    """
+    if save_type not in SAVE_TYPES:
+        raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
+    fake_params, deploy_params = dict(float_params), dict(float_params)
+    for name, layer in layers.items():
+        f = factors[name]
+        weights, *bias = float_params[name]
+        fake_params[name], deploy_params[name] = quantized_params(name, weights, bias[0] if bias else None, f,
+                                                                  layer.channel_axis)
+        deploy_params[quant_layer_names(name)["dequant"]] = [
+            numerics.pack_deq_scale(f.deq, f.shift_bit, np.zeros_like(f.shift_bit, dtype=np.int8))]
+    outputs = output_files(save_path)
+    tops = {layer.name: layer.top[0] for layer in float_net.layer if layer.name in layers}
+    info = {"version": 1, "record_file": os.path.abspath(record_file),
+            "fused_layers": dict(fused or {}),
+            "quantized_layers": {name: {"input_blob": q.input_blob, "output_blob": tops[name],
+                                        **quant_layer_names(name)} for name, q in layers.items()}}
+    with staged_outputs() as out:
+        if save_type in ("Fakequant", "Both"):
+            out.write(outputs["fake_quant_model"], text_format.MessageToString(fake_quant_net(float_net, factors)))
+            out.write(outputs["fake_quant_weights"], model_io.caffemodel_chunks(float_net.name, fake_params))
+        if save_type in ("Deploy", "Both"):
+            out.write(outputs["deploy_model"], text_format.MessageToString(deploy_net(float_net, factors)))
+            out.write(outputs["deploy_weights"], model_io.caffemodel_chunks(float_net.name, deploy_params))
+        out.write(outputs["quant_info"], json.dumps(info, indent=2))
+    LOG.info("saved %s model(s) of %d quantized layers under %s", save_type, len(layers), save_path)
 
 
 def _layer(net: caffe_pb2.NetParameter, name: str) -> caffe_pb2.LayerParameter:
@@ -115,13 +161,13 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     retrained model's ShiftNSearch layers write), i.e. from the last TEST pass.
     ``config_file`` is accepted for compatibility; the retrained model carries its settings.
     """
-    if save_type not in SAVE_TYPES:
+    if save_type not in SAVE_TYPES:  # checked before any work
         raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
     if config_file is not None and not os.path.isfile(config_file):
         raise ModelError(f"{config_file}: config file does not exist")
     net = model_io.read_prototxt(retrained_model_file)
     retrained = find_quantized_layers(net, retrained_model_file)
-    quantized, train_only = _split_by_test_phase(net, retrained, retrained_model_file)
+    quantized, _ = _split_by_test_phase(net, retrained, retrained_model_file)
     record_file = scale_offset_record_file or next(iter(quantized.values())).record_file
     records = record.read_record(record_file)
     params = model_io.read_caffemodel(retrained_weights_file)
@@ -141,26 +187,8 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     float_net = strip_quant_layers(net, retrained)
     float_params = {k: v for k, v in params.items()
                     if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
-    for name in train_only:  # left in float: its float (master) weights again
+    for name in retrained:  # the float (master) weights; the TRAIN-only ones stay float
         float_params[name] = [params[ql.arq_layer_name(name)][1], *params[name][1:]]
-    fake_params, deploy_params = dict(float_params), dict(float_params)
-    for name, q in quantized.items():
-        f = factors[name]
-        fake_params[name], deploy_params[name] = quantized_params(q, f, params)
-        deploy_params[quant_layer_names(name)["dequant"]] = [
-            numerics.pack_deq_scale(f.deq, f.shift_bit, np.zeros_like(f.shift_bit, dtype=np.int8))]
-    outputs = output_files(save_path)
-    tops = {layer.name: layer.top[0] for layer in float_net.layer if layer.name in quantized}
-    info = {"version": 1, "record_file": os.path.abspath(record_file), "fused_layers": {},
-            "quantized_layers": {name: {"input_blob": q.input_blob, "output_blob": tops[name],
-                                        **quant_layer_names(name)} for name, q in quantized.items()}}
-    with staged_outputs() as out:
-        if save_type in ("Fakequant", "Both"):
-            out.write(outputs["fake_quant_model"], text_format.MessageToString(fake_quant_net(float_net, factors)))
-            out.write(outputs["fake_quant_weights"], model_io.caffemodel_chunks(net.name, fake_params))
-        if save_type in ("Deploy", "Both"):
-            out.write(outputs["deploy_model"], text_format.MessageToString(deploy_net(float_net, factors)))
-            out.write(outputs["deploy_weights"], model_io.caffemodel_chunks(net.name, deploy_params))
-        out.write(outputs["quant_info"], json.dumps(info, indent=2))
-    LOG.info("saved %s model(s) of %d quantized layers under %s", save_type, len(quantized), save_path)
-
+    layers = {name: ExportLayer(name, q.input_blob, q.channel_axis) for name, q in quantized.items()}
+    fused = {name: q.fused for name, q in retrained.items() if q.fused}
+    write_quantized_models(float_net, float_params, layers, factors, save_type, save_path, record_file, fused)

@@ -12,6 +12,7 @@ PARAMS = {
     "name": Key((str,), required=True),
     "quantized_layer": Key((str,), required=True),
     "activation_quantizer": Key((str,), required=True),  # the ActivationULQ whose clip state it shares
+    "fused": Key((dict, type(None))),  # for the saver's quant info: BatchNorm/Scale folded into the layer
     "record_file": Key((str,), required=True),
     "batch_num": Key((int,), default=1),
     "weight_shape": Key((list,), required=True),

@@ -219,3 +219,17 @@ def test_skip_fusion_in_an_existing_record_keeps_the_batchnorm(tmp_path):
     assert len(bn) == 1 and bn[0].batch_norm_param.use_global_stats, "skip_fusion BatchNorm must stay, frozen"
     assert record.read_record(record_file)["conv1"].skip_fusion, "the skip_fusion entry was lost"
     caffe.Net(str(tmp_path / "m.prototxt"), caffe.TRAIN, weights=str(tmp_path / "m.caffemodel")).forward()
+
+
+def test_quant_info_reports_the_batchnorm_folded_before_retraining(tmp_path):
+    _, model, weights, config = _bn_model(tmp_path)
+    files = [str(tmp_path / n) for n in ("m.prototxt", "m.caffemodel", "r.txt")]
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), *files)
+    tested = caffe.Net(files[0], caffe.TEST, weights=files[1])
+    tested.forward()  # one TEST pass: IFMR clips and the record, as after training
+    tested.save(str(tmp_path / "tested.caffemodel"))
+    save_path = str(tmp_path / "result" / "bn")
+    amct_retrain.save_quant_retrain_model(files[0], str(tmp_path / "tested.caffemodel"), "Both", save_path, files[2])
+    info = json.loads(open(f"{save_path}_quant.json").read())
+    assert info["fused_layers"] == {"conv1": {"kind": "conv_bn", "removed": ["bn1", "scale1"]}}, \
+        f"quant info fused_layers: {info['fused_layers']}"

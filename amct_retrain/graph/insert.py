@@ -69,12 +69,13 @@ def _with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.Layer
 
 def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
                         weight_shapes: Mapping[str, Sequence[int]],
-                        record_file: str) -> caffe_pb2.NetParameter:
+                        record_file: str, fused: Mapping[str, dict] | None = None) -> caffe_pb2.NetParameter:
     """A copy of ``net`` with every layer of ``retrain_config.layers`` quantization-aware.
 
     Each ActivationULQ goes right before the first layer it serves, so it reads its input
     after any in-place layer (ReLU) that ran before, exactly as that layer did. The layer's
-    own weight lr/decay multipliers move to its master weights.
+    own weight lr/decay multipliers move to its master weights. ``fused``: layer name ->
+    {"kind", "removed"} of the BatchNorm fusion it went through, carried to the saver.
     """
     configs = retrain_config.layers
     owners = activation_quantizer_owners(net, list(configs))
@@ -111,7 +112,8 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
         ql.share_fake_quant_weights(quantized, ql.arq_layer_name(name))
         out.layer.append(_with_phase_rules(ql.shift_n_layer(
             ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), ql.arq_layer_name(name),
-            weight_shapes[name], _axis(configs[name]), record_file, retrain_config.batch_num, **log), layer))
+            weight_shapes[name], _axis(configs[name]), record_file, retrain_config.batch_num, **log,
+            fused=(fused or {}).get(name)), layer))
     return out
 
 

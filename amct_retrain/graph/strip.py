@@ -19,6 +19,7 @@ class QuantizedLayer:
     fixed_min: bool
     record_file: str
     batch_num: int
+    fused: dict | None = None  # {"kind", "removed"}: the BatchNorm/Scale folded into it
 
 
 def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[str, QuantizedLayer]:
@@ -35,7 +36,7 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
             raise ModelError(f"{model_file}: layer '{name}' lacks its ActivationULQ / WeightARQ / "
                              "quantized layer: not a model made by create_quant_retrain_model")
         found[name] = QuantizedLayer(name, ulq.name, ulq.bottom[0], p["channel_axis"], ql.layer_params(ulq)["fixed_min"],
-                                     p["record_file"], p["batch_num"])
+                                     p["record_file"], p["batch_num"], p.get("fused"))
     if not found:
         raise ModelError(f"{model_file}: has no quantized layers: not a model made by create_quant_retrain_model")
     return found
