@@ -1,9 +1,8 @@
 """Inference latency, in one run: the float model in Caffe, the float model exported to ONNX
 and the INT8 (QDQ) model in onnxruntime, as milliseconds per batch and ratios.
 
-Nets: the digits demo's LeNet (450 test images in one batch) and the 5 x 64-channel conv net
-of bench/qat_overhead.py (batch 32, 32x32x3), which stands in for the ResNet-style net until
-the coverage work lands.
+Nets: the digits demo's LeNet (450 test images in one batch) and ResNet-50 (bench/scale.py;
+batch 1, 224x224x3, BatchNorm folded, factors from one TEST pass on random data).
 
     .venv/bin/python bench/int8_inference.py [--repeats 20]
 """
@@ -21,7 +20,7 @@ import onnxruntime  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from amct_retrain.export import export_onnx  # noqa: E402
-from bench.parity_report import conv5x64  # noqa: E402
+from bench.scale import float_resnet50, quantize_resnet50  # noqa: E402
 from samples import digits_demo  # noqa: E402
 
 
@@ -63,14 +62,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
         digits_demo.run(out / "digits")
-        conv5x64(out)
+        resnet_model, resnet_weights, _ = float_resnet50(out)
+        _, _, resnet_prefix = quantize_resnet50(out, resnet_model, resnet_weights)
         rows = {
             "digits LeNet, batch 450": latencies(
                 str(out / "digits" / "float.prototxt"), str(out / "digits" / "float_iter_600.caffemodel"),
                 str(out / "digits" / "result" / "digits"), out, args.repeats),
-            "5 conv x 64 ch, batch 32": latencies(
-                str(out / "conv5x64.prototxt"), str(out / "conv5x64.caffemodel"),
-                str(out / "result" / "conv5x64"), out, args.repeats),
+            "ResNet-50, batch 1": latencies(str(resnet_model), str(resnet_weights), resnet_prefix, out,
+                                            args.repeats),
         }
     print(f"{'net':<28}{'Caffe float':>12}{'ORT float':>11}{'ORT INT8':>10}"
           f"{'ORT float/Caffe':>17}{'ORT INT8/ORT float':>20}   (ms per batch)")

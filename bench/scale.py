@@ -17,7 +17,6 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import amct_retrain  # noqa: E402
 from amct_retrain import record  # noqa: E402
-from amct_retrain.graph import quant_layers as ql  # noqa: E402
 
 
 def _conv_bn(name: str, bottom: str, out: int, kernel: int, stride: int = 1, relu: bool = True) -> str:
@@ -67,35 +66,46 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
+def float_resnet50(out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, int]:
+    """ResNet-50 prototxt and caffemodel (fillers, BatchNorm statistics mean 0 / variance 1 where
+    the fillers leave 0) under ``out``; returns them and the parameter count."""
+    model, weights = out / "resnet50.prototxt", out / "resnet50.caffemodel"
+    model.write_text(resnet50())
+    net = caffe.Net(str(model), caffe.TEST)
+    for name, blobs in net.params.items():
+        if name.startswith("bn_"):
+            blobs[1].data[...], blobs[2].data[...] = 1.0, 1.0
+    net.save(str(weights))
+    return model, weights, sum(b.data.size for blobs in net.params.values() for b in blobs)
+
+
+def quantize_resnet50(out: pathlib.Path, model: pathlib.Path, weights: pathlib.Path) -> tuple[float, float, str]:
+    """create_quant_retrain_model, one TEST pass (IFMR clips, shift-N record), and
+    save_quant_retrain_model; returns (create seconds, save seconds, save_path)."""
+    config = out / "config.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    files = {n: out / n for n in ("retrain.prototxt", "retrain.caffemodel", "record.txt")}
+    create = timed(lambda: amct_retrain.create_quant_retrain_model(
+        str(model), str(weights), str(config), *(str(p) for p in files.values())))
+    retrain = caffe.Net(str(files["retrain.prototxt"]), caffe.TEST, weights=str(files["retrain.caffemodel"]))
+    retrain.blobs["data"].data[...] = np.random.default_rng(0).normal(size=retrain.blobs["data"].data.shape)
+    retrain.forward()
+    retrain.save(str(out / "tested.caffemodel"))
+    del retrain
+    save_path = str(out / "result" / "resnet50")
+    save = timed(lambda: amct_retrain.save_quant_retrain_model(
+        str(files["retrain.prototxt"]), str(out / "tested.caffemodel"), "Both", save_path, str(files["record.txt"])))
+    return create, save, save_path
+
+
 def main() -> None:
     caffe.set_mode_cpu()
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
-        model, weights = out / "resnet50.prototxt", out / "resnet50.caffemodel"
-        model.write_text(resnet50())
-        net = caffe.Net(str(model), caffe.TEST)
-        for name, blobs in net.params.items():
-            if name.startswith("bn_"):  # inference statistics: mean 0, variance 1 (fillers give 0)
-                blobs[1].data[...], blobs[2].data[...] = 1.0, 1.0
-        params = sum(b.data.size for blobs in net.params.values() for b in blobs)
-        net.save(str(weights))
-        del net
+        model, weights, params = float_resnet50(out)
         baseline = timed(lambda: caffe.Net(str(model), caffe.TEST, weights=str(weights)).save(str(out / "copy.caffemodel")))
-        config = out / "config.json"
-        amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
-        files = {n: out / n for n in ("retrain.prototxt", "retrain.caffemodel", "record.txt")}
-        create = timed(lambda: amct_retrain.create_quant_retrain_model(
-            str(model), str(weights), str(config), *(str(p) for p in files.values())))
-        # One TEST pass writes the record the saver needs (clips from IFMR on that batch).
-        retrain = caffe.Net(str(files["retrain.prototxt"]), caffe.TEST, weights=str(files["retrain.caffemodel"]))
-        retrain.blobs["data"].data[...] = np.random.default_rng(0).normal(size=retrain.blobs["data"].data.shape)
-        retrain.forward()
-        retrain.save(str(out / "tested.caffemodel"))
-        quantized = len(record.read_record(files["record.txt"]))
-        del retrain
-        save = timed(lambda: amct_retrain.save_quant_retrain_model(
-            str(files["retrain.prototxt"]), str(out / "tested.caffemodel"), "Both", str(out / "result" / "resnet50"),
-            str(files["record.txt"])))
+        create, save, save_path = quantize_resnet50(out, model, weights)
+        quantized = len(record.read_record(out / "record.txt"))
     print(f"ResNet-50: {params / 1e6:.1f} M parameters, {quantized} quantized layers")
     print(f"{'step':<32}{'seconds':>9}{'ratio to pycaffe load+save':>29}")
     print(f"{'pycaffe load + save (float)':<32}{baseline:>9.2f}{1.0:>29.2f}")
