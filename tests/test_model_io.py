@@ -71,3 +71,35 @@ def test_broken_v1_net_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(ModelError) as e:
         read_prototxt(model)
     assert str(model) in str(e.value), f"message: {e.value}"
+
+
+@pytest.mark.caffe
+def test_fast_caffemodel_reader_agrees_with_protobuf(tmp_path):
+    import caffe
+    from caffe.proto import caffe_pb2
+
+    from amct_retrain.graph.model_io import CaffemodelParams, read_caffemodel
+
+    model = tmp_path / "v1.prototxt"
+    model.write_text(V1_NET)
+    net = caffe.Net(str(model), caffe.TEST)
+    for blobs in net.params.values():
+        for b in blobs:
+            b.data[...] = np.random.default_rng(1).normal(size=b.data.shape)
+    weights = tmp_path / "w.caffemodel"
+    net.save(str(weights))
+    fast = read_caffemodel(weights)
+    assert isinstance(fast, dict), "a caffemodel pycaffe wrote should take the fast path"
+    slow = CaffemodelParams(caffe_pb2.NetParameter.FromString(weights.read_bytes()), str(weights))
+    assert list(fast) == list(slow), f"layers differ: {list(fast)} vs {list(slow)}"
+    for name in slow:
+        for a, b in zip(fast[name], slow[name]):
+            assert a.shape == b.shape and np.array_equal(a, b), f"layer {name}: fast reader differs"
+    legacy = caffe_pb2.NetParameter()
+    layer = legacy.layer.add(name="old")
+    blob = layer.blobs.add(num=1, channels=1, height=2, width=3)
+    blob.data.extend(range(6))
+    old = tmp_path / "legacy.caffemodel"
+    old.write_bytes(legacy.SerializeToString())
+    params = read_caffemodel(old)
+    assert params["old"][0].shape == (2, 3), "a legacy 4-D blob must fall back to protobuf and keep its shape"

@@ -92,18 +92,97 @@ class CaffemodelParams(Mapping):
         return len(self._layers)
 
 
-def read_caffemodel(weights_file: str | os.PathLike) -> CaffemodelParams:
-    """The blobs of every layer of a caffemodel: layer name -> float32 arrays in blob order."""
+def read_caffemodel(weights_file: str | os.PathLike) -> Mapping[str, list[np.ndarray]]:
+    """The blobs of every layer of a caffemodel: layer name -> float32 arrays in blob order
+    (read-only views for the common packed-float files)."""
     try:
         with open(weights_file, "rb") as f:
             data = f.read()
     except OSError as err:
         raise ModelError(f"{weights_file}: cannot read the weights file: {err.strerror}") from None
+    fast = _packed_float_params(data)
+    if fast is not None:
+        return fast
     try:
         net = caffe_pb2.NetParameter.FromString(data)
     except DecodeError as err:
         raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
     return CaffemodelParams(net, os.fspath(weights_file))
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes, start: int, end: int):
+    """(field number, wire type, value start, value end) of each field in buf[start:end];
+    for a varint the value itself stands in the start slot. Raises on other wire types."""
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            yield number, wire, value, pos
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            yield number, wire, pos, pos + length
+            pos += length
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def _packed_float_params(buf: bytes) -> dict[str, list[np.ndarray]] | None:
+    """The caffemodel's blobs straight from its bytes (views, no copy), for the files Caffe and
+    this toolkit write: layer { name, blobs { shape, packed data } }. None for anything else
+    (V1 layers, legacy 4-D dims, double or integer data, corrupt bytes): protobuf reads those.
+
+    Protobuf's parser plus the conversion to numpy takes about a second for the 300 MB a
+    retrained ResNet-50 holds; this walks a few thousand fields.
+    """
+    params: dict[str, list[np.ndarray]] = {}
+    try:
+        for number, wire, start, end in _fields(buf, 0, len(buf)):
+            if number == 2:  # V1 `layers`
+                return None
+            if number != 100 or wire != 2:
+                continue
+            name, blobs = None, []
+            for lnum, lwire, lstart, lend in _fields(buf, start, end):
+                if lnum == 1 and lwire == 2:
+                    name = buf[lstart:lend].decode()
+                elif lnum == 7 and lwire == 2:
+                    shape, values = None, None
+                    for bnum, bwire, bstart, bend in _fields(buf, lstart, lend):
+                        if bnum == 7 and bwire == 2:
+                            dims, pos = [], bstart
+                            for dnum, dwire, dstart, dend in _fields(buf, bstart, bend):
+                                if dnum != 1 or dwire != 2:
+                                    return None
+                                pos = dstart
+                                while pos < dend:
+                                    dim, pos = _read_varint(buf, pos)
+                                    dims.append(dim)
+                            shape = tuple(dims)
+                        elif bnum == 5 and bwire == 2 and (bend - bstart) % 4 == 0:
+                            values = np.frombuffer(buf, "<f4", (bend - bstart) // 4, bstart)
+                        else:
+                            return None
+                    if shape is None or values is None or values.size != int(np.prod(shape)):
+                        return None
+                    blobs.append(values.reshape(shape))
+            if name is not None and blobs and name not in params:
+                params[name] = blobs
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return params
 
 
 def blob_to_array(blob: caffe_pb2.BlobProto, source: str | os.PathLike = "", layer: str = "") -> np.ndarray:
