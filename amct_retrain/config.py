@@ -1,6 +1,6 @@
-"""Retrain configuration: which layers are quantized, and how (contract sections 2 and 4).
+"""Retrain and calibration configuration: which layers are quantized, and how (contract sections 2 and 4).
 
-Three things live here:
+Four things live here:
 
 * The backend rules (:data:`QUANTIZABLE_RULES`): which Caffe layer types can be
   quantized and under which constraints, as data, so that a new quantizable type
@@ -8,8 +8,11 @@ Three things live here:
 * The retrain config JSON: :func:`create_quant_retrain_config` writes it for every
   quantizable layer (optionally shaped by a *simplified config*), and
   :func:`load_retrain_config` reads and validates it against a net.
+* The calibration config JSON (post-training calibration): :func:`create_quant_config`
+  writes it, :func:`load_calibration_config` reads it; same machinery, its own keys
+  (see :func:`create_quant_config` for the format).
 * The simplified config (``config_defination``), in YAML (``.yaml``/``.yml``) or
-  protobuf text (``.cfg``).  Both formats are checked against one schema, a proto2
+  protobuf text (``.cfg``), one schema for retraining and one for calibration.  Both formats are checked against one schema, a proto2
   message built at import time from a ``FileDescriptorProto`` (the technique of
   :mod:`amct_retrain.record`: no protoc, no generated file).  A YAML document is
   walked against that descriptor, so unknown keys and wrong types are reported
@@ -35,6 +38,7 @@ Design choices (not fixed by the contract):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -58,6 +62,7 @@ __all__ = [
     "QuantRule",
     "QUANTIZABLE_RULES",
     "quantizable_layers",
+    "layers_by_name",
     "create_quant_retrain_config",
     "load_retrain_config",
     "RetrainConfig",
@@ -67,6 +72,14 @@ __all__ = [
     "CONFIG_VERSION",
     "DATA_ALGO",
     "WEIGHT_ALGO",
+    "create_quant_config",
+    "load_calibration_config",
+    "CalibrationConfig",
+    "LayerCalibrationConfig",
+    "IfmrParams",
+    "SimplifiedCalibrationConfig",
+    "CALIBRATION_DATA_ALGO",
+    "CALIBRATION_WEIGHT_ALGO",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +87,8 @@ logger = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 DATA_ALGO = "ulq_quantize"
 WEIGHT_ALGO = "arq_retrain"
+CALIBRATION_DATA_ALGO = "ifmr"
+CALIBRATION_WEIGHT_ALGO = "arq_quantize"
 
 
 class ConfigError(ValueError):
@@ -175,9 +190,9 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
 """Quantizable Caffe layer types -> their :class:`QuantRule`.  Add an entry to support a type."""
 
 
-def _layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
-    # A net may list one name several times under different include{phase} rules
-    # (TRAIN and TEST data layers); the first definition stands for the name.
+def layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
+    """Layer name -> layer, in net order. A net may list one name several times under different
+    include{phase} rules (TRAIN and TEST data layers); the first definition stands for the name."""
     layers: dict[str, caffe_pb2.LayerParameter] = {}
     for layer in net.layer:
         if layer.name and layer.name not in layers:
@@ -207,7 +222,7 @@ def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str
     """
     names: list[str] = []
     broken: dict[str, str] = {}
-    for name, layer in _layers_by_name(net).items():
+    for name, layer in layers_by_name(net).items():
         rule = _rule_for(layer)
         if rule is None:
             continue
@@ -228,7 +243,7 @@ _PACKAGE = "amct_retrain.retrain_config"
 _F = descriptor_pb2.FieldDescriptorProto
 
 
-def _build_schema() -> type:
+def _build_schema() -> tuple[type, type]:
     fdp = descriptor_pb2.FileDescriptorProto(
         name="amct_retrain/retrain_config.proto", package=_PACKAGE, syntax="proto2"
     )
@@ -266,13 +281,35 @@ def _build_schema() -> type:
         ("quant_skip_layers", 8, rep, string, ""),
     ])
 
+    # Calibration: the original toolkit's blocks (common_config and the overrides' calibration_config,
+    # each with ifmr_quantize and arq_quantize); skip lists and overrides as for retraining.
+    message("ArqQuantize", [("channel_wise", 1, opt, _F.TYPE_BOOL, "")])
+    message("IfmrQuantize", [(name, number, opt, _F.TYPE_DOUBLE, "") for number, name in enumerate(
+        ("search_range_start", "search_range_end", "search_step", "max_percentile", "min_percentile"), 1)])
+    message("CalibrationQuantConfig", [("arq_quantize", 1, opt, msg, "ArqQuantize"),
+                                       ("ifmr_quantize", 2, opt, msg, "IfmrQuantize")])
+    calibration_block = ("calibration_config", 2, opt, msg, "CalibrationQuantConfig")
+    message("OverrideCalibrationLayerType", [("layer_type", 1, opt, string, ""), calibration_block])
+    message("OverrideCalibrationLayerConfig", [("layer_name", 1, opt, string, ""), calibration_block])
+    message("SimplifiedCalibrationConfig", [
+        ("batch_num", 1, opt, _F.TYPE_UINT32, ""),
+        ("activation_offset", 2, opt, _F.TYPE_BOOL, ""),
+        ("skip_layers", 4, rep, string, ""),
+        ("skip_layer_types", 5, rep, string, ""),
+        ("common_config", 6, opt, msg, "CalibrationQuantConfig"),
+        ("override_layer_types", 7, rep, msg, "OverrideCalibrationLayerType"),
+        ("override_layer_configs", 8, rep, msg, "OverrideCalibrationLayerConfig"),
+        ("quant_skip_layers", 9, rep, string, ""),
+    ])
+
     # A private pool, as in record.py: no clash with the process-wide default pool.
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.SimplifiedRetrainConfig"))
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+                 for name in ("SimplifiedRetrainConfig", "SimplifiedCalibrationConfig"))
 
 
-SimplifiedRetrainConfig = _build_schema()
+SimplifiedRetrainConfig, SimplifiedCalibrationConfig = _build_schema()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -349,11 +386,13 @@ def _scalar(path: str, field: Any, value: Any, key: str) -> Any:
     return float(value) if ftype == _F.TYPE_DOUBLE else value
 
 
-def read_simplified_config(config_defination: str | os.PathLike) -> Message:
-    """Parse a simplified config (YAML or protobuf-text ``.cfg``) into a ``SimplifiedRetrainConfig``.
+def read_simplified_config(config_defination: str | os.PathLike,
+                           schema: type = SimplifiedRetrainConfig) -> Message:
+    """Parse a simplified config (YAML or protobuf-text ``.cfg``) into a ``schema`` message:
+    ``SimplifiedRetrainConfig`` (retraining) or ``SimplifiedCalibrationConfig`` (calibration).
 
     Only syntax, field names and field types are checked here; checks against a
-    model happen in :func:`create_quant_retrain_config`.
+    model happen in :func:`create_quant_retrain_config` / :func:`create_quant_config`.
     """
     path = os.fspath(config_defination)
     ext = os.path.splitext(path)[1].lower()
@@ -362,7 +401,7 @@ def read_simplified_config(config_defination: str | os.PathLike) -> Message:
             f"{path}: unsupported simplified config extension {ext or '(none)'!r}; use .yaml, .yml or .cfg"
         )
     text = read_text_file(path, "simplified config", ConfigError)
-    msg = SimplifiedRetrainConfig()
+    msg = schema()
     if ext == ".cfg":
         parse_text_proto(path, text, msg, ConfigError)
         return msg
@@ -421,42 +460,53 @@ def _data_settings(path: str, block: Message, key: str, layer: str | None) -> _D
     return _DataSettings(clip_min, clip_max, ulq.fixed_min)
 
 
-def _channel_wise_setting(block: Message) -> bool | None:
-    arq = block.arq_retrain
+def _channel_wise_setting(arq: Message) -> bool | None:
     return arq.channel_wise if arq.HasField("channel_wise") else None
 
 
 @dataclass(frozen=True)
 class _Override:
-    data: _DataSettings | None
+    data: Any  # the activation block's settings (_DataSettings, IfmrParams), None if not given
     channel_wise: bool | None
     weight_given: bool
+
+
+def _override_of(path: str, layer: str | None, rule: QuantRule | None, data: Any, arq: Message | None,
+                 arq_key: str) -> _Override:
+    """An override with activation settings ``data`` and the weight block ``arq`` (None: not given)."""
+    channel_wise = None if arq is None else _channel_wise_setting(arq)
+    if channel_wise and rule is not None and not rule.channel_wise_allowed:
+        raise _err(path, f"channel_wise must be false for {rule.layer_type}", layer, f"{arq_key}.channel_wise")
+    return _Override(data, channel_wise, arq is not None)
 
 
 def _override(path: str, entry: Message, key: str, layer: str | None, rule: QuantRule | None) -> _Override:
     data = None
     if entry.HasField("retrain_data_quant_config"):
         data = _data_settings(path, entry.retrain_data_quant_config, f"{key}.retrain_data_quant_config", layer)
-    channel_wise = None
-    if entry.HasField("retrain_weight_quant_config"):
-        channel_wise = _channel_wise_setting(entry.retrain_weight_quant_config)
-        if channel_wise and rule is not None and not rule.channel_wise_allowed:
-            raise _err(path, f"channel_wise must be false for {rule.layer_type}", layer,
-                       f"{key}.retrain_weight_quant_config.arq_retrain.channel_wise")
-    return _Override(data, channel_wise, entry.HasField("retrain_weight_quant_config"))
+    given = entry.HasField("retrain_weight_quant_config")
+    return _override_of(path, layer, rule, data, entry.retrain_weight_quant_config.arq_retrain if given else None,
+                        f"{key}.retrain_weight_quant_config.arq_retrain")
 
 
-def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, model_path: str) -> dict[str, Any]:
-    """Build the retrain config dict for ``net``, shaped by the simplified config ``spec``."""
-    by_name = _layers_by_name(net)
+def _batch_num(path: str, spec: Message) -> int:
+    if not spec.HasField("batch_num"):
+        return 1
+    if spec.batch_num < 1:
+        raise _err(path, f"batch_num must be >= 1, got {spec.batch_num}", key="batch_num")
+    return spec.batch_num
+
+
+ReadOverride = Callable[[str, Message, str, str | None, QuantRule | None], _Override]
+
+
+def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model_path: str,
+                    read_override: ReadOverride) -> list[tuple[str, QuantRule, list[_Override]]]:
+    """The quantizable layers of ``net`` that the simplified config ``spec`` does not skip, in net
+    order, each with its rule and its overrides (layer override first, then type override), read
+    with ``read_override(path, entry, key, layer, rule)``. Validates the skip lists and overrides."""
+    by_name = layers_by_name(net)
     names, broken = quantizable_layers(net)
-    spec = spec if spec is not None else SimplifiedRetrainConfig()
-
-    batch_num = 1
-    if spec.HasField("batch_num"):
-        if spec.batch_num < 1:
-            raise _err(path, f"batch_num must be >= 1, got {spec.batch_num}", key="batch_num")
-        batch_num = spec.batch_num
 
     skipped: set[str] = set()
     for field in ("skip_layers", "quant_skip_layers"):
@@ -472,13 +522,6 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
         logger.warning("%s: skip_layer_types lists %r, which is not a quantizable type (quantizable: %s)",
                        path, t, ", ".join(QUANTIZABLE_RULES))
 
-    global_data = _DataSettings()
-    if spec.HasField("retrain_data_quant_config"):
-        global_data = _data_settings(path, spec.retrain_data_quant_config, "retrain_data_quant_config", None)
-    global_cw = None
-    if spec.HasField("retrain_weight_quant_config"):
-        global_cw = _channel_wise_setting(spec.retrain_weight_quant_config)
-
     type_overrides: dict[str, _Override] = {}
     for i, entry in enumerate(spec.override_layer_types):
         key = f"override_layer_types[{i}]"
@@ -490,7 +533,7 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
                        key=f"{key}.layer_type")
         if t in type_overrides:
             raise _err(path, f"layer type {t!r} is overridden more than once", key=f"{key}.layer_type")
-        type_overrides[t] = _override(path, entry, key, None, QUANTIZABLE_RULES[t])
+        type_overrides[t] = read_override(path, entry, key, None, QUANTIZABLE_RULES[t])
         if t in skipped_types:
             logger.warning("%s: layer type %s is in skip_layer_types; its override is ignored", path, t)
 
@@ -511,7 +554,7 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
                        f"(quantizable: {', '.join(QUANTIZABLE_RULES)})", name, f"{key}.layer_name")
         if name in broken:
             raise _err(path, f"layer cannot be quantized: {broken[name]}", name, f"{key}.layer_name")
-        layer_overrides[name] = _override(path, entry, key, name, rule)
+        layer_overrides[name] = read_override(path, entry, key, name, rule)
         if name in skipped or layer.type in skipped_types:
             logger.warning("%s: layer %r is skipped; its override_layer_configs entry is ignored", path, name)
 
@@ -520,24 +563,43 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
         if name not in skipped and by_name[name].type not in skipped_types:
             logger.warning("%s: layer %r (%s) is left in float: %s", model_path, name, by_name[name].type, why)
 
-    out: dict[str, Any] = {"version": CONFIG_VERSION, "batch_num": batch_num}
+    resolved = []
     for name in names:
         layer_type = by_name[name].type
         if name in skipped or layer_type in skipped_types:
             continue
-        rule = QUANTIZABLE_RULES[layer_type]
-        # Precedence, per block: layer override > type override > global > default.
         chain = [o for o in (layer_overrides.get(name), type_overrides.get(layer_type)) if o is not None]
-        data = next((o.data for o in chain if o.data is not None), global_data)
-        weight_owner = next((o for o in chain if o.weight_given), None)
-        if weight_owner is not None:
-            channel_wise = weight_owner.channel_wise
-        else:
-            # A global channel_wise only reaches types that allow per-channel weights.
-            channel_wise = global_cw if rule.channel_wise_allowed else None
-        if channel_wise is None:
-            channel_wise = rule.channel_wise_default
+        resolved.append((name, QUANTIZABLE_RULES[layer_type], chain))
+    return resolved
 
+
+def _settings(chain: list[_Override], global_data: Any, global_cw: bool | None, rule: QuantRule) -> tuple[Any, bool]:
+    """(activation settings, channel_wise) of one layer. Precedence, per block: layer override >
+    type override > global > default."""
+    data = next((o.data for o in chain if o.data is not None), global_data)
+    weight_owner = next((o for o in chain if o.weight_given), None)
+    if weight_owner is not None:
+        channel_wise = weight_owner.channel_wise
+    else:
+        # A global channel_wise only reaches types that allow per-channel weights.
+        channel_wise = global_cw if rule.channel_wise_allowed else None
+    return data, rule.channel_wise_default if channel_wise is None else channel_wise
+
+
+def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, model_path: str) -> dict[str, Any]:
+    """Build the retrain config dict for ``net``, shaped by the simplified config ``spec``."""
+    spec = spec if spec is not None else SimplifiedRetrainConfig()
+    batch_num = _batch_num(path, spec)
+    global_data = _DataSettings()
+    if spec.HasField("retrain_data_quant_config"):
+        global_data = _data_settings(path, spec.retrain_data_quant_config, "retrain_data_quant_config", None)
+    global_cw = None
+    if spec.HasField("retrain_weight_quant_config"):
+        global_cw = _channel_wise_setting(spec.retrain_weight_quant_config.arq_retrain)
+
+    out: dict[str, Any] = {"version": CONFIG_VERSION, "batch_num": batch_num}
+    for name, rule, chain in _resolve_layers(path, spec, net, model_path, _override):
+        data, channel_wise = _settings(chain, global_data, global_cw, rule)
         data_cfg: dict[str, Any] = {"algo": DATA_ALGO}
         if data.clip_max is not None:
             data_cfg["clip_max"] = data.clip_max
@@ -557,6 +619,30 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _read_create_inputs(out_path: str, model_path: str, weights_path: str, def_path: str | None,
+                        schema: type) -> tuple[caffe_pb2.NetParameter, Message | None]:
+    """The net and the simplified config (or None) of a config generator, checked: the weights
+    file exists, and the output is neither an input nor a directory."""
+    net = read_prototxt(model_path)
+    if not os.path.isfile(weights_path):
+        raise ConfigError(f"{weights_path}: weights file does not exist")
+    spec = read_simplified_config(def_path, schema) if def_path is not None else None
+    for other in (model_path, weights_path, def_path):
+        if other is not None and _same_file(out_path, other):
+            raise ConfigError(f"{out_path}: the config file to write is the input {other}; refusing to overwrite it")
+    if os.path.isdir(out_path):
+        raise ConfigError(f"{out_path}: is a directory, not a config file path")
+    return net, spec
+
+
+def _write_generated(out_path: str, data: dict[str, Any], layers: Mapping[str, Any], model_path: str,
+                     what: str) -> None:
+    if not layers:
+        logger.warning("%s: no layer of %s is quantized (no quantizable layer left)", out_path, model_path)
+    atomic_write(out_path, json.dumps(data, indent=4) + "\n")
+    logger.info("wrote %s for %d layer(s) to %s", what, len(layers), out_path)
 
 
 def create_quant_retrain_config(
@@ -581,25 +667,164 @@ def create_quant_retrain_config(
     """
     out_path, model_path, weights_path = os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file)
     def_path = os.fspath(config_defination) if config_defination is not None else None
-
-    net = read_prototxt(model_path)
-    if not os.path.isfile(weights_path):
-        raise ConfigError(f"{weights_path}: weights file does not exist")
-    spec = read_simplified_config(def_path) if def_path is not None else None
-    for other in (model_path, weights_path, def_path):
-        if other is not None and _same_file(out_path, other):
-            raise ConfigError(f"{out_path}: the config file to write is the input {other}; refusing to overwrite it")
-    if os.path.isdir(out_path):
-        raise ConfigError(f"{out_path}: is a directory, not a config file path")
-
+    net, spec = _read_create_inputs(out_path, model_path, weights_path, def_path, SimplifiedRetrainConfig)
     data = _generate(def_path or out_path, spec, net, model_path)
     # Self-check: what we write must load; a failure here is a bug, reported before writing.
-    _validate(out_path, data, net)
-    if len(data) == 2:
-        logger.warning("%s: no layer of %s is quantized (no quantizable layer left)", out_path, model_path)
+    parsed = _validate(out_path, data, net)
+    _write_generated(out_path, data, parsed.layers, model_path, "retrain config")
 
-    atomic_write(out_path, json.dumps(data, indent=4) + "\n")
-    logger.info("wrote retrain config for %d layer(s) to %s", len(data) - 2, out_path)
+
+# --------------------------------------------------------------------------- calibration config
+
+
+@dataclass(frozen=True)
+class IfmrParams:
+    """The IFMR range search of one layer's activations (``activation_quant_params``).
+
+    As in amct_caffe, ``min_percentile`` is the share of values at or above the lower bound:
+    the lower bound is the ``1 - min_percentile`` quantile (0.999999: the 0.000001 quantile of the
+    contract). The upper bound starts at the ``max_percentile`` quantile and is searched over
+    ``search_start * max, ..., search_end * max`` in steps of ``search_step``.
+    """
+    max_percentile: float = 0.999999
+    min_percentile: float = 0.999999
+    search_start: float = 0.7
+    search_end: float = 1.3
+    search_step: float = 0.01
+
+    def ifmr_kwargs(self) -> dict[str, float]:
+        """The arguments of :func:`amct_retrain.numerics.ifmr_search`."""
+        return {"min_percentile": 1.0 - self.min_percentile, "max_percentile": self.max_percentile,
+                "search_start": self.search_start, "search_end": self.search_end, "search_step": self.search_step}
+
+
+def _check_ifmr(path: str, layer: str | None, key_of: Callable[[str], str], p: IfmrParams) -> IfmrParams:
+    """``p`` if its values are usable; else a ConfigError naming ``key_of(field)``."""
+    for field in ("max_percentile", "min_percentile"):
+        v = getattr(p, field)
+        if not (math.isfinite(v) and 0.5 < v <= 1.0):
+            raise _err(path, f"{field} must lie in (0.5, 1], got {v}", layer, key_of(field))
+    if not (math.isfinite(p.search_start) and math.isfinite(p.search_end) and 0 < p.search_start <= p.search_end):
+        raise _err(path, f"the search range must satisfy 0 < start <= end, got [{p.search_start}, {p.search_end}]",
+                   layer, key_of("search_start"))
+    if not (math.isfinite(p.search_step) and p.search_step > 0):
+        raise _err(path, f"search_step must be a positive number, got {p.search_step}", layer, key_of("search_step"))
+    return p
+
+
+_IFMR_CFG_KEYS = {"search_start": "search_range_start", "search_end": "search_range_end"}
+
+
+def _ifmr_settings(path: str, block: Message, key: str, layer: str | None) -> IfmrParams:
+    """IfmrParams from a simplified config's ``ifmr_quantize`` block (unset fields: the defaults)."""
+    default = IfmrParams()
+    def cfg_key(field: str) -> str:
+        return _IFMR_CFG_KEYS.get(field, field)
+
+    values = {f.name: getattr(block, cfg_key(f.name)) if block.HasField(cfg_key(f.name)) else getattr(default, f.name)
+              for f in dataclasses.fields(IfmrParams)}
+    return _check_ifmr(path, layer, lambda field: f"{key}.{cfg_key(field)}", IfmrParams(**values))
+
+
+def _calibration_override(path: str, entry: Message, key: str, layer: str | None,
+                          rule: QuantRule | None) -> _Override:
+    block, bkey = entry.calibration_config, f"{key}.calibration_config"
+    data = (_ifmr_settings(path, block.ifmr_quantize, f"{bkey}.ifmr_quantize", layer)
+            if block.HasField("ifmr_quantize") else None)
+    arq = block.arq_quantize if block.HasField("arq_quantize") else None
+    return _override_of(path, layer, rule, data, arq, f"{bkey}.arq_quantize")
+
+
+def _ifmr_json(p: IfmrParams) -> dict[str, Any]:
+    return {"algo": CALIBRATION_DATA_ALGO, "max_percentile": p.max_percentile, "min_percentile": p.min_percentile,
+            "search_range": [p.search_start, p.search_end], "search_step": p.search_step}
+
+
+def _generate_calibration(path: str, spec: Message, net: caffe_pb2.NetParameter,
+                          model_path: str) -> dict[str, Any]:
+    """Build the calibration config dict for ``net``, shaped by the simplified config ``spec``."""
+    global_ifmr, global_cw = IfmrParams(), None
+    if spec.HasField("common_config"):
+        common = spec.common_config
+        if common.HasField("ifmr_quantize"):
+            global_ifmr = _ifmr_settings(path, common.ifmr_quantize, "common_config.ifmr_quantize", None)
+        global_cw = _channel_wise_setting(common.arq_quantize)
+    out: dict[str, Any] = {"version": CONFIG_VERSION, "batch_num": _batch_num(path, spec),
+                           "activation_offset": spec.activation_offset if spec.HasField("activation_offset") else True}
+    for name, rule, chain in _resolve_layers(path, spec, net, model_path, _calibration_override):
+        ifmr, channel_wise = _settings(chain, global_ifmr, global_cw, rule)
+        entry: dict[str, Any] = {"quant_enable": True, "activation_quant_params": _ifmr_json(ifmr)}
+        if rule.has_weights:
+            entry["weight_quant_params"] = {"wts_algo": CALIBRATION_WEIGHT_ALGO, "channel_wise": channel_wise}
+        out[name] = entry
+    return out
+
+
+def _spec_from_arguments(skip_layers: Any, batch_num: Any, activation_offset: Any) -> Message:
+    """The simplified calibration config that create_quant_config's arguments amount to."""
+    where = "create_quant_config"
+    if not isinstance(batch_num, int) or isinstance(batch_num, bool) or not 1 <= batch_num < 2**32:
+        raise ConfigError(f"{where}: argument batch_num must be an integer >= 1, got {batch_num!r}")
+    if not isinstance(activation_offset, bool):
+        raise ConfigError(f"{where}: argument activation_offset must be True or False, got {activation_offset!r}")
+    skip = [] if skip_layers is None else list(skip_layers) if (
+        isinstance(skip_layers, Iterable) and not isinstance(skip_layers, str)) else None
+    if skip is None or not all(isinstance(n, str) for n in skip):
+        raise ConfigError(f"{where}: argument skip_layers must be a list of layer names, got {skip_layers!r}")
+    return SimplifiedCalibrationConfig(batch_num=batch_num, activation_offset=activation_offset, skip_layers=skip)
+
+
+def create_quant_config(
+    config_file: str | os.PathLike,
+    model_file: str | os.PathLike,
+    weights_file: str | os.PathLike,
+    skip_layers: Iterable[str] | None = None,
+    batch_num: int = 1,
+    activation_offset: bool = True,
+    config_defination: str | os.PathLike | None = None,
+) -> None:
+    """Write the calibration config JSON for every quantizable layer of ``model_file`` not in
+    ``skip_layers``.
+
+    The format (the original toolkit's; version 1)::
+
+        {"version": 1, "batch_num": 2, "activation_offset": true,
+         "conv1": {"quant_enable": true,
+                   "activation_quant_params": {"algo": "ifmr", "max_percentile": 0.999999,
+                                               "min_percentile": 0.999999, "search_range": [0.7, 1.3],
+                                               "search_step": 0.01},
+                   "weight_quant_params": {"wts_algo": "arq_quantize", "channel_wise": true}}}
+
+    ``batch_num``: the forward passes calibration observes (their batches together give the
+    ranges). ``activation_offset``: false makes every activation range symmetric, [-a, a] with
+    offset_d 0. ``activation_quant_params``: see :class:`IfmrParams` (all keys but ``algo`` are
+    optional). ``channel_wise``: per-output-channel weight scales, only for (De)Convolution.
+    ``quant_enable: false`` (or leaving a layer out) keeps a layer in float.
+
+    With ``config_defination`` (``.yaml``/``.yml`` or ``.cfg``, read like the retraining's), the
+    other arguments are ignored and it sets ``batch_num``, ``activation_offset``, ``skip_layers`` /
+    ``quant_skip_layers`` / ``skip_layer_types``, a global ``common_config { ifmr_quantize {
+    search_range_start search_range_end search_step max_percentile min_percentile } arq_quantize
+    { channel_wise } }`` and ``override_layer_types`` / ``override_layer_configs`` entries with a
+    ``calibration_config`` block of the same shape (layer > type > global > default, whole blocks).
+
+    Validated before anything is written; the file is replaced atomically. Raises
+    :class:`ConfigError` naming the file (or argument), layer and key.
+    """
+    out_path, model_path, weights_path = os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file)
+    def_path = os.fspath(config_defination) if config_defination is not None else None
+    net, spec = _read_create_inputs(out_path, model_path, weights_path, def_path, SimplifiedCalibrationConfig)
+    if spec is None:
+        data = _generate_calibration("create_quant_config", _spec_from_arguments(
+            skip_layers, batch_num, activation_offset), net, model_path)
+    else:
+        ignored = [name for name, given in (("skip_layers", bool(skip_layers)), ("batch_num", batch_num != 1),
+                                            ("activation_offset", activation_offset is not True)) if given]
+        if ignored:
+            logger.warning("%s: the simplified config decides; argument(s) %s ignored", def_path, ", ".join(ignored))
+        data = _generate_calibration(def_path, spec, net, model_path)
+    parsed = _validate_calibration(out_path, data, net)
+    _write_generated(out_path, data, parsed.layers, model_path, "calibration config")
 
 
 # --------------------------------------------------------------------------- loading
@@ -629,10 +854,33 @@ class RetrainConfig:
     layers: dict[str, LayerQuantConfig]
 
 
+@dataclass(frozen=True)
+class LayerCalibrationConfig:
+    """Calibration settings of one quantized layer."""
+
+    layer_type: str
+    channel_wise: bool
+    ifmr: IfmrParams
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """A validated calibration config: ``layers`` holds only the enabled layers, in net order.
+    ``activation_offset`` false: symmetric activation ranges (offset_d 0)."""
+
+    batch_num: int
+    activation_offset: bool
+    layers: dict[str, LayerCalibrationConfig]
+
+
 _TOP_KEYS = ("version", "batch_num", "log_dir")
 _LAYER_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
 _DATA_KEYS = ("algo", "clip_max", "clip_min", "fixed_min")
 _WEIGHT_KEYS = ("algo", "channel_wise")
+_CALIBRATION_TOP_KEYS = ("version", "batch_num", "activation_offset")
+_CALIBRATION_LAYER_KEYS = ("quant_enable", "activation_quant_params", "weight_quant_params")
+_ACTIVATION_KEYS = ("algo", "max_percentile", "min_percentile", "search_range", "search_step")
+_CALIBRATION_WEIGHT_KEYS = ("wts_algo", "channel_wise")
 
 
 class _DuplicateKey(Exception):
@@ -650,6 +898,16 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _read_json(path: str, what: str) -> Any:
+    text = read_text_file(path, what, ConfigError)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except _DuplicateKey as e:
+        raise _err(path, "key given more than once", key=e.key) from None
+
+
 def load_retrain_config(config_file: str | os.PathLike, net: caffe_pb2.NetParameter) -> RetrainConfig:
     """Read the retrain config JSON and validate it against ``net``.
 
@@ -660,14 +918,16 @@ def load_retrain_config(config_file: str | os.PathLike, net: caffe_pb2.NetParame
     ``batch_num`` < 1.  Quantizable layers absent from the file stay in float.
     """
     path = os.fspath(config_file)
-    text = read_text_file(path, "retrain config", ConfigError)
-    try:
-        data = json.loads(text, object_pairs_hook=_unique_pairs)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    except _DuplicateKey as e:
-        raise _err(path, "key given more than once", key=e.key) from None
-    return _validate(path, data, net)
+    return _validate(path, _read_json(path, "retrain config"), net)
+
+
+def load_calibration_config(config_file: str | os.PathLike, net: caffe_pb2.NetParameter) -> CalibrationConfig:
+    """Read the calibration config JSON (see :func:`create_quant_config`) and validate it against
+    ``net``, with the errors of :func:`load_retrain_config` (file, layer and key named); also a
+    percentile outside (0.5, 1], a search range that is not ``0 < start <= end`` and a search step
+    <= 0 are errors. Quantizable layers absent from the file stay in float."""
+    path = os.fspath(config_file)
+    return _validate_calibration(path, _read_json(path, "calibration config"), net)
 
 
 def _want(path: str, value: Any, kind: str, layer: str | None, key: str) -> None:
@@ -679,11 +939,13 @@ def _want(path: str, value: Any, kind: str, layer: str | None, key: str) -> None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif kind == "str":
         ok = isinstance(value, str)
+    elif kind == "array":
+        ok = isinstance(value, list)
     else:  # "object"
         ok = isinstance(value, dict)
     if not ok:
         names = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
-                 "object": "an object"}
+                 "array": "an array", "object": "an object"}
         raise _err(path, f"expected {names[kind]}, got {_json_type(value)} {json.dumps(value)[:80]}", layer, key)
 
 
@@ -699,9 +961,10 @@ def _check_keys(path: str, obj: Mapping[str, Any], allowed: Iterable[str], layer
             raise _err(path, f"unknown key; expected one of: {', '.join(allowed)}", layer, f"{key}.{k}" if key else k)
 
 
-def _validate(path: str, data: Any, net: caffe_pb2.NetParameter) -> RetrainConfig:
+def _validate_top(path: str, data: Any, what: str) -> int:
+    """Check the top level of a config JSON (an object, its version); return its batch_num."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the retrain config must be a JSON object, got {_json_type(data)}")
+        raise ConfigError(f"{path}: the {what} must be a JSON object, got {_json_type(data)}")
     if "version" not in data:
         raise _err(path, f"missing; expected {CONFIG_VERSION}", key="version")
     version = data["version"]
@@ -712,27 +975,69 @@ def _validate(path: str, data: Any, net: caffe_pb2.NetParameter) -> RetrainConfi
     _want(path, batch_num, "int", None, "batch_num")
     if batch_num < 1:
         raise _err(path, f"batch_num must be >= 1, got {batch_num}", key="batch_num")
+    return batch_num
+
+
+def _validate_layers(path: str, data: dict[str, Any], net: caffe_pb2.NetParameter, top_keys: tuple[str, ...],
+                     validate_layer: Callable[..., Any]) -> dict[str, Any]:
+    """``validate_layer(path, name, entry, layer, broken)`` of every layer entry; the enabled
+    ones (not None) in net order. Any other key than ``top_keys`` must name a layer."""
+    by_name = layers_by_name(net)
+    _, broken = quantizable_layers(net)
+    configs: dict[str, Any] = {}
+    for name, entry in data.items():
+        if name in top_keys:
+            continue
+        if name not in by_name:
+            raise _err(path, f"unknown key: the model has no layer named {name!r} "
+                       f"(top-level keys are {', '.join(top_keys)} and layer names)", name)
+        parsed = validate_layer(path, name, entry, by_name[name], broken.get(name))
+        if parsed is not None:
+            configs[name] = parsed
+    # Net order, not file order: the graph passes walk the net.
+    return {name: configs[name] for name in by_name if name in configs}
+
+
+def _validate(path: str, data: Any, net: caffe_pb2.NetParameter) -> RetrainConfig:
+    batch_num = _validate_top(path, data, "retrain config")
     log_dir = data.get("log_dir")
     if log_dir is not None:
         _want(path, log_dir, "str", None, "log_dir")
         if not log_dir:
             raise _err(path, "log_dir must not be empty (leave it out for no logs)", key="log_dir")
-
-    by_name = _layers_by_name(net)
-    _, broken = quantizable_layers(net)
-    configs: dict[str, LayerQuantConfig] = {}
-    for name, entry in data.items():
-        if name in _TOP_KEYS:
-            continue
-        if name not in by_name:
-            raise _err(path, f"unknown key: the model has no layer named {name!r} "
-                       f"(top-level keys are {', '.join(_TOP_KEYS)} and layer names)", name)
-        parsed = _validate_layer(path, name, entry, by_name[name], broken.get(name))
-        if parsed is not None:
-            configs[name] = parsed
-    # Net order, not file order: the graph passes walk the net.
-    layers = {name: configs[name] for name in by_name if name in configs}
+    layers = _validate_layers(path, data, net, _TOP_KEYS, _validate_layer)
     return RetrainConfig(batch_num=batch_num, log_dir=log_dir, layers=layers)
+
+
+def _check_algo(path: str, name: str, cfg: Mapping[str, Any], key: str, field: str, algo: str) -> None:
+    if field not in cfg:
+        raise _err(path, f"missing; expected {algo!r}", name, f"{key}.{field}")
+    _want(path, cfg[field], "str", name, f"{key}.{field}")
+    if cfg[field] != algo:
+        raise _err(path, f"unsupported algorithm {cfg[field]!r}; expected {algo!r}", name, f"{key}.{field}")
+
+
+def _enabled_rule(path: str, name: str, layer: caffe_pb2.LayerParameter, broken: str | None,
+                  enable_key: str) -> QuantRule:
+    """The rule of an enabled layer; an error if it is not quantizable or breaks a constraint."""
+    rule = _rule_for(layer)
+    if rule is None:
+        raise _err(path, f"layer of type {layer.type} is not quantizable "
+                   f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set {enable_key} false or remove it",
+                   name, enable_key)
+    if broken is not None:
+        raise _err(path, f"layer cannot be quantized: {broken}", name, enable_key)
+    return rule
+
+
+def _channel_wise(path: str, name: str, layer: caffe_pb2.LayerParameter, rule: QuantRule,
+                  weight_cfg: Mapping[str, Any] | None, key: str) -> bool:
+    channel_wise = rule.channel_wise_default
+    if weight_cfg is not None and "channel_wise" in weight_cfg:
+        channel_wise = weight_cfg["channel_wise"]
+    if channel_wise and not rule.channel_wise_allowed:
+        raise _err(path, f"channel_wise must be false for {layer.type}", name, f"{key}.channel_wise")
+    return channel_wise
 
 
 def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
@@ -757,13 +1062,8 @@ def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerPara
         _check_keys(path, weight_cfg, _WEIGHT_KEYS, name, "retrain_weight_config")
     for cfg, key, algo in ((data_cfg, "retrain_data_config", DATA_ALGO),
                            (weight_cfg, "retrain_weight_config", WEIGHT_ALGO)):
-        if cfg is None:
-            continue
-        if "algo" not in cfg:
-            raise _err(path, f"missing; expected {algo!r}", name, f"{key}.algo")
-        _want(path, cfg["algo"], "str", name, f"{key}.algo")
-        if cfg["algo"] != algo:
-            raise _err(path, f"unsupported algorithm {cfg['algo']!r}; expected {algo!r}", name, f"{key}.algo")
+        if cfg is not None:
+            _check_algo(path, name, cfg, key, "algo", algo)
     if data_cfg is not None:
         for k in ("clip_max", "clip_min"):
             if k in data_cfg:
@@ -775,14 +1075,7 @@ def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerPara
     if not enabled:
         return None
 
-    rule = _rule_for(layer)
-    if rule is None:
-        raise _err(path, f"layer of type {layer.type} is not quantizable "
-                   f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set retrain_enable false or remove it",
-                   name, "retrain_enable")
-    if broken is not None:
-        raise _err(path, f"layer cannot be quantized: {broken}", name, "retrain_enable")
-
+    rule = _enabled_rule(path, name, layer, broken, "retrain_enable")
     clip_min, clip_max = data_cfg.get("clip_min"), data_cfg.get("clip_max")
     if (clip_min is None) != (clip_max is None):
         missing = "clip_min" if clip_min is None else "clip_max"
@@ -794,15 +1087,76 @@ def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerPara
 
     if rule.has_weights and weight_cfg is None:
         raise _err(path, "missing (needed when retrain_enable is true)", name, "retrain_weight_config")
-    channel_wise = rule.channel_wise_default
-    if weight_cfg is not None and "channel_wise" in weight_cfg:
-        channel_wise = weight_cfg["channel_wise"]
-    if channel_wise and not rule.channel_wise_allowed:
-        raise _err(path, f"channel_wise must be false for {layer.type}", name, "retrain_weight_config.channel_wise")
     return LayerQuantConfig(
         layer_type=layer.type,
         clip_min=clip_min,
         clip_max=clip_max,
         fixed_min=data_cfg.get("fixed_min", False),
-        channel_wise=channel_wise,
+        channel_wise=_channel_wise(path, name, layer, rule, weight_cfg, "retrain_weight_config"),
+    )
+
+
+def _validate_calibration(path: str, data: Any, net: caffe_pb2.NetParameter) -> CalibrationConfig:
+    batch_num = _validate_top(path, data, "calibration config")
+    activation_offset = data.get("activation_offset", True)
+    _want(path, activation_offset, "bool", None, "activation_offset")
+    layers = _validate_layers(path, data, net, _CALIBRATION_TOP_KEYS, _validate_calibration_layer)
+    return CalibrationConfig(batch_num=batch_num, activation_offset=activation_offset, layers=layers)
+
+
+def _ifmr_from_json(path: str, name: str, cfg: Mapping[str, Any]) -> IfmrParams:
+    key = "activation_quant_params"
+    default = IfmrParams()
+    for field in ("max_percentile", "min_percentile", "search_step"):
+        if field in cfg:
+            _want(path, cfg[field], "number", name, f"{key}.{field}")
+    search_range = cfg.get("search_range", [default.search_start, default.search_end])
+    _want(path, search_range, "array", name, f"{key}.search_range")
+    if len(search_range) != 2:
+        raise _err(path, f"expected [start, end], got {len(search_range)} values", name, f"{key}.search_range")
+    for i, v in enumerate(search_range):
+        _want(path, v, "number", name, f"{key}.search_range[{i}]")
+    params = IfmrParams(max_percentile=float(cfg.get("max_percentile", default.max_percentile)),
+                        min_percentile=float(cfg.get("min_percentile", default.min_percentile)),
+                        search_start=float(search_range[0]), search_end=float(search_range[1]),
+                        search_step=float(cfg.get("search_step", default.search_step)))
+    json_key = {"search_start": "search_range[0]", "search_end": "search_range[1]"}
+    return _check_ifmr(path, name, lambda f: f"{key}.{json_key.get(f, f)}", params)
+
+
+def _validate_calibration_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
+                                broken: str | None) -> LayerCalibrationConfig | None:
+    _want(path, entry, "object", name, name)
+    _check_keys(path, entry, _CALIBRATION_LAYER_KEYS, name, "")
+    if "quant_enable" not in entry:
+        raise _err(path, "missing", name, "quant_enable")
+    _want(path, entry["quant_enable"], "bool", name, "quant_enable")
+    enabled = entry["quant_enable"]
+
+    # Structure and types are checked even for disabled layers: a typo is a typo.
+    act_cfg, ifmr = entry.get("activation_quant_params"), None
+    if act_cfg is not None or enabled:
+        if act_cfg is None:
+            raise _err(path, "missing (needed when quant_enable is true)", name, "activation_quant_params")
+        _want(path, act_cfg, "object", name, "activation_quant_params")
+        _check_keys(path, act_cfg, _ACTIVATION_KEYS, name, "activation_quant_params")
+        _check_algo(path, name, act_cfg, "activation_quant_params", "algo", CALIBRATION_DATA_ALGO)
+        ifmr = _ifmr_from_json(path, name, act_cfg)
+    weight_cfg = entry.get("weight_quant_params")
+    if weight_cfg is not None:
+        _want(path, weight_cfg, "object", name, "weight_quant_params")
+        _check_keys(path, weight_cfg, _CALIBRATION_WEIGHT_KEYS, name, "weight_quant_params")
+        _check_algo(path, name, weight_cfg, "weight_quant_params", "wts_algo", CALIBRATION_WEIGHT_ALGO)
+        if "channel_wise" in weight_cfg:
+            _want(path, weight_cfg["channel_wise"], "bool", name, "weight_quant_params.channel_wise")
+    if not enabled:
+        return None
+
+    rule = _enabled_rule(path, name, layer, broken, "quant_enable")
+    if rule.has_weights and weight_cfg is None:
+        raise _err(path, "missing (needed when quant_enable is true)", name, "weight_quant_params")
+    return LayerCalibrationConfig(
+        layer_type=layer.type,
+        channel_wise=_channel_wise(path, name, layer, rule, weight_cfg, "weight_quant_params"),
+        ifmr=ifmr,
     )

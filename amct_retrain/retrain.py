@@ -1,8 +1,10 @@
 """Quantization-aware retraining: the modified model a user trains with Caffe."""
+import dataclasses
 import logging
 import os
 
 import numpy as np
+from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io
@@ -17,7 +19,8 @@ from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_cl
 LOG = logging.getLogger("amct_retrain")
 
 
-def _check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+def check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """Refuse an output path that is an existing input file ({role: path} each)."""
     for out_role, out_path in outputs.items():
         for in_role, in_path in inputs.items():
             if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(out_path, in_path):
@@ -52,12 +55,46 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
     return out
 
 
-def _skip_fusion_records(record_file: str) -> dict[str, record.SingleLayerRecord]:
-    """The ``skip_fusion`` entries of an existing record file: kept, and honoured."""
-    if not os.path.exists(record_file):
-        return {}
-    return {name: record.SingleLayerRecord(skip_fusion=True)
-            for name, rec in record.read_record(record_file).items() if rec.skip_fusion}
+def existing_record(record_file: str) -> dict[str, record.SingleLayerRecord]:
+    """The entries of the record file if it exists, else none."""
+    return record.read_record(record_file) if os.path.exists(record_file) else {}
+
+
+def skip_fusion_entries(records: dict[str, record.SingleLayerRecord]) -> dict[str, record.SingleLayerRecord]:
+    """The ``skip_fusion`` entries of a record, alone: kept when the record is emptied, and honoured."""
+    return {name: record.SingleLayerRecord(skip_fusion=True) for name, rec in records.items() if rec.skip_fusion}
+
+
+def _clips_from_calibration(net: caffe_pb2.NetParameter, retrain_config: retrain_config_io.RetrainConfig,
+                            records: dict[str, record.SingleLayerRecord],
+                            record_file: str) -> retrain_config_io.RetrainConfig:
+    """``retrain_config`` with the clips of every layer that has none configured started from the
+    record's scale_d / offset_d (a calibration record): clip_min = scale_d * o, clip_max =
+    scale_d * (o + 255) with o = -offset_d - 128, the pair whose ULQ grid is the record's.
+
+    A layer whose input is a BatchNorm's or Scale's output is left to IFMR (warning): calibration
+    may have folded that BatchNorm into it (BN+Scale+Conv), so its scale_d may be of another tensor."""
+    producer: dict[str, str] = {}  # blob -> type of the layer that wrote it last, so far
+    input_producer: dict[str, str | None] = {}
+    for layer in net.layer:
+        if layer.name in retrain_config.layers:
+            input_producer.setdefault(layer.name, producer.get(layer.bottom[0]))
+        producer.update((top, layer.type) for top in layer.top)
+    layers = dict(retrain_config.layers)
+    for name, layer_config in retrain_config.layers.items():
+        rec = records.get(name)
+        if layer_config.clip_min is not None or rec is None or not (rec.HasField("scale_d")
+                                                                    and rec.HasField("offset_d")):
+            continue
+        if input_producer.get(name) in ("BatchNorm", "Scale"):
+            LOG.warning("layer '%s': reads the output of a BatchNorm/Scale that calibration may have folded into "
+                        "it; its clips start from IFMR, not from %s", name, record_file)
+            continue
+        o = -rec.offset_d - 128
+        layers[name] = dataclasses.replace(layer_config, clip_min=rec.scale_d * o, clip_max=rec.scale_d * (o + 255))
+        LOG.info("layer '%s': clips start from the calibration record (scale_d %r, offset_d %d)",
+                 name, rec.scale_d, rec.offset_d)
+    return dataclasses.replace(retrain_config, layers=layers)
 
 
 def create_quant_retrain_model(model_file: str, weights_file: str, config_file: str,
@@ -71,8 +108,16 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     left alone); inserts ActivationULQ / WeightARQ / ShiftNSearch
     around every configured layer; writes the new prototxt, its caffemodel (master weights =
     the float weights) and the record file (empty but for skip_fusion entries), all or nothing. The inputs are not modified.
+
+    Starting from calibration: when the existing record file holds ``scale_d`` / ``offset_d`` of a
+    layer (the record of post-training calibration), that layer's clips start there instead of
+    from IFMR on the first batch: ``clip_min = scale_d * o``, ``clip_max = scale_d * (o + 255)``
+    with ``o = -offset_d - 128`` (so the first forward quantizes on the calibrated grid), ready
+    flag 1. Clips set in the config take precedence; a layer reading a BatchNorm/Scale output
+    starts from IFMR (calibration may have folded that BatchNorm into it). The record's other
+    entries, but skip_fusion, are then replaced by the retraining's own.
     """
-    _check_outputs_are_not_inputs(
+    check_outputs_are_not_inputs(
         {"model file": model_file, "weights file": weights_file, "config file": config_file},
         {"modified model file": modified_model_file, "modified weights file": modified_weights_file,
          "record file": scale_offset_record_file})
@@ -82,8 +127,10 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     params = model_io.read_caffemodel(weights_file)
     model_io.check_weights_match(model_file, weights_file, shapes, params)
     record_file = os.path.abspath(scale_offset_record_file)
-    skip_fusion = _skip_fusion_records(record_file)
+    existing = existing_record(record_file)
+    skip_fusion = skip_fusion_entries(existing)
     net, params, fused = fuse_for_retraining(net, params, skip_fusion)
+    retrain_config = _clips_from_calibration(net, retrain_config, existing, record_file)
     for group in fused:
         LOG.info("fused %s into layer '%s' (%s)", ", ".join(group.removed), group.layer, group.kind)
     fusions = {g.layer: {"kind": g.kind, "removed": list(g.removed)} for g in fused}

@@ -132,6 +132,38 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
     return layer
 
 
+ACTIVATION_OBSERVER_TYPE = ("calibration", "ActivationObserver")
+SHIFT_N_OBSERVER_TYPE = ("calibration", "ShiftNObserver")
+
+
+def activation_observer_name(owner: str) -> str:
+    """Name of the calibration observer of the input of ``owner`` (and of the layers sharing it)."""
+    return f"{owner}_activation_observer"
+
+
+def shift_n_observer_name(quantized_layer: str) -> str:
+    """Name of the calibration observer on ``quantized_layer``'s output."""
+    return f"{quantized_layer}_shift_n_observer"
+
+
+def activation_observer_layer(name: str, blob: str, served: Sequence[str], record_file: str, batch_num: int,
+                              ifmr: dict, symmetric: bool) -> caffe_pb2.LayerParameter:
+    """ActivationObserver in place on ``blob``, the float input of the quantized layers ``served``:
+    after ``batch_num`` TEST batches it writes their scale_d / offset_d (IFMR with the
+    :func:`~amct_retrain.numerics.ifmr_search` arguments ``ifmr``; ``symmetric``: offset_d 0)."""
+    return python_layer(name, ACTIVATION_OBSERVER_TYPE, blob, blob, {
+        "layers": list(served), "record_file": record_file, "batch_num": batch_num, "ifmr": ifmr,
+        "symmetric": symmetric})
+
+
+def shift_n_observer_layer(name: str, blob: str, quantized_layer: str, record_file: str,
+                           batch_num: int) -> caffe_pb2.LayerParameter:
+    """ShiftNObserver in place on ``blob``, ``quantized_layer``'s output: after ``batch_num`` TEST
+    batches it writes the layer's shift_bit (and a global conv's unified scale_w)."""
+    return python_layer(name, SHIFT_N_OBSERVER_TYPE, blob, blob, {
+        "quantized_layer": quantized_layer, "record_file": record_file, "batch_num": batch_num})
+
+
 FAKE_QUANT_TYPE = ("fixed", "FakeQuantActivation")
 REQUANT_TYPE = ("fixed", "Requantize")
 

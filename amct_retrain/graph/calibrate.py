@@ -1,0 +1,79 @@
+"""Graph pass: add the calibration observers to a (fused) float net.
+
+The calibration model computes exactly what the float model computes: every observer is a Python
+layer in place on a blob that passes its data through unchanged and, in the TEST phase, keeps what
+it sees until it has the ``batch_num`` batches it needs (``layers/calibration.py``):
+
+* one ActivationObserver per distinct input of the quantized layers: the layers that read the same
+  version of the same blob under the same phase rules share it (as they share one ActivationULQ in
+  retraining, :func:`~amct_retrain.graph.insert.activation_quantizer_owners`), so they share scale_d;
+* one ShiftNObserver on each quantized layer's output, right after the layer, so it runs after
+  the activation observer of the same forward pass.
+
+Observers are in place (contract section 6): a blob version that an in-place layer rewrites must
+have no other reader, or Caffe's automatic split fails. So an ActivationObserver goes right before
+the first layer, quantized or not, that reads the version it observes: from then on every reader of
+that version reads the observer's (identical) output instead.
+"""
+from collections.abc import Mapping
+
+from caffe.proto import caffe_pb2
+
+from amct_retrain.config import LayerCalibrationConfig
+from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.insert import _with_phase_rules
+
+
+def _blob_versions(net: caffe_pb2.NetParameter) -> tuple[list[tuple[str, int] | None], dict[tuple[str, int], int]]:
+    """(per layer, the (blob, version) its first bottom reads, None without bottoms; (blob, version)
+    -> index of the first layer reading it through any bottom). A version counts the tops of that
+    name written before, as activation_quantizer_owners counts them."""
+    version: dict[str, int] = {}
+    reads: list[tuple[str, int] | None] = []
+    first_reader: dict[tuple[str, int], int] = {}
+    for i, layer in enumerate(net.layer):
+        keys = [(bottom, version.get(bottom, 0)) for bottom in layer.bottom]
+        reads.append(keys[0] if keys else None)
+        for key in keys:
+            first_reader.setdefault(key, i)
+        for top in layer.top:
+            version[top] = version.get(top, 0) + 1
+    return reads, first_reader
+
+
+def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, LayerCalibrationConfig],
+                              owners: Mapping[str, str], record_file: str, batch_num: int,
+                              activation_offset: bool) -> caffe_pb2.NetParameter:
+    """A copy of ``net`` with the calibration observers of the quantized ``layers`` (name -> config).
+
+    ``owners``: quantized layer -> the quantized layer owning its activation observer (the first
+    reader of its input, :func:`~amct_retrain.graph.insert.activation_quantizer_owners`); sharers
+    must have equal IFMR settings. ``record_file`` (absolute) receives every factor;
+    ``activation_offset`` false makes the activation ranges symmetric. Inputs are not modified.
+    """
+    reads, first_reader = _blob_versions(net)
+    index: dict[str, int] = {}
+    for i, layer in enumerate(net.layer):
+        if layer.name in layers:
+            index.setdefault(layer.name, i)
+    observers_before: dict[int, list[caffe_pb2.LayerParameter]] = {}
+    for owner in dict.fromkeys(owners.values()):  # owners in net order, each once
+        owner_layer = net.layer[index[owner]]
+        blob = owner_layer.bottom[0]
+        served = [name for name in layers if owners[name] == owner]
+        observer = ql.activation_observer_layer(
+            ql.activation_observer_name(owner), blob, served, record_file, batch_num,
+            layers[owner].ifmr.ifmr_kwargs(), symmetric=not activation_offset)
+        observers_before.setdefault(first_reader[reads[index[owner]]], []).append(
+            _with_phase_rules(observer, owner_layer))
+
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    del out.layer[:]
+    for i, layer in enumerate(net.layer):
+        out.layer.extend(observers_before.get(i, []))
+        out.layer.add().CopyFrom(layer)
+        if index.get(layer.name) == i:
+            out.layer.append(_with_phase_rules(ql.shift_n_observer_layer(
+                ql.shift_n_observer_name(layer.name), layer.top[0], layer.name, record_file, batch_num), layer))
+    return out

@@ -1,0 +1,131 @@
+"""Calibration observers: the TEST passes of post-training calibration measure the factors.
+
+Both layers sit in place on a blob and leave its data as it is (the calibration model computes
+the float model). In the TEST phase each keeps a copy of the ``batch_num`` batches it sees, then
+computes its factors once and writes them into the record file; later forward passes and the
+TRAIN phase pass through untouched.
+"""
+import logging
+
+import caffe
+import numpy as np
+
+from amct_retrain import calibration, numerics, record
+from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
+
+LOG = logging.getLogger("amct_retrain.layers")
+TEST = 1
+IFMR_KEYS = ("min_percentile", "max_percentile", "search_start", "search_end", "search_step")
+ACTIVATION_PARAMS = {
+    "name": Key((str,), required=True),
+    "layers": Key((list,), required=True),  # the quantized layers it serves (they share scale_d)
+    "record_file": Key((str,), required=True),
+    "batch_num": Key((int,), default=1),
+    "ifmr": Key((dict,), required=True),  # numerics.ifmr_search's keyword arguments
+    "symmetric": Key((bool,), default=False),
+}
+SHIFT_N_PARAMS = {
+    "name": Key((str,), required=True),
+    "quantized_layer": Key((str,), required=True),
+    "record_file": Key((str,), required=True),
+    "batch_num": Key((int,), default=1),
+}
+
+
+class _Observer(caffe.Layer):
+    """In place, data unchanged; keeps copies of the first ``batch_num`` TEST batches and calls
+    ``complete(batches)`` with them once all are in."""
+
+    def _configure(self, p: dict, layer_type: str) -> None:
+        self.layer_name = p["name"]
+        if p["batch_num"] < 1:
+            raise LayerParamError(f"{layer_type} layer '{self.layer_name}': param_str key 'batch_num' must be "
+                                  f">= 1, got {p['batch_num']}")
+        self.batch_num = p["batch_num"]
+        self.count, self.kept = 0, []
+
+    def reshape(self, bottom, top):
+        top[0].reshape(*bottom[0].data.shape)
+
+    def forward(self, bottom, top):
+        if self.phase != TEST or self.count >= self.batch_num:
+            return
+        x = bottom[0].data
+        numerics.check_finite(x, f"calibration layer '{self.layer_name}' input")
+        self.kept.append(x.copy())  # the blob is rewritten by the next forward pass
+        self.count += 1
+        self.seen(self.count)
+        if self.count == self.batch_num:
+            self.complete(self.kept)
+            self.kept = []
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # in place and the identity: the top diff already is the bottom diff
+
+    def seen(self, count: int) -> None:
+        """Called after each kept batch with the number kept so far."""
+
+    def complete(self, batches: list[np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+class ActivationObserver(_Observer):
+    """IFMR over the ``batch_num`` batches of the quantized layers' common input (one search on
+    their concatenation); writes ``scale_d`` and ``offset_d`` of every layer it serves. With
+    ``symmetric``, the range found, [min, max], is widened to [-a, a], a = max(-min, max), which
+    gives offset_d 0. Records the batches seen per served layer in the record's forward-pass file,
+    for the saver's message when calibration ran too few passes."""
+
+    def setup(self, bottom, top):
+        p = parse_param_str(self.param_str, ACTIVATION_PARAMS, "ActivationObserver")
+        self._configure(p, "ActivationObserver")
+        where = f"ActivationObserver layer '{self.layer_name}'"
+        if not p["layers"] or not all(isinstance(name, str) for name in p["layers"]):
+            raise LayerParamError(f"{where}: param_str key 'layers' must be a non-empty list of layer names")
+        for key, value in p["ifmr"].items():
+            if key not in IFMR_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise LayerParamError(f"{where}: param_str key 'ifmr' holds {key!r}: {value!r}; "
+                                      f"expected numbers for {', '.join(IFMR_KEYS)}")
+        self.served, self.record_file = p["layers"], p["record_file"]
+        self.ifmr, self.symmetric = p["ifmr"], p["symmetric"]
+
+    def seen(self, count: int) -> None:
+        calibration.note_forward_passes(self.record_file, self.served, count)
+
+    def complete(self, batches: list[np.ndarray]) -> None:
+        scale_d, offset_d = calibration.activation_factors(batches, self.ifmr, self.symmetric)
+        for layer in self.served:
+            record.update_layer_record(self.record_file, layer, scale_d=scale_d, offset_d=offset_d)
+        LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,
+                  ", ".join(self.served))
+
+
+class ShiftNObserver(_Observer):
+    """The per-channel shift-N search of a quantized layer over its ``batch_num`` output batches,
+    with ``deq = scale_d * scale_w`` from the record: scale_d written by the layer's
+    ActivationObserver in the same forward pass (it runs earlier), scale_w by quantize_model. A
+    convolution with a 1 x 1 output and per-channel scales (a "global conv") gets the unified
+    scale_w (contract section 3), written back with the shift_bit."""
+
+    def setup(self, bottom, top):
+        p = parse_param_str(self.param_str, SHIFT_N_PARAMS, "ShiftNObserver")
+        self._configure(p, "ShiftNObserver")
+        self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
+
+    def complete(self, batches: list[np.ndarray]) -> None:
+        rec = record.read_record(self.record_file).get(self.quantized_layer)
+        if rec is None or not rec.HasField("scale_d") or not rec.scale_w:
+            raise ValueError(f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / "
+                             f"scale_w of layer '{self.quantized_layer}': its ActivationObserver must run before it "
+                             "in the same TEST pass and quantize_model must have written its scale_w")
+        scale_d, scale_w = np.float32(rec.scale_d), np.asarray(rec.scale_w, np.float32)
+        y = batches[0]
+        global_conv = y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1
+        if global_conv:
+            scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
+        deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
+        errors = sum(numerics.accumulate_shift_errors(batch, deq, channel_axis=1) for batch in batches)
+        shift_bits = numerics.choose_shift_bits(errors)
+        record.update_layer_record(self.record_file, self.quantized_layer, shift_bit=shift_bits,
+                                   **({"scale_w": scale_w} if global_conv else {}))
+        LOG.debug("%s: shift_bit %s written for %s", self.layer_name, shift_bits.tolist(), self.quantized_layer)
