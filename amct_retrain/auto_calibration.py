@@ -80,6 +80,32 @@ class AutoCalibrationEvaluatorBase(abc.ABC):
 # --------------------------------------------------------------------------- sensitivity
 
 
+class OutputBlobEvaluator(AutoCalibrationEvaluatorBase):
+    """An evaluator for models whose TEST phase reads its own data and outputs a scalar metric
+    blob (Caffe's ``Accuracy`` layer, say): the metric is that blob's mean over ``test_iter``
+    TEST batches; calibration runs ``batch_num`` TEST batches; higher is better, and a loss
+    of at most ``max_loss`` (in the metric's units) is accepted."""
+
+    def __init__(self, metric_blob: str, test_iter: int = 1, batch_num: int = 1, max_loss: float = 0.0) -> None:
+        self.metric_blob, self.test_iter, self.batch_num, self.max_loss = metric_blob, test_iter, batch_num, max_loss
+
+    def calibration(self, model_file: str, weights_file: str) -> None:
+        import caffe
+
+        net = caffe.Net(model_file, caffe.TEST, weights=weights_file)
+        for _ in range(self.batch_num):
+            net.forward()
+
+    def evaluate(self, model_file: str, weights_file: str) -> float:
+        import caffe
+
+        net = caffe.Net(model_file, caffe.TEST, weights=weights_file)
+        outputs = [net.forward() for _ in range(self.test_iter)]
+        if self.metric_blob not in outputs[0]:
+            raise ValueError(f"{model_file}: has no output blob '{self.metric_blob}' (outputs: {sorted(outputs[0])})")
+        return float(np.mean([float(o[self.metric_blob].ravel()[0]) for o in outputs]))
+
+
 class SensitivityBase(abc.ABC):
     """Ranks the quantized layers: which ones the fake-quant model suffers most from."""
 

@@ -45,7 +45,7 @@ from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.calibrate import insert_calibration_layers
 from amct_retrain.graph.fuse import FusedGroup, fuse_batchnorm, may_run_in_phase
-from amct_retrain.graph.insert import _check_quantizable, activation_quantizer_owners, weight_channel_axis
+from amct_retrain.graph.insert import check_quantizable, activation_quantizer_owners, weight_channel_axis
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.retrain import check_outputs_are_not_inputs, existing_record, skip_fusion_entries
 from amct_retrain.saver import SAVE_TYPES, ExportLayer, LayerFactors, write_quantized_models
@@ -217,7 +217,7 @@ def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig) -
             LOG.warning("layer '%s' never runs in the TEST phase (phase rules): calibration cannot observe it; "
                         "it stays in float", name)
             continue
-        _check_quantizable(layer)
+        check_quantizable(layer)
         layers[name] = layer_config
     return layers
 
@@ -336,7 +336,7 @@ def _layer_factors(layer: caffe_pb2.LayerParameter, rec: record.SingleLayerRecor
     missing = [field for field in FACTOR_FIELDS if not _present(rec, field)]
     if missing:
         raise ModelError(f"{where}: incomplete record: no {', '.join(missing)}")
-    _check_quantizable(layer)
+    check_quantizable(layer)
     rule = QUANTIZABLE_RULES[layer.type]
     channels = weights.shape[rule.channel_axis]
     allowed = sorted({1, channels}) if rule.channel_wise_allowed else [1]

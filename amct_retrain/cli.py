@@ -8,6 +8,7 @@
                          --save-path result/model
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -67,6 +68,41 @@ def _export_onnx(args: argparse.Namespace) -> None:
     LOG.info("QDQ ONNX model written to %s", args.output)
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    import caffe
+    from tqdm import tqdm
+
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    config = args.config or os.path.join(out, "calibration_config.json")
+    if not args.config:
+        skip = [name for name in (args.skip_layers or "").split(",") if name]
+        amct_retrain.create_quant_config(config, args.model, args.weights, skip_layers=skip, batch_num=args.batch_num,
+                                         activation_offset=not args.symmetric, config_defination=args.simplified_config)
+    files = {name: os.path.join(out, name) for name in ("record.txt", "calibration.prototxt", "calibration.caffemodel")}
+    graph = amct_retrain.init(config, args.model, args.weights, files["record.txt"])
+    amct_retrain.quantize_model(graph, files["calibration.prototxt"], files["calibration.caffemodel"])
+    net = caffe.Net(files["calibration.prototxt"], caffe.TEST, weights=files["calibration.caffemodel"])
+    with open(config, encoding="utf-8") as f:
+        batch_num = json.load(f)["batch_num"]
+    for _ in tqdm(range(batch_num), desc="calibration", unit="batch"):
+        net.forward()
+    save_path = os.path.join(out, "result", os.path.splitext(os.path.basename(args.model))[0])
+    amct_retrain.save_model(graph, args.type, save_path)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    amct_retrain.convert_model(args.model, args.weights, args.record, args.save_path)
+
+
+def _auto_calibrate(args: argparse.Namespace) -> None:
+    from amct_retrain.auto_calibration import OutputBlobEvaluator
+
+    evaluator = OutputBlobEvaluator(args.metric_blob, args.test_iter, args.batch_num, args.max_loss)
+    amct_retrain.accuracy_based_auto_calibration(args.model, args.weights, evaluator, args.config, args.record,
+                                                 args.save_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amct-retrain", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -121,6 +157,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="deploy caffemodel (model_deploy_weights.caffemodel)")
     p.add_argument("--output", required=True, help="ONNX file to write")
     p.set_defaults(run=_export_onnx)
+
+    p = steps.add_parser("calibrate", help="post-training calibration: factors from a few TEST batches, then "
+                                           "the fake-quant and deploy models")
+    p.add_argument("--model", required=True, help="float net prototxt whose TEST phase reads calibration data")
+    p.add_argument("--weights", required=True, help="float caffemodel")
+    p.add_argument("--output-dir", required=True, help="folder for the config, record, calibration model and "
+                                                       "result/ (created if missing)")
+    p.add_argument("--config", help="an existing calibration config JSON (else one is written)")
+    p.add_argument("--simplified-config", help=".yaml/.yml or .cfg simplified config to generate the config from")
+    p.add_argument("--batch-num", type=int, default=1, help="calibration batches (default %(default)s)")
+    p.add_argument("--skip-layers", help="comma-separated layers to keep in float")
+    p.add_argument("--symmetric", action="store_true", help="symmetric activations (activation_offset false)")
+    p.add_argument("--type", default="Both", choices=("Fakequant", "Deploy", "Both"), help="default %(default)s")
+    p.set_defaults(run=_calibrate)
+
+    p = steps.add_parser("convert", help="the fake-quant and deploy models from a float model and your own record")
+    p.add_argument("--model", required=True, help="float net prototxt")
+    p.add_argument("--weights", required=True, help="float caffemodel")
+    p.add_argument("--record", required=True, help="record file with scale_d, offset_d, scale_w, shift_bit per layer")
+    p.add_argument("--save-path", required=True, help="output prefix, e.g. result/model")
+    p.set_defaults(run=_convert)
+
+    p = steps.add_parser("auto-calibrate", help="calibration that keeps the most sensitive layers in float until "
+                                                "a metric output of the TEST phase is within --max-loss of float")
+    p.add_argument("--model", required=True, help="float net prototxt whose TEST phase outputs the metric")
+    p.add_argument("--weights", required=True, help="float caffemodel")
+    p.add_argument("--config", required=True, help="calibration config JSON (amct-retrain calibrate writes one)")
+    p.add_argument("--record", required=True, help="record file to write")
+    p.add_argument("--save-dir", required=True, help="folder for the best models, sensitivity.json, history.json")
+    p.add_argument("--metric-blob", default="accuracy", help="scalar TEST output, higher is better (default %(default)s)")
+    p.add_argument("--test-iter", type=int, default=1, help="TEST batches per evaluation (default %(default)s)")
+    p.add_argument("--batch-num", type=int, default=1, help="calibration batches (default %(default)s)")
+    p.add_argument("--max-loss", type=float, default=0.002, help="accepted metric loss (default %(default)s)")
+    p.set_defaults(run=_auto_calibrate)
     return parser
 
 

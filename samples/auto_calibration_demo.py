@@ -20,7 +20,7 @@ import caffe  # noqa: E402
 
 import amct_retrain  # noqa: E402
 from amct_retrain.saver import output_files  # noqa: E402
-from samples.digits_demo import FLOAT_SOLVER, NET, caffe_train, test_accuracy, write_digits  # noqa: E402
+from samples.digits_demo import test_accuracy, train_float  # noqa: E402
 
 
 class DigitsEvaluator(amct_retrain.AutoCalibrationEvaluatorBase):
@@ -41,18 +41,6 @@ class DigitsEvaluator(amct_retrain.AutoCalibrationEvaluatorBase):
 
     def evaluate(self, model_file: str, weights_file: str) -> float:
         return test_accuracy(model_file, weights_file)
-
-
-def train_float(out: pathlib.Path, float_iters: int) -> tuple[pathlib.Path, pathlib.Path]:
-    """The digits data and the trained float model under ``out``: (model file, weights file)."""
-    out.mkdir(parents=True, exist_ok=True)
-    n_test = write_digits(out)
-    model = out / "float.prototxt"
-    model.write_text(NET.format(out=out, test_batch=n_test))
-    (out / "float_solver.prototxt").write_text(FLOAT_SOLVER.format(net=model, iters=float_iters, prefix=out / "float"))
-    logging.info("training the float model with caffe train (%d iterations)", float_iters)
-    caffe_train(out / "float_solver.prototxt", out / "float_train.log")
-    return model, out / f"float_iter_{float_iters}.caffemodel"
 
 
 def run(out: pathlib.Path, float_iters: int = 600, evaluator: DigitsEvaluator | None = None) -> dict:

@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 import amct_retrain  # noqa: E402
 from amct_retrain.reference import ReferenceExecutor  # noqa: E402
-from samples.digits_demo import FLOAT_SOLVER, NET, caffe_train, write_digits  # noqa: E402
+from samples.digits_demo import train_float  # noqa: E402
 
 BATCH_NUM = 2
 
@@ -34,17 +34,7 @@ def mean_accuracy(net: caffe.Net, passes: int) -> float:
 def run(out: pathlib.Path, float_iters: int = 600) -> dict[str, object]:
     """The whole demo; returns the accuracy of each model and the files it wrote."""
     caffe.set_mode_cpu()
-    out.mkdir(parents=True, exist_ok=True)
-    n_test = write_digits(out)
-    if n_test % BATCH_NUM:
-        raise ValueError(f"{n_test} test images do not split into {BATCH_NUM} equal batches")
-    float_model = out / "float.prototxt"
-    float_model.write_text(NET.format(out=out, test_batch=n_test // BATCH_NUM))
-    (out / "float_solver.prototxt").write_text(FLOAT_SOLVER.format(net=float_model, iters=float_iters,
-                                                                   prefix=out / "float"))
-    logging.info("training the float model with caffe train (%d iterations)", float_iters)
-    caffe_train(out / "float_solver.prototxt", out / "float_train.log")
-    float_weights = out / f"float_iter_{float_iters}.caffemodel"
+    float_model, float_weights = train_float(out, float_iters, test_batches=BATCH_NUM)
 
     config, record_file = out / "calibration_config.json", out / "record.txt"
     calibration_model, calibration_weights = out / "calibration.prototxt", out / "calibration.caffemodel"

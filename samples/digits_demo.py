@@ -93,18 +93,25 @@ def test_accuracy(model: pathlib.Path | str, weights: pathlib.Path | str) -> flo
     return float(net.forward()["accuracy"])
 
 
+def train_float(out: pathlib.Path, float_iters: int, test_batches: int = 1) -> tuple[pathlib.Path, pathlib.Path]:
+    """The digits data and the float model trained with `caffe train` under ``out``: (model file,
+    weights file). The TEST phase reads the test set in ``test_batches`` equal batches."""
+    out.mkdir(parents=True, exist_ok=True)
+    n_test = write_digits(out)
+    if n_test % test_batches:
+        raise ValueError(f"{n_test} test images do not split into {test_batches} equal batches")
+    model = out / "float.prototxt"
+    model.write_text(NET.format(out=out, test_batch=n_test // test_batches))
+    (out / "float_solver.prototxt").write_text(FLOAT_SOLVER.format(net=model, iters=float_iters, prefix=out / "float"))
+    logging.info("training the float model with caffe train (%d iterations)", float_iters)
+    caffe_train(out / "float_solver.prototxt", out / "float_train.log")
+    return model, out / f"float_iter_{float_iters}.caffemodel"
+
+
 def run(out: pathlib.Path, float_iters: int = 600, retrain_iters: int = 300) -> dict[str, float]:
     """The whole demo; returns the test accuracy of each model."""
     caffe.set_mode_cpu()
-    out.mkdir(parents=True, exist_ok=True)
-    n_test = write_digits(out)
-    float_model = out / "float.prototxt"
-    float_model.write_text(NET.format(out=out, test_batch=n_test))
-    (out / "float_solver.prototxt").write_text(FLOAT_SOLVER.format(net=float_model, iters=float_iters,
-                                                                   prefix=out / "float"))
-    logging.info("training the float model with caffe train (%d iterations)", float_iters)
-    caffe_train(out / "float_solver.prototxt", out / "float_train.log")
-    float_weights = out / f"float_iter_{float_iters}.caffemodel"
+    float_model, float_weights = train_float(out, float_iters)
 
     config, record = out / "retrain_config.json", out / "record.txt"
     retrain_model, retrain_weights = out / "retrain.prototxt", out / "retrain.caffemodel"

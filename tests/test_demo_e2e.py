@@ -60,5 +60,23 @@ def test_console_script_help_lists_the_steps():
     script = os.path.join(os.path.dirname(sys.executable), "amct-retrain")
     run = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    for step in ("config", "prepare", "train", "save", "reference", "export-onnx"):
+    for step in ("config", "prepare", "train", "save", "reference", "export-onnx", "calibrate", "convert",
+                 "auto-calibrate"):
         assert step in run.stdout, f"--help does not mention the {step} step:\n{run.stdout}"
+
+
+def test_cli_calibrate_convert_and_auto_calibrate_on_digits(tmp_path):
+    model, weights = digits_demo.train_float(tmp_path / "float", 300)
+    out = tmp_path / "calib"
+    assert cli.main(["calibrate", "--model", str(model), "--weights", str(weights), "--output-dir", str(out)]) == 0
+    prefix = out / "result" / "float"
+    accuracy = digits_demo.test_accuracy(f"{prefix}_fake_quant_model.prototxt", f"{prefix}_fake_quant_weights.caffemodel")
+    assert accuracy >= digits_demo.test_accuracy(model, weights) - 0.02, f"calibrated accuracy {accuracy}"
+    assert cli.main(["convert", "--model", str(model), "--weights", str(weights), "--record", str(out / "record.txt"),
+                     "--save-path", str(tmp_path / "converted" / "m")]) == 0
+    assert (tmp_path / "converted" / "m_deploy_weights.caffemodel").read_bytes() == \
+        (out / "result" / "float_deploy_weights.caffemodel").read_bytes(), "convert did not reproduce calibrate"
+    assert cli.main(["auto-calibrate", "--model", str(model), "--weights", str(weights),
+                     "--config", str(out / "calibration_config.json"), "--record", str(tmp_path / "auto.txt"),
+                     "--save-dir", str(tmp_path / "auto")]) == 0
+    assert (tmp_path / "auto" / "history.json").exists(), "auto-calibrate wrote no history"

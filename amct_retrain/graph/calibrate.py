@@ -21,7 +21,7 @@ from caffe.proto import caffe_pb2
 
 from amct_retrain.config import LayerCalibrationConfig
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.insert import _with_phase_rules
+from amct_retrain.graph.insert import with_phase_rules
 
 
 def _blob_versions(net: caffe_pb2.NetParameter) -> tuple[list[tuple[str, int] | None], dict[tuple[str, int], int]]:
@@ -65,7 +65,7 @@ def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, 
             ql.activation_observer_name(owner), blob, served, record_file, batch_num,
             layers[owner].ifmr.ifmr_kwargs(), symmetric=not activation_offset)
         observers_before.setdefault(first_reader[reads[index[owner]]], []).append(
-            _with_phase_rules(observer, owner_layer))
+            with_phase_rules(observer, owner_layer))
 
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
@@ -74,6 +74,6 @@ def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, 
         out.layer.extend(observers_before.get(i, []))
         out.layer.add().CopyFrom(layer)
         if index.get(layer.name) == i:
-            out.layer.append(_with_phase_rules(ql.shift_n_observer_layer(
+            out.layer.append(with_phase_rules(ql.shift_n_observer_layer(
                 ql.shift_n_observer_name(layer.name), layer.top[0], layer.name, record_file, batch_num), layer))
     return out

@@ -53,7 +53,7 @@ def activation_quantizer_owners(net: caffe_pb2.NetParameter, quantized: Sequence
     return owners
 
 
-def _check_quantizable(layer: caffe_pb2.LayerParameter) -> None:
+def check_quantizable(layer: caffe_pb2.LayerParameter) -> None:
     if len(layer.bottom) != 1 or len(layer.top) != 1:
         raise ModelError(f"layer '{layer.name}': a quantized layer needs exactly one bottom and one top")
     if layer.param and layer.param[0].name:
@@ -61,7 +61,7 @@ def _check_quantizable(layer: caffe_pb2.LayerParameter) -> None:
                          "shared weights cannot be quantized: add the layer to skip_layers")
 
 
-def _with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.LayerParameter):
+def with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.LayerParameter):
     inserted.include.extend(layer.include)
     inserted.exclude.extend(layer.exclude)
     return inserted
@@ -89,12 +89,12 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
         if name not in configs:
             out.layer.add().CopyFrom(layer)
             continue
-        _check_quantizable(layer)
+        check_quantizable(layer)
         owner = owners[name]
         quantized_input = quantized_input_blob(owner)
         if owner == name:
             c = configs[name]
-            out.layer.append(_with_phase_rules(ql.ulq_layer(
+            out.layer.append(with_phase_rules(ql.ulq_layer(
                 ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
                 c.fixed_min, **log), layer))
             for sharer in (n for n, o in owners.items() if o == name):
@@ -103,14 +103,14 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
                 global_conv = ({"activation_quantizer": ql.ulq_layer_name(name),
                                 "conv": conv_geometry(shared).__dict__}
                                if arq_reads_clip_state(shared.type, configs[sharer].channel_wise) else {})
-                out.layer.append(_with_phase_rules(ql.arq_layer(
+                out.layer.append(with_phase_rules(ql.arq_layer(
                     ql.arq_layer_name(sharer), quantized_input, weight_shapes[sharer], _axis(configs[sharer]),
                     spec.lr_mult, spec.decay_mult, **log, **global_conv), shared))
         quantized = out.layer.add()
         quantized.CopyFrom(layer)
         quantized.bottom[0] = quantized_input
         ql.share_fake_quant_weights(quantized, ql.arq_layer_name(name))
-        out.layer.append(_with_phase_rules(ql.shift_n_layer(
+        out.layer.append(with_phase_rules(ql.shift_n_layer(
             ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), ql.arq_layer_name(name),
             weight_shapes[name], _axis(configs[name]), record_file, retrain_config.batch_num, **log,
             fused=(fused or {}).get(name)), layer))
