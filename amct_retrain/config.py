@@ -1040,14 +1040,19 @@ def _channel_wise(path: str, name: str, layer: caffe_pb2.LayerParameter, rule: Q
     return channel_wise
 
 
+def _layer_entry_enabled(path: str, name: str, entry: Any, keys, flag: str) -> bool:
+    """Check a layer's entry is an object of known keys with the boolean ``flag``; return it."""
+    _want(path, entry, "object", name, name)
+    _check_keys(path, entry, keys, name, "")
+    if flag not in entry:
+        raise _err(path, "missing", name, flag)
+    _want(path, entry[flag], "bool", name, flag)
+    return entry[flag]
+
+
 def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
                     broken: str | None) -> LayerQuantConfig | None:
-    _want(path, entry, "object", name, name)
-    _check_keys(path, entry, _LAYER_KEYS, name, "")
-    if "retrain_enable" not in entry:
-        raise _err(path, "missing", name, "retrain_enable")
-    _want(path, entry["retrain_enable"], "bool", name, "retrain_enable")
-    enabled = entry["retrain_enable"]
+    enabled = _layer_entry_enabled(path, name, entry, _LAYER_KEYS, "retrain_enable")
 
     # Structure and types are checked even for disabled layers: a typo is a typo.
     data_cfg = entry.get("retrain_data_config")
@@ -1126,12 +1131,7 @@ def _ifmr_from_json(path: str, name: str, cfg: Mapping[str, Any]) -> IfmrParams:
 
 def _validate_calibration_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
                                 broken: str | None) -> LayerCalibrationConfig | None:
-    _want(path, entry, "object", name, name)
-    _check_keys(path, entry, _CALIBRATION_LAYER_KEYS, name, "")
-    if "quant_enable" not in entry:
-        raise _err(path, "missing", name, "quant_enable")
-    _want(path, entry["quant_enable"], "bool", name, "quant_enable")
-    enabled = entry["quant_enable"]
+    enabled = _layer_entry_enabled(path, name, entry, _CALIBRATION_LAYER_KEYS, "quant_enable")
 
     # Structure and types are checked even for disabled layers: a typo is a typo.
     act_cfg, ifmr = entry.get("activation_quant_params"), None
