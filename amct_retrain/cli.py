@@ -103,6 +103,11 @@ def _auto_calibrate(args: argparse.Namespace) -> None:
                                                  args.save_dir)
 
 
+def _model_arguments(parser: argparse.ArgumentParser, model_help: str, weights_help: str) -> None:
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--weights", required=True, help=weights_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amct-retrain", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,15 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
 
     p = steps.add_parser("config", help="write the retrain config (JSON) of every quantizable layer")
-    p.add_argument("--model", required=True, help="float net prototxt (TRAIN and TEST phases)")
-    p.add_argument("--weights", required=True, help="float caffemodel")
+    _model_arguments(p, "float net prototxt (TRAIN and TEST phases)", "float caffemodel")
     p.add_argument("--output", required=True, help="config JSON to write")
     p.add_argument("--simplified-config", help="optional .yaml/.yml or .cfg simplified config to generate it from")
     p.set_defaults(run=_config)
 
     p = steps.add_parser("prepare", help="write the quantization-aware model, its weights, the record and a solver")
-    p.add_argument("--model", required=True, help="float net prototxt (TRAIN and TEST phases)")
-    p.add_argument("--weights", required=True, help="float caffemodel")
+    _model_arguments(p, "float net prototxt (TRAIN and TEST phases)", "float caffemodel")
     p.add_argument("--config", required=True, help="retrain config JSON (from the config step)")
     p.add_argument("--output-dir", required=True, help="folder for retrain.prototxt, retrain.caffemodel, "
                                                        "record.txt and solver.prototxt (created if missing)")
@@ -139,29 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = steps.add_parser("save", help="write the fake-quant and deploy models from the retrained weights")
-    p.add_argument("--model", required=True, help="the quantization-aware prototxt (retrain.prototxt)")
-    p.add_argument("--weights", required=True, help="the final snapshot caffemodel of the retraining")
+    _model_arguments(p, "the quantization-aware prototxt (retrain.prototxt)",
+                     "the final snapshot caffemodel of the retraining")
     p.add_argument("--save-path", required=True, help="output prefix, e.g. result/model")
     p.add_argument("--record", help="record file (default: the one the model's layers write)")
     p.add_argument("--type", default="Both", choices=("Fakequant", "Deploy", "Both"), help="default %(default)s")
     p.set_defaults(run=_save)
 
     p = steps.add_parser("reference", help="run a deploy model with integer arithmetic (the reference executor)")
-    p.add_argument("--model", required=True, help="deploy prototxt (model_deploy_model.prototxt)")
-    p.add_argument("--weights", required=True, help="deploy caffemodel (model_deploy_weights.caffemodel)")
+    _model_arguments(p, "deploy prototxt (model_deploy_model.prototxt)",
+                     "deploy caffemodel (model_deploy_weights.caffemodel)")
     p.add_argument("--iterations", type=int, default=1, help="batches to run from the data layers (default %(default)s)")
     p.set_defaults(run=_reference)
 
     p = steps.add_parser("export-onnx", help="write a deploy model as a QuantizeLinear/DequantizeLinear ONNX model")
-    p.add_argument("--model", required=True, help="deploy prototxt (model_deploy_model.prototxt)")
-    p.add_argument("--weights", required=True, help="deploy caffemodel (model_deploy_weights.caffemodel)")
+    _model_arguments(p, "deploy prototxt (model_deploy_model.prototxt)",
+                     "deploy caffemodel (model_deploy_weights.caffemodel)")
     p.add_argument("--output", required=True, help="ONNX file to write")
     p.set_defaults(run=_export_onnx)
 
     p = steps.add_parser("calibrate", help="post-training calibration: factors from a few TEST batches, then "
                                            "the fake-quant and deploy models")
-    p.add_argument("--model", required=True, help="float net prototxt whose TEST phase reads calibration data")
-    p.add_argument("--weights", required=True, help="float caffemodel")
+    _model_arguments(p, "float net prototxt whose TEST phase reads calibration data", "float caffemodel")
     p.add_argument("--output-dir", required=True, help="folder for the config, record, calibration model and "
                                                        "result/ (created if missing)")
     p.add_argument("--config", help="an existing calibration config JSON (else one is written)")
@@ -173,16 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_calibrate)
 
     p = steps.add_parser("convert", help="the fake-quant and deploy models from a float model and your own record")
-    p.add_argument("--model", required=True, help="float net prototxt")
-    p.add_argument("--weights", required=True, help="float caffemodel")
+    _model_arguments(p, "float net prototxt", "float caffemodel")
     p.add_argument("--record", required=True, help="record file with scale_d, offset_d, scale_w, shift_bit per layer")
     p.add_argument("--save-path", required=True, help="output prefix, e.g. result/model")
     p.set_defaults(run=_convert)
 
     p = steps.add_parser("auto-calibrate", help="calibration that keeps the most sensitive layers in float until "
                                                 "a metric output of the TEST phase is within --max-loss of float")
-    p.add_argument("--model", required=True, help="float net prototxt whose TEST phase outputs the metric")
-    p.add_argument("--weights", required=True, help="float caffemodel")
+    _model_arguments(p, "float net prototxt whose TEST phase outputs the metric", "float caffemodel")
     p.add_argument("--config", required=True, help="calibration config JSON (amct-retrain calibrate writes one)")
     p.add_argument("--record", required=True, help="record file to write")
     p.add_argument("--save-dir", required=True, help="folder for the best models, sensitivity.json, history.json")
