@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from caffe.proto import caffe_pb2
@@ -39,13 +39,15 @@ from google.protobuf import text_format
 
 from amct_retrain import numerics, record
 from amct_retrain.config import (QUANTIZABLE_RULES, CalibrationConfig, ConfigError, LayerCalibrationConfig,
-                                 create_quant_config, layers_by_name, load_calibration_config, quantizable_layers)
+                                 create_quant_config, layers_by_name, load_calibration_config, quantizable_layers,
+                                 shape_constraint_broken, without_shape_broken_layers)
 from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.calibrate import insert_calibration_layers
 from amct_retrain.graph.fuse import FusedGroup, fuse_batchnorm, may_run_in_phase
-from amct_retrain.graph.insert import check_quantizable, activation_quantizer_owners, weight_channel_axis
+from amct_retrain.graph.insert import (activation_quantizer_owners, check_quantizable, fixed_weight_scale,
+                                       weight_channel_axis)
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.retrain import check_outputs_are_not_inputs, existing_record, skip_fusion_entries
 from amct_retrain.saver import SAVE_TYPES, ExportLayer, LayerFactors, write_quantized_models
@@ -145,20 +147,23 @@ class CalibrationGraph:
     config: CalibrationConfig
     skip_fusion: frozenset[str]
     calibrated: Calibrated | None = None
+    bottom_shapes: Mapping[str, list[tuple[int, ...]]] = field(default_factory=dict)  # layer -> its input shapes
 
 
-def _read_float_model(model_file: str, weights_file: str) -> tuple[caffe_pb2.NetParameter, model_io.CaffemodelParams]:
-    """The float net and its weights, checked against each other in Python (no Caffe abort)."""
+def _read_float_model(model_file: str, weights_file: str
+                      ) -> tuple[caffe_pb2.NetParameter, model_io.CaffemodelParams, dict[str, list[tuple[int, ...]]]]:
+    """The float net, its weights, checked against each other in Python (no Caffe abort), and each
+    layer's input shapes (whether an AVE Pooling's windows tile its input)."""
     net = model_io.read_prototxt(model_file)
     quantized = [layer.name for layer in net.layer
                  if layer.type in NOT_FLOAT_TYPES or ql.python_layer_class(layer) is not None]
     if quantized:
         raise ModelError(f"{model_file}: layer '{quantized[0]}' is a quantization layer: give the float model "
                          "(a quantized or calibration model cannot be quantized again)")
-    shapes = model_io.probe_param_shapes(model_file)
+    probed = model_io.probe_shapes(model_file)
     params = model_io.read_caffemodel(weights_file)
-    model_io.check_weights_match(model_file, weights_file, shapes, params)
-    return net, params
+    model_io.check_weights_match(model_file, weights_file, probed.params, params)
+    return net, params, probed.bottoms
 
 
 def _fuse(net: caffe_pb2.NetParameter, params: Mapping[str, list[np.ndarray]],
@@ -191,7 +196,7 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
     """
     check_outputs_are_not_inputs({"model file": model_file, "weights file": weights_file, "config file": config_file},
                                  {"record file": scale_offset_record_file})
-    net, params = _read_float_model(model_file, weights_file)
+    net, params, bottoms = _read_float_model(model_file, weights_file)
     config = load_calibration_config(config_file, net)
     record_file = os.path.abspath(scale_offset_record_file)
     skip_fusion = skip_fusion_entries(existing_record(record_file))
@@ -204,11 +209,14 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
     LOG.info("calibration of %d layer(s) over %d batch(es) set up; record file %s",
              len(config.layers), config.batch_num, record_file)
     return CalibrationGraph(os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file), record_file,
-                            net, params, config, frozenset(skip_fusion))
+                            net, params, config, frozenset(skip_fusion), bottom_shapes=bottoms)
 
 
-def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig) -> dict[str, LayerCalibrationConfig]:
-    """The configured layers calibration observes: those that run in the TEST phase."""
+def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig,
+                       bottom_shapes: Mapping[str, list[tuple[int, ...]]],
+                       model_file: str) -> dict[str, LayerCalibrationConfig]:
+    """The configured layers calibration observes: those that run in the TEST phase and whose input
+    shape breaks no constraint (an AVE Pooling that does not tile its input stays float, warned)."""
     by_name = layers_by_name(net)
     layers = {}
     for name, layer_config in config.layers.items():
@@ -219,7 +227,7 @@ def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig) -
             continue
         check_quantizable(layer)
         layers[name] = layer_config
-    return layers
+    return without_shape_broken_layers(layers, net, bottom_shapes, model_file)
 
 
 def _check_shared_settings(net: caffe_pb2.NetParameter, layers: Mapping[str, LayerCalibrationConfig],
@@ -249,14 +257,18 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
          "record file": graph.record_file},
         {"modified model file": modified_model_file, "modified weights file": modified_weights_file})
     fused = _fuse(graph.net, graph.params, graph.skip_fusion)
-    layers = _calibrated_layers(fused.net, graph.config)
+    layers = _calibrated_layers(fused.net, graph.config, graph.bottom_shapes, graph.model_file)
     owners = activation_quantizer_owners(fused.net, list(layers))
     _check_shared_settings(fused.net, layers, owners, graph.config_file)
     records = {name: record.SingleLayerRecord(skip_fusion=True) for name in graph.skip_fusion}
+    by_name = layers_by_name(fused.net)
     for name, layer_config in layers.items():
-        weights = fused.params[name][0]
-        numerics.check_finite(weights, f"{graph.weights_file}: layer '{name}' weights")
-        scale_w = numerics.arq_scale(weights, weight_channel_axis(layer_config.layer_type, layer_config.channel_wise))
+        scale_w = fixed_weight_scale(by_name[name])  # AVE Pooling: [1/n]; the others: ARQ of their weights
+        if scale_w is None:
+            weights = fused.params[name][0]
+            numerics.check_finite(weights, f"{graph.weights_file}: layer '{name}' weights")
+            scale_w = numerics.arq_scale(weights, weight_channel_axis(layer_config.layer_type,
+                                                                      layer_config.channel_wise))
         rec = records.setdefault(name, record.SingleLayerRecord())
         rec.scale_w[:] = scale_w.tolist()
         rec.offset_w[:] = [0] * len(scale_w)
@@ -299,7 +311,8 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
             raise ModelError(f"{graph.record_file}: layer '{name}' is not calibrated: calibration needs "
                              f"batch_num={batch_num} forward passes; {ran} ran (run the model quantize_model wrote "
                              "in the TEST phase)")
-    _export(graph.calibrated.fused, records, graph.record_file, graph.model_file, save_type, save_path)
+    _export(graph.calibrated.fused, records, graph.record_file, graph.model_file, save_type, save_path,
+            graph.bottom_shapes)
 
 
 def convert_model(model_file: str, weights_file: str, scale_offset_record_file: str, save_path: str) -> None:
@@ -315,11 +328,11 @@ def convert_model(model_file: str, weights_file: str, scale_offset_record_file: 
     layer is a :class:`ModelError` naming the layer; nothing is written then. With a calibration's
     record, the files are :func:`save_model`'s, byte for byte.
     """
-    net, params = _read_float_model(model_file, weights_file)
+    net, params, bottoms = _read_float_model(model_file, weights_file)
     record_file = os.path.abspath(scale_offset_record_file)
     records = record.read_record(record_file)
     fused = _fuse(net, params, {name for name, rec in records.items() if rec.skip_fusion})
-    _export(fused, records, record_file, model_file, "Both", save_path)
+    _export(fused, records, record_file, model_file, "Both", save_path, bottoms)
 
 
 # --------------------------------------------------------------------------- record -> factors
@@ -329,16 +342,19 @@ def _present(rec: record.SingleLayerRecord, field: str) -> bool:
     return rec.HasField(field) if field in ("scale_d", "offset_d") else len(getattr(rec, field)) > 0
 
 
-def _layer_factors(layer: caffe_pb2.LayerParameter, rec: record.SingleLayerRecord, weights: np.ndarray,
+def _layer_factors(layer: caffe_pb2.LayerParameter, rec: record.SingleLayerRecord, channels: int,
                    where: str) -> tuple[ExportLayer, LayerFactors]:
-    """The export description and factors of a quantized layer from its complete record entry,
-    checked against the layer (``where`` starts each message)."""
+    """The export description and factors of a quantized layer with ``channels`` output channels
+    from its complete record entry, checked against the layer (``where`` starts each message)."""
     missing = [field for field in FACTOR_FIELDS if not _present(rec, field)]
     if missing:
         raise ModelError(f"{where}: incomplete record: no {', '.join(missing)}")
     check_quantizable(layer)
     rule = QUANTIZABLE_RULES[layer.type]
-    channels = weights.shape[rule.channel_axis]
+    fixed = fixed_weight_scale(layer)
+    if fixed is not None and not np.array_equal(np.asarray(rec.scale_w, np.float32), fixed):
+        raise ModelError(f"{where}: scale_w {list(rec.scale_w)} of a {layer.type} must be its fixed "
+                         f"{fixed.tolist()} (1 / window size)")
     allowed = sorted({1, channels}) if rule.channel_wise_allowed else [1]
     n = len(rec.scale_w)
     if n not in allowed:
@@ -362,7 +378,8 @@ def _layer_factors(layer: caffe_pb2.LayerParameter, rec: record.SingleLayerRecor
 
 
 def _record_factors(fused: FusedModel, records: Mapping[str, record.SingleLayerRecord], record_file: str,
-                    model_file: str) -> tuple[dict[str, ExportLayer], dict[str, LayerFactors]]:
+                    model_file: str, bottom_shapes: Mapping[str, list[tuple[int, ...]]]
+                    ) -> tuple[dict[str, ExportLayer], dict[str, LayerFactors]]:
     """The quantized layers of ``fused`` and their factors, as the record gives them, validated."""
     by_name = layers_by_name(fused.net)
     folded_into = {removed: g.layer for g in fused.groups for removed in g.removed}
@@ -389,15 +406,27 @@ def _record_factors(fused: FusedModel, records: Mapping[str, record.SingleLayerR
         if name not in names:
             raise ModelError(f"{where}: has factors, but the layer ({by_name[name].type}) is not quantizable "
                              f"(quantizable: {', '.join(QUANTIZABLE_RULES)})")
-        layers[name], factors[name] = _layer_factors(by_name[name], rec, fused.params[name][0], where)
+        layer = by_name[name]
+        rule = QUANTIZABLE_RULES[layer.type]
+        shapes = bottom_shapes.get(name)
+        if not shapes and not rule.has_weights:
+            raise ModelError(f"{where}: Caffe gave no input shape of the layer: its channels are unknown")
+        why = shape_constraint_broken(layer, shapes[0]) if shapes else None
+        if why is not None:
+            raise ModelError(f"{where}: has factors, but the layer cannot be quantized: {why}")
+        shape = shapes[0] if shapes else None
+        # A layer without weights (AVE Pooling) keeps its input's channels.
+        channels = fused.params[name][0].shape[rule.channel_axis] if rule.has_weights else shape[1]
+        layers[name], factors[name] = _layer_factors(layer, rec, channels, where)
     # Net order (the record's is alphabetical): the quant info file lists the layers so.
     ordered = [name for name in by_name if name in layers]
     return {name: layers[name] for name in ordered}, {name: factors[name] for name in ordered}
 
 
 def _export(fused: FusedModel, records: Mapping[str, record.SingleLayerRecord], record_file: str,
-            model_file: str, save_type: str, save_path: str) -> None:
-    layers, factors = _record_factors(fused, records, record_file, model_file)
+            model_file: str, save_type: str, save_path: str,
+            bottom_shapes: Mapping[str, list[tuple[int, ...]]]) -> None:
+    layers, factors = _record_factors(fused, records, record_file, model_file, bottom_shapes)
     if not layers:
         LOG.warning("%s: quantizes no layer of %s: the saved models are float", record_file, model_file)
     write_quantized_models(fused.net, fused.params, layers, factors, save_type, save_path, record_file,

@@ -31,6 +31,12 @@ Design choices (not fixed by the contract):
   weights (Convolution, Deconvolution); InnerProduct stays per-tensor.  Asking for ``channel_wise:
   true`` on an InnerProduct *type* or *layer* override is an error.
 * A layer both skipped and overridden is skipped, with a warning.
+* A layer without weights (AVE Pooling) still gets a ``retrain_weight_config`` with
+  ``channel_wise: false`` in the generated retrain JSON (the original toolkit's form); reading a
+  retrain or calibration JSON does not require a weight block for it.
+* Constraints that need the input shape (an AVE Pooling's windows must tile its input) cannot be
+  checked on the prototxt: the model builders check them (:func:`without_shape_broken_layers`)
+  and leave such a layer in float with a warning, even when the user named it.
 * ``log_dir`` is an optional top-level JSON key of ours (not written by the
   generator): where the quant layers write TensorBoard logs.
 """
@@ -54,6 +60,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
+from amct_retrain.graph.caffe_params import pool_geometry, pool_windows_tile
 from amct_retrain.graph.model_io import read_prototxt
 
 __all__ = [
@@ -62,6 +69,9 @@ __all__ = [
     "QuantRule",
     "QUANTIZABLE_RULES",
     "quantizable_layers",
+    "shape_constraint_broken",
+    "without_shape_broken_layers",
+    "TILING_CONSTRAINT",
     "layers_by_name",
     "create_quant_retrain_config",
     "load_retrain_config",
@@ -176,6 +186,20 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         channel_wise_default=True,
         channel_axis=1,
     ),
+    # No weights: the integer layer sums the int8 codes of each window and the 1/n of the average
+    # moves into deq (scale_w = [1/n]). That is exact only when every window holds n inputs: no
+    # padding, no global pooling (its window is the whole input, unknown here), and windows that
+    # tile the input (checked on the input shape by the model builders, TILING_CONSTRAINT).
+    # MAX pooling is not quantized at all, silently (``applies``).
+    "Pooling": QuantRule(
+        layer_type="Pooling",
+        constraints=(
+            Constraint("pooling_param.global_pooling must be false", lambda l: not l.pooling_param.global_pooling),
+            Constraint("pooling_param.pad must be 0", lambda l: pool_geometry(l).pad == (0, 0)),
+        ),
+        has_weights=False,
+        applies=lambda l: l.pooling_param.pool == caffe_pb2.PoolingParameter.AVE,
+    ),
     "InnerProduct": QuantRule(
         layer_type="InnerProduct",
         constraints=(
@@ -188,6 +212,18 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
     ),
 }
 """Quantizable Caffe layer types -> their :class:`QuantRule`.  Add an entry to support a type."""
+
+TILING_CONSTRAINT = ("the pooling windows must tile the input exactly "
+                     "((H - kernel_h) % stride_h == 0 and (W - kernel_w) % stride_w == 0)")
+"""The constraint of a quantized AVE Pooling that needs the input shape (see the Pooling rule)."""
+
+
+def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape) -> str | None:
+    """The broken constraint of a quantizable ``layer`` that only its input shape (N, C, H, W)
+    shows, else None: a Pooling whose windows do not tile the input."""
+    if layer.type == "Pooling" and not pool_windows_tile(layer, tuple(bottom_shape)[2:]):
+        return f"{TILING_CONSTRAINT}, input {tuple(bottom_shape)[2:]}"
+    return None
 
 
 def layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
@@ -232,6 +268,24 @@ def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str
         else:
             broken[name] = why
     return names, broken
+
+
+def without_shape_broken_layers(layers: Mapping[str, Any], net: caffe_pb2.NetParameter,
+                                bottom_shapes: Mapping[str, list[tuple[int, ...]]], model_path: str) -> dict[str, Any]:
+    """``layers`` (name -> config, in order) without those whose input shape breaks a constraint
+    (:func:`shape_constraint_broken`, as Caffe gives the shapes: ``bottom_shapes``), each left in
+    float with a warning naming the constraint. The config files cannot see shapes, so the model
+    builders check them here."""
+    by_name = layers_by_name(net)
+    kept = {}
+    for name, layer_config in layers.items():
+        shapes = bottom_shapes.get(name)
+        why = shape_constraint_broken(by_name[name], shapes[0]) if shapes else None
+        if why is not None:
+            logger.warning("%s: layer %r (%s) is left in float: %s", model_path, name, by_name[name].type, why)
+            continue
+        kept[name] = layer_config
+    return kept
 
 
 # --------------------------------------------------------------------------- reading files
@@ -605,9 +659,9 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
             data_cfg["clip_max"] = data.clip_max
             data_cfg["clip_min"] = data.clip_min
         data_cfg["fixed_min"] = data.fixed_min
-        entry: dict[str, Any] = {"retrain_enable": True, "retrain_data_config": data_cfg}
-        if rule.has_weights:
-            entry["retrain_weight_config"] = {"algo": WEIGHT_ALGO, "channel_wise": channel_wise}
+        # Written for weightless types too (Pooling: channel_wise false), as the original toolkit does.
+        entry: dict[str, Any] = {"retrain_enable": True, "retrain_data_config": data_cfg,
+                                 "retrain_weight_config": {"algo": WEIGHT_ALGO, "channel_wise": channel_wise}}
         out[name] = entry
     return out
 

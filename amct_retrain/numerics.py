@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
-    "check_finite",
+    "check_finite", "average_pool_scale", "window_sums",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
     "fake_quantize_activation",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
@@ -773,6 +774,31 @@ def dequantize_bias(bias_int32: npt.ArrayLike, deq: npt.ArrayLike) -> npt.NDArra
     b = np.asarray(bias_int32, dtype=np.float64).reshape(-1)
     d = _per_channel(deq, b.size, "deq").astype(np.float64)
     return (b * d).astype(np.float32)
+
+
+def average_pool_scale(window: int) -> npt.NDArray[np.float32]:
+    """The ``scale_w`` of a quantized AVE pooling of ``window`` = kernel_h * kernel_w elements:
+    ``[float32(1/window)]``. The integer layer only sums the codes of a window; the division by
+    the window size lives in ``deq = scale_d * scale_w``, so the pooling has one fixed "weight scale".
+
+    Raises:
+        NumericsError: window < 1.
+    """
+    if int(window) < 1:
+        raise NumericsError(f"pooling window must hold at least one element, got {window}")
+    return np.array([1.0 / int(window)], np.float32)
+
+
+def window_sums(x: npt.ArrayLike, kernel: tuple[int, int], stride: tuple[int, int]) -> npt.NDArray[np.float64]:
+    """The sum of each (kernel_h, kernel_w) window, at (stride_h, stride_w) steps, over the last two
+    axes of integer-valued ``x`` (N, C, H, W), without padding: the accumulator of an integer AVE
+    pooling. float64 sums of int8 codes are exact for any real window.
+
+    Returns:
+        float64 (N, C, OH, OW), OH = (H - kernel_h) // stride_h + 1 (likewise OW).
+    """
+    windows = sliding_window_view(np.asarray(x, np.float64), tuple(kernel), axis=(2, 3))
+    return windows[:, :, ::stride[0], ::stride[1]].sum(axis=(4, 5))
 
 
 def deq_scales(scale_d: npt.ArrayLike, scale_w: npt.ArrayLike) -> npt.NDArray[np.float32]:

@@ -1,9 +1,10 @@
 """Integer reference executor of deploy models: what the target computes, run on this machine.
 
-Every ``Quant -> Convolution/Deconvolution/InnerProduct -> DeQuant`` triple of a deploy model
-becomes one ``IntegerLayer`` (layers/integer.py): the Quant layer's scale and offset make int8
-codes, int8 x int8 products accumulate with the int32 bias, the accumulator is shifted by the
-channel's shift_bit into int16 and dequantized with the unpacked deq_scale. Everything else runs
+Every ``Quant -> Convolution/Deconvolution/InnerProduct/Pooling -> DeQuant`` triple of a deploy
+model becomes one ``IntegerLayer`` (layers/integer.py): the Quant layer's scale and offset make int8
+codes, int8 x int8 products accumulate with the int32 bias (an AVE Pooling sums the codes of each
+window; its 1/n is in deq), the accumulator is shifted by the channel's shift_bit into int16 and
+dequantized with the unpacked deq_scale. Everything else runs
 in Caffe, in float, as the deploy model says.
 """
 import json
@@ -17,36 +18,43 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
-from amct_retrain.config import quantizable_layers
+from amct_retrain.config import QUANTIZABLE_RULES, quantizable_layers
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.caffe_params import conv_geometry
+from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
 
 INTEGER_TYPE = ("integer", "IntegerLayer")
-QUANTIZED_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+QUANTIZED_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Pooling")
 
 
 @dataclass(frozen=True)
 class IntegerParams:
     """The integers of one quantized layer of a deploy model, validated."""
-    weights: np.ndarray       # int8, the layer's weight shape
+    weights: np.ndarray | None  # int8, the layer's weight shape; None for a layer without weights
     bias: np.ndarray          # int64 (C,), zeros when the layer has no bias
     deq: np.ndarray           # float32 (C,)
     shift_bit: np.ndarray     # int64 (C,), 1..16
 
 
 def integer_params(deploy: dict[str, list[caffe_pb2.BlobProto]], layer: str, dequant: str,
-                   weights_file: str) -> IntegerParams:
-    """Read and check the int8 weights, int32 bias and packed deq_scale of ``layer``."""
+                   weights_file: str, with_weights: bool = True) -> IntegerParams:
+    """Read and check the int8 weights, int32 bias and packed deq_scale of ``layer``; with
+    ``with_weights`` false (AVE Pooling), the layer must have no blobs and only deq_scale is read."""
     where = f"{weights_file}: layer '{layer}'"
     blobs = deploy.get(layer)
-    if not blobs or not blobs[0].int8_data:
+    weights = None
+    if not with_weights:
+        if blobs:
+            raise ModelError(f"{where}: has {len(blobs)} blob(s), but a quantized layer of its type has no weights")
+        blobs = []
+    elif not blobs or not blobs[0].int8_data:
         raise ModelError(f"{where}: no int8 weights (blob 0 int8_data)")
-    shape = tuple(blobs[0].shape.dim)
-    if len(blobs[0].int8_data) != int(np.prod(shape)):
-        raise ModelError(f"{where}: {len(blobs[0].int8_data)} int8 weights for shape {shape}")
-    weights = np.frombuffer(blobs[0].int8_data, np.int8).reshape(shape)
+    else:
+        shape = tuple(blobs[0].shape.dim)
+        if len(blobs[0].int8_data) != int(np.prod(shape)):
+            raise ModelError(f"{where}: {len(blobs[0].int8_data)} int8 weights for shape {shape}")
+        weights = np.frombuffer(blobs[0].int8_data, np.int8).reshape(shape)
     packed = deploy.get(dequant)
     if not packed or not packed[0].uint64_data:
         raise ModelError(f"{weights_file}: DeQuant layer '{dequant}' of '{layer}' has no deq_scale (uint64_data)")
@@ -89,6 +97,13 @@ def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]
     return {layer.name: list(layer.blobs) for layer in net.layer}
 
 
+def _geometry(layer: caffe_pb2.LayerParameter) -> dict | None:
+    """The window geometry the IntegerLayer of ``layer`` needs (None: InnerProduct, no windows)."""
+    if layer.type == "InnerProduct":
+        return None
+    return (pool_geometry(layer) if layer.type == "Pooling" else conv_geometry(layer)).__dict__
+
+
 def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
     """Graph pass: each Quant -> layer -> DeQuant triple of ``deploy_net`` becomes one
     IntegerLayer reading its integers from ``weights_file``; other layers stay."""
@@ -109,8 +124,8 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
                              f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
         layer, dequant = layers[i + 1], layers[i + 2]
         check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
-        integer_params(deploy, layer.name, dequant.name, weights_file)
-        geometry = conv_geometry(layer).__dict__ if layer.type != "InnerProduct" else None
+        integer_params(deploy, layer.name, dequant.name, weights_file, QUANTIZABLE_RULES[layer.type].has_weights)
+        geometry = _geometry(layer)
         integer = ql.python_layer(f"{layer.name}_integer", INTEGER_TYPE, quant.bottom[0], dequant.top[0], {
             "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
             "weights_file": os.path.abspath(weights_file),

@@ -13,8 +13,8 @@ from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import fuse_for_retraining
-from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, insert_quant_layers,
-                                       weight_channel_axis)
+from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, has_weights,
+                                       insert_quant_layers, weight_channel_axis)
 
 LOG = logging.getLogger("amct_retrain")
 
@@ -44,6 +44,8 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
                                         np.array([clip_min or 0.0], np.float32), clip_states[name]]
     for name, layer_config in retrain_config.layers.items():
+        if not has_weights(layer_config.layer_type):
+            continue  # AVE Pooling: nothing to quantize but its input
         weights, *rest = params[name]
         numerics.check_finite(weights, f"{model_file}: layer '{name}' weights")
         axis = weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
@@ -123,9 +125,12 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
          "record file": scale_offset_record_file})
     net = model_io.read_prototxt(model_file)
     retrain_config = retrain_config_io.load_retrain_config(config_file, net)
-    shapes = model_io.probe_param_shapes(model_file)
+    probed = model_io.probe_shapes(model_file)
+    shapes = probed.params
     params = model_io.read_caffemodel(weights_file)
     model_io.check_weights_match(model_file, weights_file, shapes, params)
+    retrain_config = dataclasses.replace(retrain_config, layers=retrain_config_io.without_shape_broken_layers(
+        retrain_config.layers, net, probed.bottoms, model_file))
     record_file = os.path.abspath(scale_offset_record_file)
     existing = existing_record(record_file)
     skip_fusion = skip_fusion_entries(existing)

@@ -15,6 +15,7 @@ from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
+from amct_retrain.graph.insert import has_weights
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
 
@@ -59,11 +60,14 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     # The TEST pass sanitised the snapshot's clips with the last valid pair, as here.
     scale_d, offset_d = numerics.ulq_deploy_factors(*numerics.ulq_sanitize_clips(
         clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min))
-    master = params[ql.arq_layer_name(name)][1]
     scale_w = np.asarray(rec.scale_w, np.float32)
-    expected_w = numerics.arq_scale(master, layer.channel_axis)
-    matches_w = np.array_equal(scale_w, expected_w) or (
-        scale_w.size > 1 and np.array_equal(scale_w, numerics.unify_global_conv_scales(scale_d, expected_w)))
+    if layer.has_weights:
+        master = params[ql.arq_layer_name(name)][1]
+        expected_w = numerics.arq_scale(master, layer.channel_axis)
+        matches_w = np.array_equal(scale_w, expected_w) or (
+            scale_w.size > 1 and np.array_equal(scale_w, numerics.unify_global_conv_scales(scale_d, expected_w)))
+    else:  # AVE Pooling: the fixed [1/n] the retrained model's ShiftNSearch searched with
+        matches_w = np.array_equal(scale_w, np.asarray(layer.fixed_scale_w, np.float32))
     if np.float32(rec.scale_d) != scale_d or rec.offset_d != offset_d or not matches_w:
         raise ModelError(f"{files}: the record of layer '{name}' (scale_d {rec.scale_d}, offset_d {rec.offset_d}) "
                          f"does not match the retrained weights (scale_d {scale_d}, offset_d {offset_d}, or scale_w): "
@@ -105,11 +109,13 @@ def write_quantized_models(float_net, float_params: Mapping[str, list[np.ndarray
     if save_type not in SAVE_TYPES:
         raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
     fake_params, deploy_params = dict(float_params), dict(float_params)
+    types = {layer.name: layer.type for layer in float_net.layer if layer.name in layers}
     for name, layer in layers.items():
         f = factors[name]
-        weights, *bias = float_params[name]
-        fake_params[name], deploy_params[name] = quantized_params(name, weights, bias[0] if bias else None, f,
-                                                                  layer.channel_axis)
+        if has_weights(types[name]):  # AVE Pooling has no blobs: only its DeQuant's deq pack
+            weights, *bias = float_params[name]
+            fake_params[name], deploy_params[name] = quantized_params(name, weights, bias[0] if bias else None, f,
+                                                                      layer.channel_axis)
         deploy_params[quant_layer_names(name)["dequant"]] = [
             numerics.pack_deq_scale(f.deq, f.shift_bit, np.zeros_like(f.shift_bit, dtype=np.int8))]
     outputs = output_files(save_path)
@@ -173,7 +179,9 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     params = model_io.read_caffemodel(retrained_weights_file)
     files = f"{retrained_weights_file} / {record_file}"
     for name in retrained:
-        for owner in (name, retrained[name].ulq_name, ql.arq_layer_name(name)):
+        owners = ((name, retrained[name].ulq_name, ql.arq_layer_name(name)) if retrained[name].has_weights
+                  else (retrained[name].ulq_name,))  # a layer without weights has only its quantizer's blobs
+        for owner in owners:
             if owner not in params and not may_run_in_phase(_layer(net, name), caffe_pb2.TRAIN):
                 raise ModelError(f"{retrained_weights_file}: has no weights for layer '{owner}': layer '{name}' "
                                  "never runs in the TRAIN phase (phase rules) and Caffe's snapshots hold the TRAIN "
@@ -187,7 +195,8 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     float_net = strip_quant_layers(net, retrained)
     float_params = {k: v for k, v in params.items()
                     if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
-    for name in retrained:  # the float (master) weights; the TRAIN-only ones stay float
+    # The float (master) weights; the TRAIN-only ones stay float. A pooling has none.
+    for name in (n for n, q in retrained.items() if q.has_weights):
         float_params[name] = [params[ql.arq_layer_name(name)][1], *params[name][1:]]
     layers = {name: ExportLayer(name, q.input_blob, q.channel_axis) for name, q in quantized.items()}
     fused = {name: q.fused for name, q in retrained.items() if q.fused}

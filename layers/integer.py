@@ -1,4 +1,4 @@
-"""IntegerLayer: a deploy model's Quant -> Convolution/Deconvolution/InnerProduct -> DeQuant, in integers."""
+"""IntegerLayer: a deploy model's Quant -> Convolution/Deconvolution/InnerProduct/Pooling -> DeQuant, in integers."""
 import functools
 
 import caffe
@@ -76,14 +76,29 @@ class IntegerLayer(caffe.Layer):
         p = parse_param_str(self.param_str, PARAMS, "IntegerLayer")
         self.layer_name, self.geometry = p["layer"], p["conv"]
         self.transposed = p["layer_type"] == "Deconvolution"
-        self.channel_axis = QUANTIZABLE_RULES[p["layer_type"]].channel_axis  # the output channels' weight axis
+        rule = QUANTIZABLE_RULES[p["layer_type"]]
+        # AVE Pooling: no weights; the accumulator is the sum of each window's codes.
+        self.pooling = not rule.has_weights
+        self.channel_axis = rule.channel_axis  # the output channels' weight axis
         self.quant_scale, self.quant_offset = np.float32(p["quant_scale"]), p["quant_offset"]
-        params = integer_params(_deploy_blobs(p["weights_file"]), p["layer"], p["dequant"], p["weights_file"])
-        self.weights = params.weights.astype(np.float64)
+        params = integer_params(_deploy_blobs(p["weights_file"]), p["layer"], p["dequant"], p["weights_file"],
+                                rule.has_weights)
+        self.weights = None if self.pooling else params.weights.astype(np.float64)
         self.bias, self.deq, self.shift_bit = params.bias.astype(np.float64), params.deq, params.shift_bit
 
     def reshape(self, bottom, top):
         x = bottom[0].data
+        if self.pooling:
+            kernel, stride = self.geometry["kernel"], self.geometry["stride"]
+            if x.ndim != 4 or any(size < k or (size - k) % s for size, k, s in zip(x.shape[2:], kernel, stride)):
+                # A partial window would need another divisor than the one in deq.
+                raise ValueError(f"IntegerLayer '{self.layer_name}': the pooling windows (kernel {kernel}, stride "
+                                 f"{stride}) do not tile the input {x.shape}: cannot be quantized")
+            if self.deq.size != x.shape[1]:
+                raise ValueError(f"IntegerLayer '{self.layer_name}': {self.deq.size} deq_scale values for "
+                                 f"{x.shape[1]} channels")
+            top[0].reshape(*x.shape[:2], *((size - k) // s + 1 for size, k, s in zip(x.shape[2:], kernel, stride)))
+            return
         channels = self.weights.shape[self.channel_axis]
         if self.geometry is None:
             top[0].reshape(x.shape[0], channels)
@@ -95,7 +110,9 @@ class IntegerLayer(caffe.Layer):
         numerics.check_finite(x, f"IntegerLayer '{self.layer_name}' input")
         q = numerics.quant_layer_forward(x, self.quant_scale, self.quant_offset)
         xi = q.astype(np.float64) - self.quant_offset
-        if self.geometry is None:
+        if self.pooling:
+            acc = numerics.window_sums(xi, self.geometry["kernel"], self.geometry["stride"])
+        elif self.geometry is None:
             acc = xi.reshape(xi.shape[0], -1) @ self.weights.reshape(self.weights.shape[0], -1).T
         elif self.transposed:
             acc = _deconv_accumulate(xi, self.weights, self.geometry)

@@ -15,7 +15,8 @@ PARAMS = {
     "fused": Key((dict, type(None))),  # for the saver's quant info: BatchNorm/Scale folded into the layer
     "record_file": Key((str,), required=True),
     "batch_num": Key((int,), default=1),
-    "weight_shape": Key((list,), required=True),
+    "weight_shape": Key((list, type(None))),
+    "scale_w": Key((list, type(None))),  # a layer without weights (AVE Pooling): its fixed scale_w
     "channel_axis": Key((int, type(None))),
     "log_dir": Key((str, type(None))),
 }
@@ -46,8 +47,14 @@ class ShiftNSearch(caffe.Layer):
                                   f"must be >= 1, got {p['batch_num']}")
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
         self.batch_num, self.channel_axis = p["batch_num"], p["channel_axis"]
+        # Exactly one of weight_shape (ARQ of the shared master weights) and scale_w (fixed).
+        if (p["weight_shape"] is None) == (p["scale_w"] is None):
+            raise LayerParamError(f"ShiftNSearch layer '{self.layer_name}': param_str needs exactly one of "
+                                  "'weight_shape' and 'scale_w'")
+        self.fixed_scale_w = None if p["scale_w"] is None else np.asarray(p["scale_w"], np.float32)
         self.blobs.add_blob(3)
-        self.blobs.add_blob(*p["weight_shape"])
+        if self.fixed_scale_w is None:
+            self.blobs.add_blob(*p["weight_shape"])
         self.factors_key = None
         self.errors = None
         self.batches = 0
@@ -91,6 +98,8 @@ class ShiftNSearch(caffe.Layer):
         # The pair ActivationULQ used in this very forward pass (it runs before this layer).
         state = self.blobs[CLIP_STATE].data
         scale_d, offset_d = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
+        if self.fixed_scale_w is not None:
+            return scale_d, offset_d, self.fixed_scale_w
         scale_w = numerics.arq_scale(self.blobs[MASTER_WEIGHTS].data, self.channel_axis)
         if y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)

@@ -10,6 +10,9 @@ directly; the weight axis is 1 for a Deconvolution, whose weights are (C_in, C_o
     y -> Div(deq[c]) -> Round -> QuantizeLinear(2^N[c], 0: int16, axis 1)
       -> DequantizeLinear(deq[c] * 2^N[c], 0: int16, axis 1)
 
+A quantized AVE Pooling has no weights: the input's QuantizeLinear -> DequantizeLinear feeds an
+AveragePool, whose float average of the window is the integer window sum times deq
+(``scale_d * 1/n``), and the same Div -> Round -> int16 chain follows;
 and every other layer of the TEST phase becomes its float ONNX operator. Data layers become
 graph inputs named after their data top (labels are dropped); loss and accuracy layers are
 dropped and their first bottom (the logits) becomes a graph output, as does every blob that
@@ -429,8 +432,12 @@ def _pooling(g: _Graph, layer: caffe_pb2.LayerParameter, params: list[np.ndarray
     p = layer.pooling_param
     if p.pool not in (_P.MAX, _P.AVE):
         raise ModelError(f"{g.where(layer)}: pool method {_P.PoolMethod.Name(p.pool)} is not supported (MAX, AVE)")
-    x = g.bottoms(layer)[0]
-    out = g.top(layer, 4)
+    _pool_node(g, layer, g.bottoms(layer)[0], g.top(layer, 4))
+
+
+def _pool_node(g: _Graph, layer: caffe_pb2.LayerParameter, x: str, out: str) -> None:
+    """The pooling node of a (float or quantized) Pooling layer, from ``x`` into ``out``."""
+    p = layer.pooling_param
     if p.global_pooling:
         g.op("GlobalMaxPool" if p.pool == _P.MAX else "GlobalAveragePool", [x], out)
         return
@@ -579,15 +586,19 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
                weights_file: str) -> None:
     """The QDQ form of a Quant -> layer -> DeQuant triple (see the module docstring)."""
     layer = q.layer
-    ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file)
-    _blob_count(g, layer, deploy[layer.name], 1 + _bias_term(layer))
-    _check_weight_shape(g, layer, ints.weights.shape)
+    rule = QUANTIZABLE_RULES[layer.type]
+    ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
     # The output channels' weight axis: 0, or 1 for a Deconvolution (group 1, checked in _plan).
-    axis = QUANTIZABLE_RULES[layer.type].channel_axis
-    channels = ints.weights.shape[axis]
-    if ints.deq.size != channels:
-        raise ModelError(f"{weights_file}: DeQuant layer '{q.dequant.name}' holds {ints.deq.size} deq_scale "
-                         f"values for the {channels} output channels of '{layer.name}'")
+    axis = rule.channel_axis
+    # An AVE Pooling has no weights: one deq per channel, the strict shape inference checks the count.
+    channels = ints.deq.size
+    if rule.has_weights:
+        _blob_count(g, layer, deploy[layer.name], 1 + _bias_term(layer))
+        _check_weight_shape(g, layer, ints.weights.shape)
+        channels = ints.weights.shape[axis]
+        if ints.deq.size != channels:
+            raise ModelError(f"{weights_file}: DeQuant layer '{q.dequant.name}' holds {ints.deq.size} deq_scale "
+                             f"values for the {channels} output channels of '{layer.name}'")
     quant_scale = q.quant.quant_param.scale
     if not (np.isfinite(quant_scale) and quant_scale > 0) or len(q.quant.quant_param.offset) != 1:
         raise ModelError(f"{g.where(q.quant)}: quant_param needs a positive finite scale and a one-byte offset, "
@@ -607,16 +618,21 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
     x = g.op("DequantizeLinear", [g.op("QuantizeLinear", [x, s, zp]), s, zp], rank=rank)
 
     g.scope = layer.name
-    w_scale = _per_channel_or_scalar(scale_w)
-    weights = g.op("DequantizeLinear", [g.const("weights_int8", ints.weights), g.const("weight_scale", w_scale),
-                                        g.const("weight_zero_point", np.zeros_like(w_scale, np.int8))], axis=axis)
-    bias = None
-    if len(deploy[layer.name]) > 1:
-        bias = g.op("DequantizeLinear", [g.const("bias_int32", ints.bias.astype(np.int32)),
-                                         g.const("bias_scale", ints.deq),
-                                         g.const("bias_zero_point", np.zeros(channels, np.int32))], axis=0)
     y = g.fresh(f"{layer.name}/float_accumulator")
-    _linear(g, layer, x, weights, bias, y)
+    if rule.has_weights:
+        w_scale = _per_channel_or_scalar(scale_w)
+        weights = g.op("DequantizeLinear", [g.const("weights_int8", ints.weights), g.const("weight_scale", w_scale),
+                                            g.const("weight_zero_point", np.zeros_like(w_scale, np.int8))], axis=axis)
+        bias = None
+        if len(deploy[layer.name]) > 1:
+            bias = g.op("DequantizeLinear", [g.const("bias_int32", ints.bias.astype(np.int32)),
+                                             g.const("bias_scale", ints.deq),
+                                             g.const("bias_zero_point", np.zeros(channels, np.int32))], axis=0)
+        _linear(g, layer, x, weights, bias, y)
+    else:
+        # The float average of the window's dequantized codes is acc * scale_d / n = acc * deq, so
+        # the Div -> Round below recovers the integer window sum, as for a convolution.
+        _pool_node(g, layer, x, y)
 
     g.scope = q.dequant.name
     out_rank = _output_rank(g, layer, x)

@@ -45,3 +45,38 @@ def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]
         extent = (k - 1) * d + 1
         out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
     return out
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """2-D pooling geometry as Caffe reads ``pooling_param``: (height, width) pairs."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+
+    @property
+    def window(self) -> int:
+        """Elements in one full window: the divisor of an AVE pooling without partial windows."""
+        return self.kernel[0] * self.kernel[1]
+
+
+def pool_geometry(layer: caffe_pb2.LayerParameter) -> PoolGeometry:
+    """The 2-D geometry of a (non-global) Pooling layer; unlike convolution_param, its fields are
+    not repeated, so the one value stands for both dims unless _h/_w are given."""
+    p = layer.pooling_param
+
+    def pair(single: str, h: str, w: str) -> tuple[int, int]:
+        if p.HasField(h) or p.HasField(w):
+            return int(getattr(p, h)), int(getattr(p, w))
+        return int(getattr(p, single)), int(getattr(p, single))
+
+    return PoolGeometry(kernel=pair("kernel_size", "kernel_h", "kernel_w"),
+                        stride=pair("stride", "stride_h", "stride_w"),
+                        pad=pair("pad", "pad_h", "pad_w"))
+
+
+def pool_windows_tile(layer: caffe_pb2.LayerParameter, in_hw) -> bool:
+    """Whether the pooling windows tile an input of ``in_hw`` exactly, so that Caffe's ceil rounding
+    adds no partial window (whose divisor would not be the window size)."""
+    g = pool_geometry(layer)
+    return all(size >= k and (size - k) % s == 0 for size, k, s in zip(in_hw, g.kernel, g.stride))

@@ -9,9 +9,12 @@ from collections.abc import Mapping, Sequence
 
 from caffe.proto import caffe_pb2
 
+import numpy as np
+
+from amct_retrain import numerics
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.caffe_params import conv_geometry
+from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
 
 
@@ -23,6 +26,19 @@ def quantized_input_blob(layer: str) -> str:
 def weight_channel_axis(layer_type: str, channel_wise: bool) -> int | None:
     """Axis of per-channel weight scales, or None for one scale per tensor."""
     return QUANTIZABLE_RULES[layer_type].channel_axis if channel_wise else None
+
+
+def has_weights(layer_type: str) -> bool:
+    """Whether a quantized layer of ``layer_type`` has weights (and so a WeightARQ)."""
+    return QUANTIZABLE_RULES[layer_type].has_weights
+
+
+def fixed_weight_scale(layer: caffe_pb2.LayerParameter) -> np.ndarray | None:
+    """The fixed scale_w of a quantized layer without weights (AVE Pooling: [float32(1/n)], n the
+    window size), None for a layer with weights (its scale_w is ARQ of its weights)."""
+    if has_weights(layer.type):
+        return None
+    return numerics.average_pool_scale(pool_geometry(layer).window)
 
 
 def arq_reads_clip_state(layer_type: str, channel_wise: bool) -> bool:
@@ -97,7 +113,7 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
             out.layer.append(with_phase_rules(ql.ulq_layer(
                 ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
                 c.fixed_min, **log), layer))
-            for sharer in (n for n, o in owners.items() if o == name):
+            for sharer in (n for n, o in owners.items() if o == name and has_weights(configs[n].layer_type)):
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
                 global_conv = ({"activation_quantizer": ql.ulq_layer_name(name),
@@ -109,11 +125,16 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
         quantized = out.layer.add()
         quantized.CopyFrom(layer)
         quantized.bottom[0] = quantized_input
-        ql.share_fake_quant_weights(quantized, ql.arq_layer_name(name))
+        fixed_scale = fixed_weight_scale(layer)
+        if fixed_scale is None:
+            ql.share_fake_quant_weights(quantized, ql.arq_layer_name(name))
+            weights = {"arq_name": ql.arq_layer_name(name), "weight_shape": weight_shapes[name]}
+        else:  # no weights: no WeightARQ, and the shift-N search uses the fixed scale_w
+            weights = {"arq_name": None, "weight_shape": None, "scale_w": fixed_scale.tolist()}
         out.layer.append(with_phase_rules(ql.shift_n_layer(
-            ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), ql.arq_layer_name(name),
-            weight_shapes[name], _axis(configs[name]), record_file, retrain_config.batch_num, **log,
-            fused=(fused or {}).get(name)), layer))
+            ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), channel_axis=_axis(configs[name]),
+            record_file=record_file, batch_num=retrain_config.batch_num, **log,
+            fused=(fused or {}).get(name), **weights), layer))
     return out
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from caffe.proto import caffe_pb2
@@ -287,14 +288,17 @@ for layer in net.layer:
                     value.ClearField(filler)
 with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
     f.write(text_format.MessageToString(net))
-shapes = {}
+shapes, bottoms = {}, {}
 try:
     for phase in (caffe.TRAIN, caffe.TEST):
-        for name, blobs in caffe.Net(f.name, phase).params.items():
+        built = caffe.Net(f.name, phase)
+        for name, blobs in built.params.items():
             shapes.setdefault(name, [list(b.data.shape) for b in blobs])
+        for name, names in built.bottom_names.items():
+            bottoms.setdefault(name, [list(built.blobs[b].data.shape) for b in names])
 finally:
     os.unlink(f.name)
-print("AMCT_PROBE " + json.dumps(shapes))
+print("AMCT_PROBE " + json.dumps({"params": shapes, "bottoms": bottoms}))
 """
 
 
@@ -319,9 +323,23 @@ def probe_param_shapes(model_file: str | os.PathLike) -> dict[str, list[tuple[in
     Runs in a child process, so a model that trips one of Caffe's CHECKs becomes a
     ModelError carrying Caffe's own message instead of killing this interpreter.
     """
-    shapes = run_caffe_child(_PROBE, [os.fspath(model_file)], "AMCT_PROBE",
+    return probe_shapes(model_file).params
+
+
+@dataclass(frozen=True)
+class ProbedShapes:
+    """What Caffe says about a model's shapes: layer -> its parameter blob shapes, and layer ->
+    the shapes of its bottom blobs (the first phase, TRAIN then TEST, that builds the layer)."""
+    params: dict[str, list[tuple[int, ...]]]
+    bottoms: dict[str, list[tuple[int, ...]]]
+
+
+def probe_shapes(model_file: str | os.PathLike) -> ProbedShapes:
+    """:func:`probe_param_shapes` and the layers' input shapes, from one child process (the
+    input shapes decide whether an AVE Pooling's windows tile its input)."""
+    probed = run_caffe_child(_PROBE, [os.fspath(model_file)], "AMCT_PROBE",
                              f"{model_file}: Caffe cannot build this net")
-    return {k: [tuple(s) for s in v] for k, v in shapes.items()}
+    return ProbedShapes(*({k: [tuple(s) for s in v] for k, v in probed[key].items()} for key in ("params", "bottoms")))
 
 
 def check_weights_match(model_file: str | os.PathLike, weights_file: str | os.PathLike,

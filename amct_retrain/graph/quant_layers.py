@@ -115,19 +115,28 @@ def share_fake_quant_weights(quantized: caffe_pb2.LayerParameter, arq_name: str)
     spec.lr_mult, spec.decay_mult = 1.0, 0.0
 
 
-def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq_name: str,
-                  weight_shape: Sequence[int], channel_axis: int | None, record_file: str,
+def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq_name: str | None,
+                  weight_shape: Sequence[int] | None, channel_axis: int | None, record_file: str,
                   batch_num: int = 1, log_dir: str | None = None,
-                  fused: dict | None = None) -> caffe_pb2.LayerParameter:
+                  fused: dict | None = None, scale_w: Sequence[float] | None = None) -> caffe_pb2.LayerParameter:
     """ShiftNSearch in place on ``blob``, the quantized layer's output; it reads the clip state
     and master weights through shared params and writes ``quantized_layer``'s record entry
     (with ``log_dir``, also its mean shift_bit to TensorBoard there). ``fused`` ({"kind",
-    "removed"}) tells the saver which BatchNorm/Scale layers were folded into the layer."""
-    layer = python_layer(name, SHIFT_N_TYPE, blob, blob, {
-        "quantized_layer": quantized_layer, "activation_quantizer": ulq_name, "record_file": record_file,
-        "batch_num": batch_num, "weight_shape": list(weight_shape), "channel_axis": channel_axis,
-        "fused": fused}, log_dir)
-    for param_name in clip_param_names(ulq_name)[2:] + weight_param_names(arq_name)[1:]:
+    "removed"}) tells the saver which BatchNorm/Scale layers were folded into the layer.
+    A layer without weights (AVE Pooling) gives its fixed ``scale_w`` instead of ``arq_name`` and
+    ``weight_shape``: the layer then shares only the clip state."""
+    fixed = scale_w is not None
+    if fixed == (arq_name is not None):
+        raise ValueError(f"shift_n_layer '{name}': give either arq_name (weights) or scale_w (no weights)")
+    params = {"quantized_layer": quantized_layer, "activation_quantizer": ulq_name, "record_file": record_file,
+              "batch_num": batch_num, "channel_axis": channel_axis, "fused": fused}
+    if fixed:
+        params["scale_w"] = [float(v) for v in scale_w]
+    else:
+        params["weight_shape"] = list(weight_shape)
+    layer = python_layer(name, SHIFT_N_TYPE, blob, blob, params, log_dir)
+    shared = clip_param_names(ulq_name)[2:] + (() if fixed else weight_param_names(arq_name)[1:])
+    for param_name in shared:
         _param(layer, param_name)
     return layer
 

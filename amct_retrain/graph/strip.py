@@ -20,6 +20,12 @@ class QuantizedLayer:
     record_file: str
     batch_num: int
     fused: dict | None = None  # {"kind", "removed"}: the BatchNorm/Scale folded into it
+    fixed_scale_w: tuple[float, ...] | None = None  # a layer without weights (AVE Pooling): its scale_w
+
+    @property
+    def has_weights(self) -> bool:
+        """False for a layer without weights: it has no WeightARQ and no master weights."""
+        return self.fixed_scale_w is None
 
 
 def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[str, QuantizedLayer]:
@@ -32,11 +38,14 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
         p = ql.layer_params(layer)
         name = p["quantized_layer"]
         ulq = by_name.get(p["activation_quantizer"])
-        if ulq is None or name not in by_name or ql.arq_layer_name(name) not in by_name:
+        fixed_scale_w = p.get("scale_w")
+        needs_arq = fixed_scale_w is None
+        if ulq is None or name not in by_name or (needs_arq and ql.arq_layer_name(name) not in by_name):
             raise ModelError(f"{model_file}: layer '{name}' lacks its ActivationULQ / WeightARQ / "
                              "quantized layer: not a model made by create_quant_retrain_model")
         found[name] = QuantizedLayer(name, ulq.name, ulq.bottom[0], p["channel_axis"], ql.layer_params(ulq)["fixed_min"],
-                                     p["record_file"], p["batch_num"], p.get("fused"))
+                                     p["record_file"], p["batch_num"], p.get("fused"),
+                                     None if needs_arq else tuple(fixed_scale_w))
     if not found:
         raise ModelError(f"{model_file}: has no quantized layers: not a model made by create_quant_retrain_model")
     return found
@@ -57,6 +66,8 @@ def strip_quant_layers(net: caffe_pb2.NetParameter,
         restored.CopyFrom(layer)
         if layer.name in quantized:
             restored.bottom[0] = quantized[layer.name].input_blob
+            if not quantized[layer.name].has_weights:
+                continue
             master_spec = by_name[ql.arq_layer_name(layer.name)].param[1]
             restored.param[0].CopyFrom(caffe_pb2.ParamSpec(lr_mult=master_spec.lr_mult,
                                                            decay_mult=master_spec.decay_mult))
