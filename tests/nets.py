@@ -119,3 +119,31 @@ def float_model(tmp_path, fc=10, tag="float"):
     weights = tmp_path / f"{tag}.caffemodel"
     caffe.Net(str(model), caffe.TEST).save(str(weights))
     return model, weights
+
+
+def retrain_and_save(tmp: pathlib.Path, net_text: str, name: str, iters: int) -> dict:
+    """``net_text`` (a float net with DummyData) through the whole retraining flow under ``tmp``:
+    config, quantization-aware model, ``iters`` solver steps (TEST at the end), both models saved.
+    Returns the files by role, ``save_path`` and the saver's output files."""
+    import amct_retrain
+    from amct_retrain.saver import output_files
+
+    model, weights = tmp / f"{name}.prototxt", tmp / f"{name}.caffemodel"
+    model.write_text(net_text)
+    caffe.Net(str(model), caffe.TEST).save(str(weights))
+    files = {"config": tmp / "config.json", "retrain_model": tmp / "retrain.prototxt",
+             "retrain_weights": tmp / "retrain.caffemodel", "record": tmp / "record.txt",
+             "snapshot": tmp / f"snap_iter_{iters}.caffemodel", "onnx": tmp / f"{name}.onnx"}
+    amct_retrain.create_quant_retrain_config(str(files["config"]), str(model), str(weights))
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(files["config"]),
+                                            str(files["retrain_model"]), str(files["retrain_weights"]),
+                                            str(files["record"]))
+    solver_file = tmp / "solver.prototxt"
+    solver_file.write_text(solver_text(files["retrain_model"], tmp / "snap", max_iter=iters))
+    solver = caffe.get_solver(str(solver_file))
+    solver.net.copy_from(str(files["retrain_weights"]))
+    solver.solve()
+    save_path = str(tmp / "result" / name)
+    amct_retrain.save_quant_retrain_model(str(files["retrain_model"]), str(files["snapshot"]), "Both", save_path,
+                                          str(files["record"]))
+    return {**files, "save_path": save_path, **output_files(save_path)}

@@ -17,7 +17,6 @@ from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.reference import ReferenceExecutor, output_steps, read_deploy_blobs, saved_model_parity
-from amct_retrain.saver import output_files
 from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain_layers.integer import _deconv_accumulate
 from tests import nets
@@ -50,25 +49,7 @@ ITERS = 6
 def seg(tmp_path_factory):
     """SEG_NET configured, made quantization-aware, trained ITERS steps (TEST at the end), saved."""
     tmp = tmp_path_factory.mktemp("deconv")
-    model, weights = tmp / "seg.prototxt", tmp / "seg.caffemodel"
-    model.write_text(SEG_NET)
-    caffe.Net(str(model), caffe.TEST).save(str(weights))
-    files = {"config": tmp / "config.json", "retrain_model": tmp / "retrain.prototxt",
-             "retrain_weights": tmp / "retrain.caffemodel", "record": tmp / "record.txt",
-             "snapshot": tmp / f"snap_iter_{ITERS}.caffemodel", "onnx": tmp / "seg.onnx"}
-    amct_retrain.create_quant_retrain_config(str(files["config"]), str(model), str(weights))
-    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(files["config"]),
-                                            str(files["retrain_model"]), str(files["retrain_weights"]),
-                                            str(files["record"]))
-    solver_file = tmp / "solver.prototxt"
-    solver_file.write_text(nets.solver_text(files["retrain_model"], tmp / "snap", max_iter=ITERS))
-    solver = caffe.get_solver(str(solver_file))
-    solver.net.copy_from(str(files["retrain_weights"]))
-    solver.solve()
-    save_path = str(tmp / "result" / "seg")
-    amct_retrain.save_quant_retrain_model(str(files["retrain_model"]), str(files["snapshot"]), "Both", save_path,
-                                          str(files["record"]))
-    return {**files, "save_path": save_path, **output_files(save_path)}
+    return nets.retrain_and_save(tmp, SEG_NET, "seg", ITERS)
 
 
 def test_config_quantizes_the_deconvolution_per_channel(seg):

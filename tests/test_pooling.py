@@ -46,25 +46,7 @@ ITERS = 6
 def pooled(tmp_path_factory):
     """POOL_NET configured, made quantization-aware, trained ITERS steps (TEST at the end), saved."""
     tmp = tmp_path_factory.mktemp("pooling")
-    model, weights = tmp / "pool.prototxt", tmp / "pool.caffemodel"
-    model.write_text(POOL_NET)
-    caffe.Net(str(model), caffe.TEST).save(str(weights))
-    files = {"config": tmp / "config.json", "retrain_model": tmp / "retrain.prototxt",
-             "retrain_weights": tmp / "retrain.caffemodel", "record": tmp / "record.txt",
-             "snapshot": tmp / f"snap_iter_{ITERS}.caffemodel", "onnx": tmp / "pool.onnx"}
-    amct_retrain.create_quant_retrain_config(str(files["config"]), str(model), str(weights))
-    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(files["config"]),
-                                            str(files["retrain_model"]), str(files["retrain_weights"]),
-                                            str(files["record"]))
-    solver_file = tmp / "solver.prototxt"
-    solver_file.write_text(nets.solver_text(files["retrain_model"], tmp / "snap", max_iter=ITERS))
-    solver = caffe.get_solver(str(solver_file))
-    solver.net.copy_from(str(files["retrain_weights"]))
-    solver.solve()
-    save_path = str(tmp / "result" / "pool")
-    amct_retrain.save_quant_retrain_model(str(files["retrain_model"]), str(files["snapshot"]), "Both", save_path,
-                                          str(files["record"]))
-    return {**files, "save_path": save_path, **output_files(save_path)}
+    return nets.retrain_and_save(tmp, POOL_NET, "pool", ITERS)
 
 
 def _layers(path) -> dict[str, caffe_pb2.LayerParameter]:
