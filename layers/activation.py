@@ -1,6 +1,5 @@
 """ActivationULQ: int8 fake quantization of activations with learnable clips (ULQ)."""
 import caffe
-import numpy as np
 
 from amct_retrain import numerics, tensorboard
 from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str

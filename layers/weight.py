@@ -1,6 +1,5 @@
 """WeightARQ: int8 fake quantization of a layer's weights from float master weights."""
 import caffe
-import numpy as np
 
 from amct_retrain import numerics, tensorboard
 from amct_retrain.graph.caffe_params import conv_output_hw

@@ -6,8 +6,6 @@ import shutil
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
-from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import calibration, numerics, record
