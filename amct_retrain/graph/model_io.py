@@ -6,6 +6,7 @@ caffemodels with protobuf here: a user gets an exception naming the file and the
 """
 import json
 import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -95,17 +96,19 @@ class CaffemodelParams(Mapping):
 
 def read_caffemodel(weights_file: str | os.PathLike) -> Mapping[str, list[np.ndarray]]:
     """The blobs of every layer of a caffemodel: layer name -> float32 arrays in blob order
-    (read-only views for the common packed-float files)."""
+    (read-only views of the memory-mapped file for the common packed-float files: a saver
+    touches only the pages of the blobs it uses, a third of a retrained caffemodel)."""
     try:
         with open(weights_file, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except OSError as err:
         raise ModelError(f"{weights_file}: cannot read the weights file: {err.strerror}") from None
     fast = _packed_float_params(data)
     if fast is not None:
         return fast
     try:
-        net = caffe_pb2.NetParameter.FromString(data)
+        net = caffe_pb2.NetParameter.FromString(bytes(data))
     except DecodeError as err:
         raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
     return CaffemodelParams(net, os.fspath(weights_file))
