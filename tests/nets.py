@@ -121,16 +121,20 @@ def float_model(tmp_path, fc=10, tag="float"):
     return model, weights
 
 
-def retrain_and_save(tmp: pathlib.Path, net_text: str, name: str, iters: int) -> dict:
+def retrain_and_save(tmp: pathlib.Path, net_text: str, name: str, iters: int, prepare=None) -> dict:
     """``net_text`` (a float net with DummyData) through the whole retraining flow under ``tmp``:
     config, quantization-aware model, ``iters`` solver steps (TEST at the end), both models saved.
-    Returns the files by role, ``save_path`` and the saver's output files."""
+    ``prepare(net)`` may set the float net's blobs first. Returns the files by role,
+    ``save_path`` and the saver's output files."""
     import amct_retrain
     from amct_retrain.saver import output_files
 
     model, weights = tmp / f"{name}.prototxt", tmp / f"{name}.caffemodel"
     model.write_text(net_text)
-    caffe.Net(str(model), caffe.TEST).save(str(weights))
+    float_net = caffe.Net(str(model), caffe.TEST)
+    if prepare is not None:
+        prepare(float_net)
+    float_net.save(str(weights))
     files = {"config": tmp / "config.json", "retrain_model": tmp / "retrain.prototxt",
              "retrain_weights": tmp / "retrain.caffemodel", "record": tmp / "record.txt",
              "snapshot": tmp / f"snap_iter_{iters}.caffemodel", "onnx": tmp / f"{name}.onnx"}

@@ -242,3 +242,41 @@ def test_integer_transposed_convolution_is_caffes_deconvolution(tmp_path, geomet
     assert list(got.shape[2:]) == conv_output_hw(x.shape[2:], g, transposed=True) == list(expected.shape[2:]), \
         f"{geometry}: output {got.shape}, Caffe's {expected.shape}"
     assert np.array_equal(got, expected), f"{geometry}: largest difference {np.abs(got - expected).max()}"
+
+
+SEG_BN_NET = f"""name: "seg_bn"
+layer {{ name: "data" type: "DummyData" top: "data" top: "target"
+  dummy_data_param {{ shape {{ dim: {BATCH} dim: 3 dim: {HW} dim: {HW} }} shape {{ dim: {BATCH} dim: {CLASSES} dim: {HW} dim: {HW} }}
+    data_filler {{ type: "gaussian" std: 1 }} data_filler {{ type: "gaussian" std: 1 }} }} }}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: {FEATURES} kernel_size: 3 stride: 2 pad: 1 bias_term: false weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" }}
+layer {{ name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param {{ bias_term: true }} }}
+layer {{ name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }}
+layer {{ name: "deconv" type: "Deconvolution" bottom: "conv1" top: "deconv"
+  convolution_param {{ num_output: {CLASSES} kernel_size: 4 stride: 2 pad: 1 bias_term: false weight_filler {{ type: "xavier" }} }} }}
+layer {{ name: "bn2" type: "BatchNorm" bottom: "deconv" top: "deconv" }}
+layer {{ name: "scale2" type: "Scale" bottom: "deconv" top: "deconv" scale_param {{ bias_term: true }} }}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "deconv" bottom: "target" top: "loss" }}
+"""
+
+
+def _inference_statistics(net):
+    rng = np.random.default_rng(7)
+    for bn in ("bn1", "bn2"):
+        channels = net.params[bn][0].data.shape[0]
+        net.params[bn][0].data[...] = rng.normal(0, 0.1, channels)
+        net.params[bn][1].data[...] = rng.uniform(0.5, 2.0, channels)
+        net.params[bn][2].data[...] = 1.0
+
+
+def test_segmentation_net_with_deconv_batchnorm_scale_is_fused_quantized_and_exact(tmp_path):
+    files = nets.retrain_and_save(tmp_path, SEG_BN_NET, "seg_bn", ITERS, prepare=_inference_statistics)
+    for key in ("retrain_model", "fake_quant_model", "deploy_model"):
+        types = [layer.type for layer in text_format.Parse(open(files[key]).read(), caffe_pb2.NetParameter()).layer]
+        assert "BatchNorm" not in types and "Scale" not in types, f"{key} keeps BatchNorm/Scale: {types}"
+    info = json.load(open(files["quant_info"]))
+    assert info["fused_layers"] == {"conv1": {"kind": "conv_bn", "removed": ["bn1", "scale1"]},
+                                    "deconv": {"kind": "deconv_bn", "removed": ["bn2", "scale2"]}}, info["fused_layers"]
+    worst = saved_model_parity(files["save_path"], str(files["record"]))
+    assert set(worst) == {"conv1", "deconv"} and max(worst.values()) <= 1.0, f"output steps per layer: {worst}"
