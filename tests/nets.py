@@ -151,3 +151,14 @@ def retrain_and_save(tmp: pathlib.Path, net_text: str, name: str, iters: int, pr
     amct_retrain.save_quant_retrain_model(str(files["retrain_model"]), str(files["snapshot"]), "Both", save_path,
                                           str(files["record"]))
     return {**files, "save_path": save_path, **output_files(save_path)}
+
+
+def ops_after(model, tensor: str, count: int = 4) -> list[str]:
+    """The op types of the chain of ``count`` nodes that consume ``tensor`` one after the other
+    in an ONNX model (the shift-N requantisation after a quantized layer is Div, Round, Q, DQ)."""
+    consumers = {t: node for node in model.graph.node for t in node.input}
+    chain = []
+    while len(chain) < count and tensor in consumers:
+        chain.append(consumers[tensor])
+        tensor = chain[-1].output[0]
+    return [node.op_type for node in chain]

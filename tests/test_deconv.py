@@ -133,11 +133,7 @@ def test_onnx_export_runs_a_quantized_conv_transpose_like_the_fake_quant_model(s
         f"weight scales {list(inits[weights.input[1]].dims)}: one per output channel"
     assert producers[deconv.input[2]].op_type == "DequantizeLinear" and \
         inits[producers[deconv.input[2]].input[0]].data_type == onnx.TensorProto.INT32, "bias is not int32 -> DQ"
-    consumers = {t: n for n in model.graph.node for t in n.input}
-    chain = [consumers[deconv.output[0]]]
-    while len(chain) < 4 and chain[-1].output[0] in consumers:
-        chain.append(consumers[chain[-1].output[0]])
-    ops = [n.op_type for n in chain]
+    ops = nets.ops_after(model, deconv.output[0])
     assert ops == ["Div", "Round", "QuantizeLinear", "DequantizeLinear"], \
         f"ConvTranspose output goes through {ops}, not the shift-N requantisation"
 

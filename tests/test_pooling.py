@@ -110,11 +110,7 @@ def test_onnx_export_runs_the_quantized_pooling_like_the_fake_quant_model(pooled
     (pool,) = [n for n in model.graph.node if n.op_type == "AveragePool"]
     assert producers[pool.input[0]].op_type == "DequantizeLinear", \
         f"AveragePool reads {producers[pool.input[0]].op_type}, not the input's Q/DQ"
-    consumers = {t: n for n in model.graph.node for t in n.input}
-    chain = [consumers[pool.output[0]]]
-    while len(chain) < 4 and chain[-1].output[0] in consumers:
-        chain.append(consumers[chain[-1].output[0]])
-    ops = [n.op_type for n in chain]
+    ops = nets.ops_after(model, pool.output[0])
     assert ops == ["Div", "Round", "QuantizeLinear", "DequantizeLinear"], \
         f"AveragePool output goes through {ops}, not the shift-N requantisation"
 
