@@ -103,3 +103,13 @@ def test_fast_caffemodel_reader_agrees_with_protobuf(tmp_path):
     old.write_bytes(legacy.SerializeToString())
     params = read_caffemodel(old)
     assert params["old"][0].shape == (2, 3), "a legacy 4-D blob must fall back to protobuf and keep its shape"
+
+
+def test_upstream_round_mode_is_an_error_that_says_what_to_write(tmp_path):
+    model = tmp_path / "pool.prototxt"
+    model.write_text('name: "x"\nlayer { name: "p" type: "Pooling" bottom: "a" top: "b"\n'
+                     '  pooling_param { pool: MAX kernel_size: 2 round_mode: FLOOR } }\n')
+    with pytest.raises(ModelError) as e:
+        read_prototxt(model)
+    message = str(e.value)
+    assert message.startswith(f"{model}:3:") and "ceil_mode: false" in message, f"unhelpful error: {message}"

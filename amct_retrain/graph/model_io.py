@@ -36,7 +36,14 @@ def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
     """
     path = os.fspath(model_file)
     net = caffe_pb2.NetParameter()
-    parse_text_proto(path, read_text_file(path, "model file", ModelError), net, ModelError)
+    try:
+        parse_text_proto(path, read_text_file(path, "model file", ModelError), net, ModelError)
+    except ModelError as err:
+        if "round_mode" in str(err):  # written for upstream Caffe, whose field this fork renamed
+            raise ModelError(f"{err}. This Caffe's PoolingParameter has 'ceil_mode: true|false' (field 13) "
+                             "where upstream Caffe has 'round_mode: CEIL|FLOOR': write 'ceil_mode: false' for "
+                             "FLOOR (or drop the field for CEIL)") from None
+        raise
     if len(net.layers):
         net = _upgraded(path)
     return net
