@@ -49,11 +49,13 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         weights, *rest = params[name]
         numerics.check_finite(weights, f"{model_file}: layer '{name}' weights")
         axis = weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
-        fake_quant = numerics.arq_fake_quantize(weights, numerics.arq_scale(weights, axis), axis)
+        scale_w = numerics.arq_scale(weights, axis)
+        fake_quant = numerics.arq_fake_quantize(weights, scale_w, axis)
         out[name] = [fake_quant, *rest]
         out[ql.arq_layer_name(name)] = [fake_quant, weights]
         if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):
             out[ql.arq_layer_name(name)].append(clip_states[quantizer_owners[name]])  # shared with its ULQ
+        out[ql.arq_layer_name(name)].append(scale_w)  # its last blob, shared with ShiftNSearch
     return out
 
 

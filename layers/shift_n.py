@@ -21,7 +21,7 @@ PARAMS = {
     "log_dir": Key((str, type(None))),
 }
 # Shared (by param name) with the ActivationULQ and WeightARQ layers that own them.
-CLIP_STATE, MASTER_WEIGHTS = 0, 1
+CLIP_STATE, WEIGHT_SCALE = 0, 1
 LAST_MIN, LAST_MAX = 1, 2  # ActivationULQ's clip_state: [ready, min, max] of its last forward
 TEST = 1
 
@@ -31,7 +31,7 @@ class ShiftNSearch(caffe.Layer):
     automatic split fails when a ReLU later rewrites the blob in place).
 
     In the TEST phase it sums the shift-N errors of ``batch_num`` batches computed with the
-    current factors (scale_d from the clips ActivationULQ used, scale_w from ARQ of the master weights), then
+    current factors (scale_d from the clips ActivationULQ used, scale_w as WeightARQ computed it from the master weights), then
     writes ``scale_d``, ``offset_d``, ``scale_w``, ``offset_w``, ``shift_bit`` of its layer into
     the record file. Factors that differ from the ones being accumulated (the net trained in
     between) start a new search, so every TEST pass searches once with no knowledge of test_iter.
@@ -53,8 +53,9 @@ class ShiftNSearch(caffe.Layer):
                                   "'weight_shape' and 'scale_w'")
         self.fixed_scale_w = None if p["scale_w"] is None else np.asarray(p["scale_w"], np.float32)
         self.blobs.add_blob(3)
-        if self.fixed_scale_w is None:
-            self.blobs.add_blob(*p["weight_shape"])
+        if self.fixed_scale_w is None:  # WeightARQ's scale_w blob: one per channel, or one
+            shape, axis = p["weight_shape"], p["channel_axis"]
+            self.blobs.add_blob(shape[axis] if axis is not None else 1)
         self.factors_key = None
         self.errors = None
         self.batches = 0
@@ -100,7 +101,7 @@ class ShiftNSearch(caffe.Layer):
         scale_d, offset_d = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
         if self.fixed_scale_w is not None:
             return scale_d, offset_d, self.fixed_scale_w
-        scale_w = numerics.arq_scale(self.blobs[MASTER_WEIGHTS].data, self.channel_axis)
+        scale_w = self.blobs[WEIGHT_SCALE].data.copy()  # what WeightARQ used in this forward pass
         if y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         return scale_d, offset_d, scale_w

@@ -60,6 +60,9 @@ class WeightARQ(caffe.Layer):
                 raise LayerParamError(f"WeightARQ layer '{self.layer_name}': param_str key 'conv' must hold the "
                                       f"convolution's kernel, stride, pad and dilation, got {self.conv!r}")
             self.blobs.add_blob(3)
+        # Last blob: the scale_w this forward used, shared (not learnt) with ShiftNSearch, which
+        # would otherwise share the master weights and make every snapshot hold them twice.
+        self.blobs.add_blob(shape[self.channel_axis] if self.channel_axis is not None else 1)
         self.global_conv = False
         self.in_place = None
         self.log = tensorboard.layer_log(p, "WeightARQ")
@@ -83,6 +86,7 @@ class WeightARQ(caffe.Layer):
             scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
+        self.blobs[len(self.blobs) - 1].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
         if not self.in_place:

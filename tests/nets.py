@@ -92,7 +92,7 @@ random_seed: 1
 """
 
 
-QUANT_BLOBS = {"conv1_ulq": 3, "conv1_arq": 2, "ip1_ulq": 3, "ip1_arq": 2, "conv1": 2, "ip1": 2}
+QUANT_BLOBS = {"conv1_ulq": 3, "conv1_arq": 3, "ip1_ulq": 3, "ip1_arq": 3, "conv1": 2, "ip1": 2}
 
 
 FLOAT_NET = """name: "small"

@@ -39,6 +39,11 @@ def weight_param_names(arq_name: str) -> tuple[str, str]:
     return f"{arq_name}/fake_quant_weights", f"{arq_name}/master_weights"
 
 
+def weight_scale_param_name(arq_name: str) -> str:
+    """Param name of a WeightARQ layer's last blob: the scale_w of its last forward."""
+    return f"{arq_name}/scale_w"
+
+
 def python_layer(name: str, module_class: tuple[str, str], bottom: str, top: str,
                   params: dict, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
     layer = caffe_pb2.LayerParameter(name=name, type="Python", bottom=[bottom], top=[top])
@@ -103,6 +108,7 @@ def arq_layer(name: str, blob: str, weight_shape: Sequence[int], channel_axis: i
     _param(layer, master_name, master_lr_mult, master_decay_mult)
     if activation_quantizer is not None:
         _param(layer, clip_param_names(activation_quantizer)[2])
+    _param(layer, weight_scale_param_name(name), 0.0, 0.0)
     return layer
 
 
@@ -120,7 +126,7 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
                   batch_num: int = 1, log_dir: str | None = None,
                   fused: dict | None = None, scale_w: Sequence[float] | None = None) -> caffe_pb2.LayerParameter:
     """ShiftNSearch in place on ``blob``, the quantized layer's output; it reads the clip state
-    and master weights through shared params and writes ``quantized_layer``'s record entry
+    and the WeightARQ's current scale_w through shared params and writes ``quantized_layer``'s record entry
     (with ``log_dir``, also its mean shift_bit to TensorBoard there). ``fused`` ({"kind",
     "removed"}) tells the saver which BatchNorm/Scale layers were folded into the layer.
     A layer without weights (AVE Pooling) gives its fixed ``scale_w`` instead of ``arq_name`` and
@@ -135,7 +141,7 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
     else:
         params["weight_shape"] = list(weight_shape)
     layer = python_layer(name, SHIFT_N_TYPE, blob, blob, params, log_dir)
-    shared = clip_param_names(ulq_name)[2:] + (() if fixed else weight_param_names(arq_name)[1:])
+    shared = clip_param_names(ulq_name)[2:] + (() if fixed else (weight_scale_param_name(arq_name),))
     for param_name in shared:
         _param(layer, param_name)
     return layer
