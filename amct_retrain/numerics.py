@@ -23,7 +23,9 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
@@ -36,7 +38,7 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
-    "check_finite", "average_pool_scale", "window_sums",
+    "check_finite", "errors_named", "average_pool_scale", "window_sums",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
     "fake_quantize_activation",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
@@ -102,6 +104,16 @@ def check_finite(x: npt.ArrayLike, what: str) -> None:
     raise NonFiniteError(
         f"{what}: {n_nan + n_inf} of {a.size} values are NaN/Inf "
         f"({n_nan} NaN, {n_inf} Inf); the numbers diverged or the data is corrupt")
+
+
+@contextlib.contextmanager
+def errors_named(who: str) -> Iterator[None]:
+    """Prefix ``who`` (e.g. "ActivationULQ layer 'conv1_ulq'") to any NumericsError raised in
+    the block, so a caller names itself without checking its arrays a second time."""
+    try:
+        yield
+    except NumericsError as err:
+        raise type(err)(f"{who}: {err}") from None
 
 
 def _scalar(v: npt.ArrayLike, what: str, finite: bool = True) -> float:
@@ -208,10 +220,11 @@ def quant_multiplier(scale_d: npt.ArrayLike) -> np.ndarray:
     return np.asarray(1.0 / np.asarray(scale_d, dtype=np.float32).astype(np.float64), dtype=np.float32)
 
 
-def _activation_codes_f32(x32: np.ndarray, scale: npt.ArrayLike, k_lo: npt.ArrayLike,
+def _activation_codes_f32(x32: np.ndarray, multiplier: npt.ArrayLike, k_lo: npt.ArrayLike,
                           k_hi: npt.ArrayLike) -> np.ndarray:
-    """``clip(rint(x * quant_multiplier(scale)), k_lo, k_hi)`` in float32 (integer-valued)."""
-    k = np.asarray(np.multiply(x32, quant_multiplier(scale), dtype=np.float32))
+    """``clip(rint(x * multiplier), k_lo, k_hi)`` in float32 (integer-valued); the multiplier
+    is ``quant_multiplier(scale_d)``, the deploy Quant layer's scale."""
+    k = np.asarray(np.multiply(x32, multiplier, dtype=np.float32))
     np.rint(k, out=k)
     np.clip(k, k_lo, k_hi, out=k)
     return k
@@ -294,14 +307,7 @@ def quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     Returns:
         int8 array of x's shape.
     """
-    s = _positive_scale(scale_d, "scale_d")
-    off = _offset_int8(offset_d)
-    x32 = _as_f32(x, "quantize_activation input")
-    # clip(rint(x/s) + off, -128, 127) == clip(rint(x/s), -128-off, 127-off) + off exactly:
-    # the clipped values are small integers, exact in float32.
-    k = _activation_codes_f32(x32, s, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
-    k += np.float32(off)
-    return k.astype(np.int8)
+    return quant_layer_forward(x, quant_multiplier(_positive_scale(scale_d, "scale_d")), offset_d)
 
 
 def quant_layer_forward(x: npt.ArrayLike, quant_scale: npt.ArrayLike,
@@ -320,9 +326,10 @@ def quant_layer_forward(x: npt.ArrayLike, quant_scale: npt.ArrayLike,
     """
     inv = _positive_scale(quant_scale, "quant_scale")
     off = _offset_int8(offset_d)
-    k = np.asarray(np.multiply(_as_f32(x, "Quant layer input"), inv, dtype=np.float32))
-    np.rint(k, out=k)
-    np.clip(k, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off), out=k)
+    # clip(rint(x*inv) + off, -128, 127) == clip(rint(x*inv), -128-off, 127-off) + off exactly:
+    # the clipped values are small integers, exact in float32.
+    k = _activation_codes_f32(_as_f32(x, "Quant layer input"), inv, np.float32(INT8_MIN - off),
+                              np.float32(INT8_MAX - off))
     return (k + np.float32(off)).astype(np.int8)
 
 
@@ -364,7 +371,7 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     s = _positive_scale(scale_d, "scale_d")
     off = _offset_int8(offset_d)
     x32 = _as_f32(x, "fake_quantize_activation input")
-    k = _activation_codes_f32(x32, s, np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
+    k = _activation_codes_f32(x32, quant_multiplier(s), np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
     k *= s
     return k
 
@@ -484,7 +491,7 @@ def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike,
     """
     s, o = ulq_scale_offset(clip_min, clip_max)
     x32 = _as_f32(x, "ulq_forward input")
-    k = _activation_codes_f32(x32, s, np.float32(o), np.float32(o + 255))
+    k = _activation_codes_f32(x32, quant_multiplier(s), np.float32(o), np.float32(o + 255))
     k *= s
     return k
 
@@ -529,10 +536,11 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
 
     r = x32 / s  # float32, as in the forward pass
     dnum = np.rint(r) - r  # exact in float32 (Sterbenz)
-    g64 = g32.astype(np.float64)
-    sum_in_d = float(np.sum(np.where(inside, g64 * dnum, 0.0))) / 255.0
-    sum_above = float(np.sum(g64, where=above))
-    sum_below = float(np.sum(g64, where=below))
+    # float64 sums with one float64 temporary (this runs every iteration): grad_x is g inside
+    # and 0 elsewhere. No BLAS call here: numpy's BLAS threads would fight Caffe's for the cores.
+    sum_in_d = float(np.multiply(grad_x, dnum, dtype=np.float64).sum()) / 255.0
+    sum_above = float(np.sum(g32, where=above, dtype=np.float64))
+    sum_below = float(np.sum(g32, where=below, dtype=np.float64))
     d_min = float((np.rint(rmin) - rmin) / 255.0)
 
     grad_max = sum_in_d + sum_above * (d_min + 1.0) + sum_below * d_min
@@ -637,7 +645,8 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     chunk = max(1, _IFMR_CHUNK_BYTES // (16 * n))  # (c, n) float32 grid + float64 error
     for j0 in range(0, factors.size, chunk):
         sl = slice(j0, j0 + chunk)
-        y = _activation_codes_f32(x32[None, :], scales[sl, None], k_lo[sl, None], k_hi[sl, None])
+        y = _activation_codes_f32(x32[None, :], quant_multiplier(scales[sl, None]), k_lo[sl, None],
+                                  k_hi[sl, None])
         y *= scales[sl, None]  # identical element-wise ops to fake_quantize_activation
         d = y - x64  # float64
         np.square(d, out=d)

@@ -58,22 +58,23 @@ class ActivationULQ(caffe.Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        numerics.check_finite(x, f"ActivationULQ layer '{self.layer_name}' input")
-        state = self.blobs[CLIP_STATE].data
-        if state[READY] < 0.5:
-            clip_min, clip_max = numerics.ifmr_search(x)
-            self.blobs[CLIP_MIN].data[0], self.blobs[CLIP_MAX].data[0] = clip_min, clip_max
-            state[...] = (1.0, clip_min, clip_max)
-        self.clips = numerics.ulq_sanitize_clips(
-            float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
-            (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
-        state[LAST_MIN], state[LAST_MAX] = self.clips
-        top[0].data[...] = numerics.ulq_forward(x, *self.clips)
+        with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
+            state = self.blobs[CLIP_STATE].data
+            if state[READY] < 0.5:
+                clip_min, clip_max = numerics.ifmr_search(x)
+                self.blobs[CLIP_MIN].data[0], self.blobs[CLIP_MAX].data[0] = clip_min, clip_max
+                state[...] = (1.0, clip_min, clip_max)
+            self.clips = numerics.ulq_sanitize_clips(
+                float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
+                (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
+            state[LAST_MIN], state[LAST_MAX] = self.clips
+            top[0].data[...] = numerics.ulq_forward(x, *self.clips)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
 
     def backward(self, top, propagate_down, bottom):
-        grad_x, grad_min, grad_max = numerics.ulq_backward(bottom[0].data, top[0].diff, *self.clips)
+        with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
+            grad_x, grad_min, grad_max = numerics.ulq_backward(bottom[0].data, top[0].diff, *self.clips)
         if propagate_down[0]:
             bottom[0].diff[...] = grad_x
         self.blobs[CLIP_MAX].diff[0] += grad_max

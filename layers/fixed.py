@@ -30,8 +30,8 @@ class FakeQuantActivation(caffe.Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        numerics.check_finite(x, f"FakeQuantActivation layer '{self.layer_name}' input")
-        top[0].data[...] = numerics.fake_quantize_activation(x, self.scale_d, self.offset_d)
+        with numerics.errors_named(f"FakeQuantActivation layer '{self.layer_name}'"):
+            top[0].data[...] = numerics.fake_quantize_activation(x, self.scale_d, self.offset_d)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")

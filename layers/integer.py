@@ -107,8 +107,8 @@ class IntegerLayer(caffe.Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        numerics.check_finite(x, f"IntegerLayer '{self.layer_name}' input")
-        q = numerics.quant_layer_forward(x, self.quant_scale, self.quant_offset)
+        with numerics.errors_named(f"IntegerLayer '{self.layer_name}'"):
+            q = numerics.quant_layer_forward(x, self.quant_scale, self.quant_offset)
         xi = q.astype(np.float64) - self.quant_offset
         if self.pooling:
             acc = numerics.window_sums(xi, self.geometry["kernel"], self.geometry["stride"])

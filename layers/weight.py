@@ -78,14 +78,14 @@ class WeightARQ(caffe.Layer):
 
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
-        numerics.check_finite(master, f"WeightARQ layer '{self.layer_name}' master weights")
-        scale_w = numerics.arq_scale(master, self.channel_axis)
-        if self.global_conv and scale_w.size > 1:
-            # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
-            state = self.blobs[CLIP_STATE].data
-            scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
-            scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
-        self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
+        with numerics.errors_named(f"WeightARQ layer '{self.layer_name}' (master weights)"):
+            scale_w = numerics.arq_scale(master, self.channel_axis)
+            if self.global_conv and scale_w.size > 1:
+                # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
+                state = self.blobs[CLIP_STATE].data
+                scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
+                scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
+            self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
         self.blobs[len(self.blobs) - 1].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))

@@ -549,3 +549,9 @@ def test_pack_roundtrip(data):
     d, s, o = nq.unpack_deq_scale(nq.pack_deq_scale(deq, shift, off))
     assert np.array_equal(d.view(np.uint32), deq.view(np.uint32)), "deq bits changed in the round trip"
     assert np.array_equal(s, shift) and np.array_equal(o, off), "shift/offset changed in the round trip"
+
+
+def test_errors_named_prefixes_the_caller_and_keeps_the_error_type():
+    with pytest.raises(nq.NonFiniteError, match=r"^layer .x.: ulq_forward input: .*NaN"):
+        with nq.errors_named("layer 'x'"):
+            nq.ulq_forward(np.array([np.nan], np.float32), -1.0, 1.0)
