@@ -167,17 +167,22 @@ def _per_channel(v: npt.ArrayLike, n: int, what: str) -> np.ndarray:
     return np.broadcast_to(a, (n,))
 
 
-def _shift_vector(shift_bits: npt.ArrayLike, n: int, lo: int, hi: int) -> np.ndarray:
-    """An int64 vector of length ``n`` (length 1 broadcasts) with values in [lo, hi]."""
-    a = np.asarray(shift_bits).reshape(-1)
+def _int_vector(values: npt.ArrayLike, n: int, lo: int, hi: int, what: str) -> np.ndarray:
+    """An int64 vector of length ``n`` (length 1 broadcasts) of integers in [lo, hi]."""
+    a = np.asarray(values).reshape(-1)
     if a.size not in (1, n):
-        raise NumericsError(f"shift_bits: expected 1 or {n} values, got {a.size}")
+        raise NumericsError(f"{what}: expected 1 or {n} values, got {a.size}")
     if not (np.issubdtype(a.dtype, np.integer) or np.all(a == np.round(a))):
-        raise NumericsError(f"shift_bits: must be integers, got {a!r}")
+        raise NumericsError(f"{what}: must be integers, got {a!r}")
     a = a.astype(np.int64)
     if a.size and (a.min() < lo or a.max() > hi):
-        raise NumericsError(f"shift_bits: must lie in [{lo}, {hi}], got {a.min()}..{a.max()}")
+        raise NumericsError(f"{what}: must lie in [{lo}, {hi}], got {a.min()}..{a.max()}")
     return np.broadcast_to(a, (n,))
+
+
+def _shift_vector(shift_bits: npt.ArrayLike, n: int, lo: int, hi: int) -> np.ndarray:
+    """Shift bits as an int64 vector of length ``n`` (length 1 broadcasts) in [lo, hi]."""
+    return _int_vector(shift_bits, n, lo, hi, "shift_bits")
 
 
 def _channel_shape(ndim: int, axis: int, n: int) -> tuple[int, ...]:
@@ -1037,17 +1042,11 @@ def pack_deq_scale(deq: npt.ArrayLike, shift_bits: npt.ArrayLike,
     check_finite(d, "deq scale")
     if d.size not in (1, c):
         raise NumericsError(f"deq: expected 1 or {c} values, got {d.size}")
-    if ow.size not in (1, c):
-        raise NumericsError(f"offset_w: expected 1 or {c} values, got {ow.size}")
-    if not (np.issubdtype(ow.dtype, np.integer) or np.all(ow == np.round(ow))):
-        raise NumericsError(f"offset_w: must be integers, got {ow!r}")
-    ow = ow.astype(np.int64)
-    if ow.size and (ow.min() < INT8_MIN or ow.max() > INT8_MAX):
-        raise NumericsError(f"offset_w: must lie in [{INT8_MIN}, {INT8_MAX}], got {ow.min()}..{ow.max()}")
+    ow = _int_vector(ow, c, INT8_MIN, INT8_MAX, "offset_w")
     n = _shift_vector(sb, c, 0, 255)
     bits = np.broadcast_to(d, (c,)).view(np.uint32).astype(np.uint64)
     bits |= n.astype(np.uint64) << np.uint64(32)
-    bits |= np.broadcast_to(ow, (c,)).astype(np.int8).view(np.uint8).astype(np.uint64) << np.uint64(40)
+    bits |= ow.astype(np.int8).view(np.uint8).astype(np.uint64) << np.uint64(40)
     return bits
 
 
