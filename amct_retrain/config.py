@@ -62,6 +62,7 @@ from google.protobuf.message import Message
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
 from amct_retrain.graph.caffe_params import pool_geometry, pool_windows_tile
 from amct_retrain.graph.model_io import read_prototxt
+from amct_retrain.errors import ConfigError  # noqa: F401 (re-exported)
 
 __all__ = [
     "ConfigError",
@@ -99,13 +100,6 @@ DATA_ALGO = "ulq_quantize"
 WEIGHT_ALGO = "arq_retrain"
 CALIBRATION_DATA_ALGO = "ifmr"
 CALIBRATION_WEIGHT_ALGO = "arq_quantize"
-
-
-class ConfigError(ValueError):
-    """A model, retrain config or simplified config is missing or invalid.
-
-    The message names the file and, where there is one, the layer and the key.
-    """
 
 
 def _err(path: str, message: str, layer: str | None = None, key: str | None = None) -> ConfigError:

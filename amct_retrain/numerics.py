@@ -32,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
+from amct_retrain.errors import NumericsError  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -67,10 +69,6 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _F32_EPS = np.float32(np.finfo(np.float32).eps)
 # Memory budget (bytes) for broadcasting IFMR candidates against the data.
 _IFMR_CHUNK_BYTES = 1 << 26
-
-
-class NumericsError(ValueError):
-    """Invalid input to, or an unrepresentable result of, the int8 numerics."""
 
 
 class NonFiniteError(NumericsError):

@@ -32,6 +32,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
+from amct_retrain.errors import RecordFileError  # noqa: F401 (re-exported)
 
 __all__ = [
     "SingleLayerRecord",
@@ -105,10 +106,6 @@ _FIELDS: dict[str, tuple[bool, str]] = {
     "width": (False, "iu"),
     "skip_fusion": (False, "b"),
 }
-
-
-class RecordFileError(ValueError):
-    """A record file is missing, unparsable or inconsistent; the message names the file."""
 
 
 def read_record(path: str | os.PathLike) -> dict[str, SingleLayerRecord]:

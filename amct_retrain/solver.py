@@ -26,6 +26,7 @@ from amct_retrain import fileio, numerics, record, tensorboard
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError, read_caffemodel
 from amct_retrain_layers.weight import MASTER_WEIGHTS
+from amct_retrain.errors import SolverError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ _LR_POLICIES: dict[str, Callable[[caffe_pb2.SolverParameter, int], float]] = {
     "poly": lambda p, i: (1.0 - i / p.max_iter) ** p.power,
     "sigmoid": lambda p, i: 1.0 / (1.0 + math.exp(-p.gamma * (i - p.stepsize))),
 }
-
-
-class SolverError(ValueError):
-    """A solver file that breaks a rule; the message names the file, the field, its value and the rule."""
 
 
 # --------------------------------------------------------------------------- reading and rules

@@ -6,10 +6,7 @@ surfaces as an opaque Python exception inside Caffe's layer setup.
 import json
 from dataclasses import dataclass
 from typing import Any
-
-
-class LayerParamError(ValueError):
-    """A quant layer's param_str is invalid."""
+from amct_retrain.errors import LayerParamError  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

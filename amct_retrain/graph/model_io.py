@@ -19,12 +19,9 @@ from caffe.proto import caffe_pb2
 from google.protobuf.message import DecodeError
 
 from amct_retrain.fileio import parse_text_proto, read_text_file
+from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger("amct_retrain")
-
-
-class ModelError(ValueError):
-    """A model or weights file that cannot be used; the message names the file and layer."""
 
 
 def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:

@@ -1,0 +1,34 @@
+"""The project's error classes: every user error a public call raises is an :class:`AmctError`.
+
+Each subclass stays a ``ValueError`` too, so scripts written against earlier releases that
+catch ``ValueError`` keep working. This module imports nothing of the project, so the
+layers, numerics and every API module can share it.
+"""
+
+
+class AmctError(ValueError):
+    """A user error: the message names the file, the layer and the field where there are any."""
+
+
+class ConfigError(AmctError):
+    """A model, retrain config or simplified config is missing or invalid."""
+
+
+class ModelError(AmctError):
+    """A model or weights file that cannot be used."""
+
+
+class RecordFileError(AmctError):
+    """A record file is missing, unparsable or inconsistent."""
+
+
+class SolverError(AmctError):
+    """A solver file that breaks a rule."""
+
+
+class NumericsError(AmctError):
+    """Invalid input to, or an unrepresentable result of, the quantization numerics."""
+
+
+class LayerParamError(AmctError):
+    """A quant layer's param_str is invalid."""
