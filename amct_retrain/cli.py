@@ -6,12 +6,16 @@
     amct-retrain train   --solver retrain/solver.prototxt --weights retrain/retrain.caffemodel
     amct-retrain save    --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel \\
                          --save-path result/model
+    amct-retrain record  --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel
+                         (the record of that snapshot again, if a later TEST pass rewrote it)
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 import amct_retrain
 from amct_retrain import solver as amct_solver
@@ -38,13 +42,46 @@ def _prepare(args: argparse.Namespace) -> None:
              files["retrain.caffemodel"])
 
 
+@contextlib.contextmanager
+def _caffe_log_in(path: str) -> Iterator[None]:
+    """While the block runs, Caffe's log (glog writes it to file descriptor 2) goes to ``path``;
+    Python's ``sys.stderr`` (the progress bar) and the log handlers writing to it keep the console."""
+    with open(path, "w", encoding="utf-8") as log:
+        sys.stderr.flush()
+        console = os.fdopen(os.dup(2), "w")
+        os.dup2(log.fileno(), 2)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr]
+    saved_stderr, sys.stderr = sys.stderr, console
+    for handler in handlers:
+        handler.setStream(console)
+    try:
+        yield
+    finally:
+        console.flush()
+        os.dup2(console.fileno(), 2)
+        sys.stderr = saved_stderr
+        for handler in handlers:
+            handler.setStream(saved_stderr)
+        console.close()
+
+
 def _train(args: argparse.Namespace) -> None:
-    snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
+    caffe_log = args.caffe_log or amct_solver.caffe_log_file(args.solver)
+    LOG.info("Caffe's log: %s", caffe_log)
+    with _caffe_log_in(caffe_log):
+        snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
     LOG.info("final snapshot: %s", snapshot)
 
 
 def _save(args: argparse.Namespace) -> None:
     amct_retrain.save_quant_retrain_model(args.model, args.weights, args.type, args.save_path, args.record)
+
+
+def _record(args: argparse.Namespace) -> None:
+    from amct_retrain.saver import regenerate_record
+
+    regenerate_record(args.model, args.weights)
 
 
 def _reference(args: argparse.Namespace) -> None:
@@ -139,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="initial caffemodel (retrain.caffemodel from the prepare step)")
     p.add_argument("--snapshot", help="a .solverstate to resume from (instead of --weights)")
     p.add_argument("--log-dir", help="TensorBoard log folder")
+    p.add_argument("--caffe-log", help="file for Caffe's own log (default: caffe_train.log beside the snapshots)")
     p.set_defaults(run=_train)
 
     p = steps.add_parser("save", help="write the fake-quant and deploy models from the retrained weights")
@@ -148,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="record file (default: the one the model's layers write)")
     p.add_argument("--type", default="Both", choices=("Fakequant", "Deploy", "Both"), help="default %(default)s")
     p.set_defaults(run=_save)
+
+    p = steps.add_parser("record", help="write the record of a snapshot again (one TEST pass of the retrain model "
+                                        "with its weights), e.g. after caffe test rewrote it")
+    _model_arguments(p, "the quantization-aware prototxt (retrain.prototxt)", "the snapshot caffemodel to save later")
+    p.set_defaults(run=_record)
 
     p = steps.add_parser("reference", help="run a deploy model with integer arithmetic (the reference executor)")
     _model_arguments(p, "deploy prototxt (model_deploy_model.prototxt)",

@@ -32,3 +32,8 @@ class NumericsError(AmctError):
 
 class LayerParamError(AmctError):
     """A quant layer's param_str is invalid."""
+
+
+class DataError(AmctError):
+    """The data a net ran on cannot give factors: every batch a quantized layer saw was constant
+    (a net fed by Input layers that nobody fed computes on zeros)."""

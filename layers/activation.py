@@ -2,6 +2,7 @@
 import caffe
 
 from amct_retrain import numerics, tensorboard
+from amct_retrain.feeding import is_constant, unfed_error
 from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
 
 PARAMS = {
@@ -11,10 +12,11 @@ PARAMS = {
     "fixed_min": Key((bool,), default=False),
     "log_dir": Key((str, type(None))),
     "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
+    "batch_num": Key((int,), default=1),  # the TEST batches of a shift-N search: all constant is an error
 }
 CLIP_MAX, CLIP_MIN, CLIP_STATE = 0, 1, 2
 READY, LAST_MIN, LAST_MAX = 0, 1, 2  # entries of the clip_state blob
-TRAIN = 0
+TRAIN, TEST = 0, 1
 
 
 class ActivationULQ(caffe.Layer):
@@ -52,12 +54,15 @@ class ActivationULQ(caffe.Layer):
             self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
         self.log = tensorboard.layer_log(p, "ActivationULQ")
+        self.batch_num = p["batch_num"]
+        self.constant_test_values: list[float] = []  # of the consecutive constant TEST batches so far
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
 
     def forward(self, bottom, top):
         x = bottom[0].data
+        self._check_fed(x)
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
             state = self.blobs[CLIP_STATE].data
             if state[READY] < 0.5:
@@ -71,6 +76,21 @@ class ActivationULQ(caffe.Layer):
             top[0].data[...] = numerics.ulq_forward(x, *self.clips)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
+
+    def _check_fed(self, x) -> None:
+        """Refuse a constant input where factors come from it: the batch IFMR initialises the
+        clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record)."""
+        where = f"ActivationULQ layer '{self.layer_name}'"
+        if not is_constant(x):
+            self.constant_test_values = []
+            return
+        value = float(x.ravel()[0]) if x.size else 0.0
+        if self.blobs[CLIP_STATE].data[READY] < 0.5:
+            raise unfed_error(where, "first (the clips' IFMR initialisation)", [value], 1)
+        if self.phase == TEST:
+            self.constant_test_values.append(value)
+            if len(self.constant_test_values) >= self.batch_num:
+                raise unfed_error(where, "TEST", self.constant_test_values, len(self.constant_test_values))
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):

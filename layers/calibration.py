@@ -11,6 +11,7 @@ import caffe
 import numpy as np
 
 from amct_retrain import calibration, numerics, record
+from amct_retrain.feeding import check_fed
 from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
 
 LOG = logging.getLogger("amct_retrain.layers")
@@ -93,6 +94,8 @@ class ActivationObserver(_Observer):
         calibration.note_forward_passes(self.record_file, self.served, count)
 
     def complete(self, batches: list[np.ndarray]) -> None:
+        check_fed(batches, f"calibration of layer(s) {', '.join(self.served)} (ActivationObserver "
+                           f"'{self.layer_name}')", "calibration")
         scale_d, offset_d = calibration.activation_factors(batches, self.ifmr, self.symmetric)
         for layer in self.served:
             record.update_layer_record(self.record_file, layer, scale_d=scale_d, offset_d=offset_d)
