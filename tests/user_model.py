@@ -78,6 +78,7 @@ QUANTIZABLE = ("conv1", "conv2a", "conv2b", "conv3", "pool2", "ip1", "ip2")
 SOLVER = """net: "{net}"
 test_iter: {test_iter}
 test_interval: {iters}
+test_initialization: false
 base_lr: 0.01
 momentum: 0.9
 weight_decay: 0.0005
