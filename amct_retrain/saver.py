@@ -75,10 +75,11 @@ def _record_differences(name: str, rec: record.SingleLayerRecord, scale_d: np.fl
 
 
 def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: dict, files: str,
-                  regenerate: str) -> LayerFactors:
-    """The record's factors for ``layer``, checked against the retrained weights: the record
-    must come from the TEST pass that followed these weights (the final snapshot). ``regenerate``
-    is the command that writes the record of these weights, for the messages."""
+                  regenerate: str) -> tuple[LayerFactors, list[str]]:
+    """The record's factors for ``layer`` and how they differ from the retrained weights' (one
+    line per differing field or channel; none when the record comes from the TEST pass that
+    followed these weights, the final snapshot). ``regenerate`` is the command that writes the
+    record of these weights, for the messages."""
     name = layer.name
     if not record.layer_record_complete(rec):
         raise ModelError(f"{files}: the record of layer '{name}' is incomplete (no TEST pass "
@@ -100,12 +101,7 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
         expected_w = np.asarray(layer.fixed_scale_w, np.float32)
         matches_w = np.array_equal(scale_w, expected_w)
     differences = _record_differences(name, rec, scale_d, offset_d, None if matches_w else expected_w)
-    if differences:
-        raise ModelError(f"{files}: the record does not match the retrained weights; it holds the factors of "
-                         "other weights (every TEST pass of the retrain model, `caffe test` or `caffe train` "
-                         "included, rewrites it):\n  " + "\n  ".join(differences)
-                         + f"\nwrite the record of these weights with: {regenerate}")
-    return LayerFactors(scale_d, offset_d, scale_w, np.asarray(rec.shift_bit, np.uint32))
+    return LayerFactors(scale_d, offset_d, scale_w, np.asarray(rec.shift_bit, np.uint32)), differences
 
 
 def regenerate_command(retrained_model_file: str, retrained_weights_file: str) -> str:
@@ -265,7 +261,15 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
         if name in quantized and name not in records:
             raise ModelError(f"{record_file}: has no record of layer '{name}': run a TEST phase after training")
     regenerate = regenerate_command(retrained_model_file, retrained_weights_file)
-    factors = {name: layer_factors(q, records[name], params, files, regenerate) for name, q in quantized.items()}
+    factors, differences = {}, []
+    for name, q in quantized.items():
+        factors[name], differ = layer_factors(q, records[name], params, files, regenerate)
+        differences += differ
+    if differences:
+        raise ModelError(f"{files}: the record does not match the retrained weights; it holds the factors of "
+                         "other weights (every TEST pass of the retrain model, `caffe test` or `caffe train` "
+                         "included, rewrites it):\n  " + "\n  ".join(differences)
+                         + f"\nwrite the record of these weights with: {regenerate}")
     float_net = strip_quant_layers(net, retrained)
     float_params = {k: v for k, v in params.items()
                     if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
