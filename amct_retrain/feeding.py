@@ -16,15 +16,17 @@ def is_constant(x: np.ndarray) -> bool:
     return x.size == 0 or bool(x.min() == x.max())
 
 
-def unfed_error(where: str, what: str, values: Sequence[float], batches: int) -> DataError:
-    """The error of a layer (``where``) whose input was constant, of ``values``, in each of
-    ``batches`` ``what`` batches ("calibration", "TEST", ...)."""
+def unfed_error(where: str, batches: str, values: Sequence[float]) -> DataError:
+    """The error of a layer (``where``) whose input was constant, of ``values``, in ``batches``
+    (e.g. "each of the 2 calibration batches")."""
     shown = ", ".join(repr(v) for v in sorted(set(values))[:4])
-    return DataError(f"{where}: its input was constant (value {shown}) in each of the {batches} {what} batch(es), "
-                     f"so no factor can be measured: was the net fed? " + FEED_HINT)
+    return DataError(f"{where}: its input was constant (value {shown}) in {batches}, so no factor can be measured "
+                     f"from it: was the net fed? " + FEED_HINT)
 
 
 def check_fed(batches: Sequence[np.ndarray], where: str, what: str) -> None:
-    """Raise :func:`unfed_error` if each of ``batches`` (a layer's input, any shapes) is constant."""
+    """Raise :func:`unfed_error` if each of ``batches`` (a layer's input, any shapes) is constant;
+    ``what`` names them ("calibration")."""
     if batches and all(is_constant(b) for b in batches):
-        raise unfed_error(where, what, [float(b.ravel()[0]) for b in batches if b.size], len(batches))
+        raise unfed_error(where, f"each of the {len(batches)} {what} batch(es)",
+                          [float(b.ravel()[0]) for b in batches if b.size])

@@ -86,11 +86,12 @@ class ActivationULQ(caffe.Layer):
             return
         value = float(x.ravel()[0]) if x.size else 0.0
         if self.blobs[CLIP_STATE].data[READY] < 0.5:
-            raise unfed_error(where, "first (the clips' IFMR initialisation)", [value], 1)
+            raise unfed_error(where, "the batch its clips are initialised on (IFMR)", [value])
         if self.phase == TEST:
             self.constant_test_values.append(value)
             if len(self.constant_test_values) >= self.batch_num:
-                raise unfed_error(where, "TEST", self.constant_test_values, len(self.constant_test_values))
+                raise unfed_error(where, f"each of the {self.batch_num} TEST batch(es) of a shift-N search",
+                                  self.constant_test_values)
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
