@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,64 @@ def arq_scalars(layer: str, scale_w: npt.ArrayLike) -> dict[str, float]:
 def shift_n_scalars(layer: str, shift_bits: Sequence[int]) -> dict[str, float]:
     """The mean shift_bit over the channels of a ShiftNSearch layer's quantized layer."""
     return {f"{layer}/shift_bit_mean": float(np.mean(shift_bits))}
+
+
+# --------------------------------------------------------------------------- caffe train
+
+
+@dataclass
+class CaffeTrainTests:
+    """The TEST passes of the running ``caffe train``: batches per pass and their iterations."""
+    test_iter: int
+    iterations: Iterator[int]
+
+
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of gflags flag ``name`` in ``argv`` (``-name=v``, ``--name=v``, ``-name v``)."""
+    for i, arg in enumerate(argv):
+        for prefix in (f"-{name}", f"--{name}"):
+            if arg.startswith(prefix + "="):
+                return arg[len(prefix) + 1:]
+            if arg == prefix and i + 1 < len(argv):
+                return argv[i + 1]
+    return None
+
+
+def caffe_train_tests(cmdline: str = "/proc/self/cmdline") -> CaffeTrainTests | None:
+    """The TEST passes of this process when it is ``caffe train -solver FILE`` (the layers of
+    the nets it trains run in it): ``test_iter`` of the first test net and the iterations of the
+    passes, as ``Solver::Solve`` runs them (every ``test_interval`` from the start iteration,
+    the one of ``-snapshot`` when resuming, to ``max_iter``; iteration 0 only with
+    ``test_initialization``). None in any other process (pycaffe), or without a TEST phase.
+    """
+    from caffe.proto import caffe_pb2  # the layers' process has pycaffe
+    from google.protobuf import text_format
+
+    try:
+        with open(cmdline, "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    if len(argv) < 2 or not os.path.basename(argv[0]).startswith("caffe") or argv[1] != "train":
+        return None
+    solver_file = _flag(argv, "solver")
+    if not solver_file:
+        return None
+    with open(solver_file, encoding="utf-8") as f:
+        param = text_format.Parse(f.read(), caffe_pb2.SolverParameter())
+    if not param.test_iter or param.test_interval <= 0:
+        return None
+    start = 0
+    snapshot = _flag(argv, "snapshot")
+    if snapshot and not snapshot.endswith(".h5"):
+        state = caffe_pb2.SolverState()
+        with open(snapshot, "rb") as f:
+            state.ParseFromString(f.read())
+        start = state.iter
+    first = start + (-start) % param.test_interval
+    iterations = (i for i in range(first, param.max_iter + 1, param.test_interval)
+                  if i > 0 or param.test_initialization)
+    return CaffeTrainTests(param.test_iter[0], iterations)
 
 
 # --------------------------------------------------------------------------- layers

@@ -239,6 +239,38 @@ def test_cli_train_shows_the_bar_and_the_test_means_and_keeps_caffe_log_in_a_fil
         f"TensorBoard {logged[0][1]}, console {shown['accuracy']}, caffe test prints {printed}"
 
 
+def test_plain_caffe_train_layers_log_the_test_means_caffe_prints(user, tmp_path):
+    """Plain `caffe train` on a model prepared with "log_dir" in the config: the layers log the
+    TEST outputs themselves, the means Caffe prints, at the iterations of the TEST passes."""
+    own = user.copy_to(tmp_path / "model")
+    config, out, tb = tmp_path / "config.json", tmp_path / "retrain", tmp_path / "tb"
+    run_cli("config", "--model", own.train_val, "--weights", own.weights, "--output", config)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "log_dir": str(tb)}))
+    run_cli("prepare", "--model", own.train_val, "--weights", own.weights, "--config", config, "--output-dir", out,
+            "--max-iter", 20, "--test-iter", user_model.TEST_ITER)
+    solver_file = out / "solver.prototxt"
+    text = solver_file.read_text().replace("test_interval: 20", "test_interval: 10")
+    solver_file.write_text(text)
+    run = subprocess.run([CAFFE, "train", f"-solver={solver_file}", f"-weights={out / 'retrain.caffemodel'}"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"caffe train failed:\n{run.stderr[-3000:]}"
+    printed = re.findall(r"Iteration (\d+), Testing net.*?Test net output #0: accuracy = (\S+)\n.*?"
+                         r"Test net output #1: loss = (\S+) \(\* 1 = \S+ loss\)", run.stderr, re.S)
+    assert [int(i) for i, *_ in printed] == [10, 20], f"Caffe's TEST lines:\n{run.stderr[-3000:]}"
+    scalars = tensorboard.read_scalars(tb)
+    for tag, column in (("test/accuracy", 1), ("test/loss", 2)):
+        logged = scalars.get(tag, [])
+        assert [step for step, _ in logged] == [10, 20], f"{tag} logged at {logged}"
+        for (step, value), row in zip(logged, printed):
+            assert value == pytest.approx(float(row[column]), rel=1e-5), \
+                f"{tag} at {step}: TensorBoard {value}, Caffe printed {row[column]}"
+    saved = tmp_path / "result" / "m"
+    amct_retrain.save_quant_retrain_model(str(out / "retrain.prototxt"), str(out / "retrained_iter_20.caffemodel"),
+                                          "Fakequant", str(saved))
+    assert "TestOutputLog" not in open(output_files(str(saved))["fake_quant_model"]).read(), \
+        "the saved model keeps the retraining's TestOutputLog"
+
+
 def test_cli_flow_deploy_model_in_the_integer_executor_equals_the_fake_quant_model(cli_run):
     files = output_files(cli_run["save_path"])
     fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])

@@ -4,7 +4,7 @@ One place knows the layers' module paths, blob order, param names and param_str 
 so the model builder, the saver and the tests cannot disagree about them.
 """
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from caffe.proto import caffe_pb2
 
@@ -12,6 +12,8 @@ LAYERS_MODULE = "amct_retrain_layers"
 ULQ_TYPE = ("activation", "ActivationULQ")
 ARQ_TYPE = ("weight", "WeightARQ")
 SHIFT_N_TYPE = ("shift_n", "ShiftNSearch")
+TEST_OUTPUT_LOG_TYPE = ("test_outputs", "TestOutputLog")
+TEST_OUTPUT_LOG_NAME = "amct_test_output_log"
 
 
 def ulq_layer_name(quantized_layer: str) -> str:
@@ -197,6 +199,21 @@ def requantize_layer(name: str, blob: str, deq: Sequence[float],
     """The saved fake-quant model's int16 requantisation, in place on the layer's output."""
     return python_layer(name, REQUANT_TYPE, blob, blob,
                          {"deq": [float(d) for d in deq], "shift_bit": [int(n) for n in shift_bit]})
+
+
+def test_output_log_layer(name: str, outputs: Mapping[str, float], log_dir: str) -> caffe_pb2.LayerParameter:
+    """TestOutputLog in place on the TEST net's ``outputs`` (blob -> loss weight), TEST phase only.
+
+    Its tops keep the loss weights the blobs' producers gave them: Caffe takes a blob's loss
+    weight from its last writer, and prints and sums the outputs with it."""
+    names = list(outputs)
+    layer = python_layer(name, TEST_OUTPUT_LOG_TYPE, names[0], names[0], {"outputs": names}, log_dir)
+    layer.bottom[:] = names
+    layer.top[:] = names
+    if any(outputs.values()):
+        layer.loss_weight.extend(outputs.values())
+    layer.include.add(phase=caffe_pb2.TEST)
+    return layer
 
 
 def python_layer_class(layer: caffe_pb2.LayerParameter) -> str | None:

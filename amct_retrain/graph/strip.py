@@ -6,7 +6,7 @@ from caffe.proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 
-RETRAIN_CLASSES = {ql.ULQ_TYPE[1], ql.ARQ_TYPE[1], ql.SHIFT_N_TYPE[1]}
+RETRAIN_CLASSES = {ql.ULQ_TYPE[1], ql.ARQ_TYPE[1], ql.SHIFT_N_TYPE[1], ql.TEST_OUTPUT_LOG_TYPE[1]}
 
 
 @dataclass(frozen=True)
