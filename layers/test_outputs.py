@@ -49,9 +49,9 @@ class TestOutputLog(caffe.Layer):
         if self.batches == self.tests.test_iter:
             iteration = next(self.tests.iterations, None)
             means = [s / np.float32(self.batches) for s in self.sums]
+            scalars = {f"test/{name}": float(m.ravel()[0]) for name, m in zip(self.outputs, means) if m.size == 1}
             if iteration is not None:
-                tensorboard.log_scalars(self.log_dir, {f"test/{name}": float(m.ravel()[0])
-                                                       for name, m in zip(self.outputs, means) if m.size == 1}, iteration)
+                tensorboard.log_scalars(self.log_dir, scalars, iteration)
             self.sums, self.batches = None, 0
 
     def backward(self, top, propagate_down, bottom):

@@ -60,7 +60,8 @@ def test_v1_net_is_upgraded_by_caffe_and_quantized(tmp_path):
                                             str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))
     modified = caffe.Net(str(tmp_path / "m.prototxt"), caffe.TEST, weights=str(tmp_path / "m.caffemodel"))
     assert "conv1_ulq" in modified.params and "fc_ulq" in modified.params, "V1 layers were not quantized"
-    modified.forward()
+    modified.blobs["data"].data[...] = np.random.default_rng(0).normal(size=modified.blobs["data"].data.shape)
+    modified.forward()  # fed: an unfed input net is refused
 
 
 def test_broken_v1_net_is_an_error_naming_the_file(tmp_path):

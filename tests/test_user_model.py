@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import amct_retrain
-from amct_retrain import cli, record, solver, tensorboard
+from amct_retrain import solver, tensorboard
 from amct_retrain.auto_calibration import OutputBlobEvaluator
 from amct_retrain.errors import DataError, ModelError
 from amct_retrain.graph import model_io
@@ -110,7 +110,8 @@ def test_train_val_batchnorm_with_global_stats_unset_calibrates_and_converts(use
     record_file, save_path = calibrate(own.train_val, own.weights, tmp_path / "calib")
     info = json.loads(open(output_files(save_path)["quant_info"]).read())
     assert info["fused_layers"] == {"conv1": {"kind": "conv_bn", "removed": ["bn1", "scale1"]}}, info["fused_layers"]
-    assert set(info["quantized_layers"]) == set(user_model.QUANTIZABLE), f"quantized: {sorted(info['quantized_layers'])}"
+    assert set(info["quantized_layers"]) == set(user_model.QUANTIZABLE), \
+        f"quantized: {sorted(info['quantized_layers'])}"
     fake = output_files(save_path)
     float_acc = np.mean(test_accuracy_batches(own.train_val, own.weights, user_model.TEST_ITER))
     gc.collect()
@@ -129,7 +130,8 @@ def test_train_val_batchnorm_with_global_stats_unset_calibrates_and_converts(use
     config = tmp_path / "false_config.json"
     amct_retrain.create_quant_config(str(config), str(false), str(own.weights))
     graph = amct_retrain.init(str(config), str(false), str(own.weights), str(tmp_path / "false_record.txt"))
-    for call in (lambda: amct_retrain.quantize_model(graph, str(tmp_path / "c.prototxt"), str(tmp_path / "c.caffemodel")),
+    for call in (lambda: amct_retrain.quantize_model(graph, str(tmp_path / "c.prototxt"),
+                                                     str(tmp_path / "c.caffemodel")),
                  lambda: amct_retrain.convert_model(str(false), str(own.weights), str(record_file),
                                                     str(tmp_path / "x" / "m"))):
         with pytest.raises(ModelError) as err:
@@ -169,13 +171,20 @@ def test_unfed_input_net_is_refused_and_a_fed_one_calibrates(user, tmp_path):
     assert hits["fake"] >= hits["float"] - 0.02 * len(labels), f"fed calibration: correct images {hits}"
 
 
-def test_unfed_input_net_is_refused_in_retraining(user, tmp_path):
-    own = user.copy_to(tmp_path / "model")
+def make_quantization_aware(model_file, weights_file, tmp_path):
+    """The retrain config and quantization-aware model of ``model_file`` under ``tmp_path``:
+    (retrain.prototxt, retrain.caffemodel)."""
     config, model, weights, record_file = (tmp_path / n for n in ("config.json", "retrain.prototxt",
                                                                    "retrain.caffemodel", "record.txt"))
-    amct_retrain.create_quant_retrain_config(str(config), str(own.deploy), str(own.weights))
-    amct_retrain.create_quant_retrain_model(str(own.deploy), str(own.weights), str(config), str(model),
+    amct_retrain.create_quant_retrain_config(str(config), str(model_file), str(weights_file))
+    amct_retrain.create_quant_retrain_model(str(model_file), str(weights_file), str(config), str(model),
                                             str(weights), str(record_file))
+    return model, weights
+
+
+def test_unfed_input_net_is_refused_in_retraining(user, tmp_path):
+    own = user.copy_to(tmp_path / "model")
+    model, weights = make_quantization_aware(own.deploy, own.weights, tmp_path)
     net = caffe.Net(str(model), caffe.TEST, weights=str(weights))
     with pytest.raises(DataError, match=r"ActivationULQ layer 'conv1_ulq'.*clips are initialised on \(IFMR\)"
                                         r".*net.blobs\['data'\]"):
@@ -206,8 +215,8 @@ def cli_run(user, tmp_path_factory):
     runs["train"] = run_cli("train", "--solver", out / "solver.prototxt", "--weights", out / "retrain.caffemodel",
                             "--log-dir", tb)
     save_path = tmp / "result" / "model"
-    runs["save"] = run_cli("save", "--model", out / "retrain.prototxt", "--weights", out / "retrained_iter_40.caffemodel",
-                           "--save-path", save_path)
+    runs["save"] = run_cli("save", "--model", out / "retrain.prototxt",
+                           "--weights", out / "retrained_iter_40.caffemodel", "--save-path", save_path)
     return {"tmp": tmp, "own": own, "out": out, "tb": tb, "save_path": str(save_path), "runs": runs}
 
 
@@ -235,7 +244,8 @@ def test_cli_train_shows_the_bar_and_the_test_means_and_keeps_caffe_log_in_a_fil
                            f"-iterations={user_model.TEST_ITER}"], capture_output=True, text=True)
     assert test.returncode == 0, test.stderr[-2000:]
     printed = float(re.findall(r"\] accuracy = ([-+0-9.eE]+)", test.stderr)[-1])
-    assert logged[0][1] == pytest.approx(printed, abs=1e-6) and float(shown["accuracy"]) == pytest.approx(printed, abs=1e-6), \
+    assert logged[0][1] == pytest.approx(printed, abs=1e-6) and \
+        float(shown["accuracy"]) == pytest.approx(printed, abs=1e-6), \
         f"TensorBoard {logged[0][1]}, console {shown['accuracy']}, caffe test prints {printed}"
 
 
@@ -290,11 +300,7 @@ def test_cli_flow_deploy_model_in_the_integer_executor_equals_the_fake_quant_mod
 
 def test_rewritten_record_is_explained_and_regenerated(user, tmp_path):
     own = user.copy_to(tmp_path / "model")
-    config, model, weights, record_file = (tmp_path / n for n in ("config.json", "retrain.prototxt",
-                                                                   "retrain.caffemodel", "record.txt"))
-    amct_retrain.create_quant_retrain_config(str(config), str(own.train_val), str(own.weights))
-    amct_retrain.create_quant_retrain_model(str(own.train_val), str(own.weights), str(config), str(model),
-                                            str(weights), str(record_file))
+    model, weights = make_quantization_aware(own.train_val, own.weights, tmp_path)
     solver_file = tmp_path / "solver.prototxt"
     amct_retrain.create_solver(solver_file, model, max_iter=20, test_iter=user_model.TEST_ITER, snapshot=10,
                                base_lr=0.01)

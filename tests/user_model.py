@@ -27,6 +27,8 @@ from caffe.proto import caffe_pb2
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from amct_retrain.solver import create_solver
+
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
 SIZE, CROP = 18, 16               # stored image side, the crop the nets see
 SCALE, MEAN = 1 / 256, 33.0       # transform_param: (pixel - mean_value) * scale
@@ -58,11 +60,13 @@ layer { name: "relu2b" type: "ReLU" bottom: "conv2b" top: "conv2b" }
 layer { name: "concat" type: "Concat" bottom: "conv2a" bottom: "conv2b" top: "concat" }
 layer { name: "norm" type: "LRN" bottom: "concat" top: "norm" lrn_param { local_size: 3 alpha: 0.0001 beta: 0.75 } }
 layer { name: "shortcut" type: "Eltwise" bottom: "conv1" bottom: "norm" top: "shortcut" }
-layer { name: "pool1" type: "Pooling" bottom: "shortcut" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "pool1" type: "Pooling" bottom: "shortcut" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
 layer { name: "conv3" type: "Convolution" bottom: "pool1" top: "conv3"
   convolution_param { num_output: 32 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
 layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
-layer { name: "pool2" type: "Pooling" bottom: "conv3" top: "pool2" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "pool2" type: "Pooling" bottom: "conv3" top: "pool2"
+  pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
 layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
   inner_product_param { num_output: 64 weight_filler { type: "xavier" } } }
 layer { name: "relu4" type: "ReLU" bottom: "ip1" top: "ip1" }
@@ -75,21 +79,6 @@ layer { name: "accuracy" type: "Accuracy" bottom: "ip2" bottom: "label" top: "ac
 """
 DEPLOY_HEAD = 'layer { name: "prob" type: "Softmax" bottom: "ip2" top: "prob" }\n'
 QUANTIZABLE = ("conv1", "conv2a", "conv2b", "conv3", "pool2", "ip1", "ip2")
-SOLVER = """net: "{net}"
-test_iter: {test_iter}
-test_interval: {iters}
-test_initialization: false
-base_lr: 0.01
-momentum: 0.9
-weight_decay: 0.0005
-lr_policy: "fixed"
-display: 0
-max_iter: {iters}
-snapshot: {iters}
-snapshot_prefix: "{prefix}"
-solver_mode: CPU
-random_seed: 3
-"""
 
 
 def digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -147,7 +136,8 @@ class UserModel:
         train_lmdb, test_lmdb = folder / "train_lmdb", folder / "test_lmdb"
         shutil.copytree(self.train_lmdb, train_lmdb)
         shutil.copytree(self.test_lmdb, test_lmdb)
-        train_val, deploy, weights = folder / "train_val.prototxt", folder / "deploy.prototxt", folder / "float.caffemodel"
+        train_val, deploy = folder / "train_val.prototxt", folder / "deploy.prototxt"
+        weights = folder / "float.caffemodel"
         train_val.write_text(train_val_text(train_lmdb, test_lmdb))
         shutil.copyfile(self.deploy, deploy)
         shutil.copyfile(self.weights, weights)
@@ -165,7 +155,8 @@ def build(folder: pathlib.Path, iters: int = FLOAT_ITERS) -> UserModel:
     train_val.write_text(train_val_text(train_lmdb, test_lmdb))
     deploy.write_text(deploy_text())
     solver = folder / "float_solver.prototxt"
-    solver.write_text(SOLVER.format(net=train_val, test_iter=TEST_ITER, iters=iters, prefix=folder / "float"))
+    create_solver(solver, train_val, max_iter=iters, test_iter=TEST_ITER, base_lr=0.01,
+                  snapshot_prefix=folder / "float", random_seed=3)  # SGD, momentum 0.9, TEST at the end
     log = folder / "float_train.log"
     with open(log, "w") as f:
         if subprocess.run([CAFFE, "train", f"-solver={solver}"], stdout=f, stderr=subprocess.STDOUT).returncode:
