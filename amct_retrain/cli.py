@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-lr", type=float, default=0.001, help="learning rate (default %(default)s)")
     p.set_defaults(run=_prepare)
 
-    p = steps.add_parser("train", help="retrain through pycaffe with a progress bar and TensorBoard logs")
+    p = steps.add_parser("train", help="retrain through pycaffe with a progress bar, each TEST's mean outputs and "
+                                       "TensorBoard logs; Caffe's own log goes to a file")
     p.add_argument("--solver", required=True, help="solver prototxt (from the prepare step)")
     p.add_argument("--weights", help="initial caffemodel (retrain.caffemodel from the prepare step)")
     p.add_argument("--snapshot", help="a .solverstate to resume from (instead of --weights)")
