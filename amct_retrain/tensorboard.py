@@ -179,7 +179,8 @@ def caffe_train_tests(cmdline: str = "/proc/self/cmdline") -> CaffeTrainTests | 
     the nets it trains run in it): ``test_iter`` of the first test net and the iterations of the
     passes, as ``Solver::Solve`` runs them (every ``test_interval`` from the start iteration,
     the one of ``-snapshot`` when resuming, to ``max_iter``; iteration 0 only with
-    ``test_initialization``). None in any other process (pycaffe), or without a TEST phase.
+    ``test_initialization``). None in any other process (pycaffe), without a TEST phase, or
+    with several test nets.
     """
     from caffe.proto import caffe_pb2  # the layers' process has pycaffe
     from google.protobuf import text_format
@@ -196,8 +197,8 @@ def caffe_train_tests(cmdline: str = "/proc/self/cmdline") -> CaffeTrainTests | 
         return None
     with open(solver_file, encoding="utf-8") as f:
         param = text_format.Parse(f.read(), caffe_pb2.SolverParameter())
-    if not param.test_iter or param.test_interval <= 0:
-        return None
+    if len(param.test_iter) != 1 or param.test_interval <= 0:
+        return None  # no TEST, or several test nets (which one a layer is in is unknown)
     start = 0
     snapshot = _flag(argv, "snapshot")
     if snapshot and not snapshot.endswith(".h5"):

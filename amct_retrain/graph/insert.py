@@ -92,7 +92,8 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
     Each ActivationULQ goes right before the first layer it serves, so it reads its input
     after any in-place layer (ReLU) that ran before, exactly as that layer did. The layer's
     own weight lr/decay multipliers move to its master weights. ``fused``: layer name ->
-    {"kind", "removed"} of the BatchNorm fusion it went through, carried to the saver.
+    {"kind", "removed"} of the BatchNorm fusion it went through, carried to the saver. With a
+    ``log_dir`` in the config, a TestOutputLog (:func:`with_test_output_log`) goes last.
     """
     configs = retrain_config.layers
     owners = activation_quantizer_owners(net, list(configs))
