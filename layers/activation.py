@@ -80,12 +80,15 @@ class ActivationULQ(caffe.Layer):
     def _check_fed(self, x) -> None:
         """Refuse a constant input where factors come from it: the batch IFMR initialises the
         clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record)."""
-        where = f"ActivationULQ layer '{self.layer_name}'"
+        ready = self.blobs[CLIP_STATE].data[READY] >= 0.5
+        if ready and self.phase != TEST:
+            return  # a training batch: no factor comes from it alone (and the hot path stays lean)
         if not is_constant(x):
             self.constant_test_values = []
             return
+        where = f"ActivationULQ layer '{self.layer_name}'"
         value = float(x.ravel()[0]) if x.size else 0.0
-        if self.blobs[CLIP_STATE].data[READY] < 0.5:
+        if not ready:
             raise unfed_error(where, "the batch its clips are initialised on (IFMR)", [value])
         if self.phase == TEST:
             self.constant_test_values.append(value)
