@@ -16,13 +16,6 @@ def is_constant(x: np.ndarray) -> bool:
     return x.size == 0 or bool(x.min() == x.max())
 
 
-def is_constant_per_channel(y: np.ndarray) -> bool:
-    """True if each channel (axis 1) of ``y`` holds one value over the samples and positions: a
-    layer's output when its input was constant zeros (a convolution gives its bias everywhere)."""
-    y = y.reshape(y.shape[0], y.shape[1], -1) if y.ndim > 1 else y.reshape(-1, 1, 1)
-    return y.size == 0 or bool(np.array_equal(y.min(axis=(0, 2)), y.max(axis=(0, 2))))
-
-
 def unfed_error(where: str, batches: str, values: Sequence[float]) -> DataError:
     """The error of a layer (``where``) whose input was constant, of ``values``, in ``batches``
     (e.g. "each of the 2 calibration batches")."""

@@ -12,10 +12,11 @@ PARAMS = {
     "fixed_min": Key((bool,), default=False),
     "log_dir": Key((str, type(None))),
     "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
+    "batch_num": Key((int,), default=1),  # the TEST batches of a shift-N search: all constant is an error
 }
 CLIP_MAX, CLIP_MIN, CLIP_STATE = 0, 1, 2
 READY, LAST_MIN, LAST_MAX = 0, 1, 2  # entries of the clip_state blob
-TRAIN = 0
+TRAIN, TEST = 0, 1
 
 
 class ActivationULQ(caffe.Layer):
@@ -53,6 +54,8 @@ class ActivationULQ(caffe.Layer):
             self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
         self.log = tensorboard.layer_log(p, "ActivationULQ")
+        self.batch_num = p["batch_num"]
+        self.constant_test_values: list[float] = []  # of the consecutive constant TEST batches so far
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
@@ -75,11 +78,23 @@ class ActivationULQ(caffe.Layer):
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
 
     def _check_fed(self, x) -> None:
-        """Refuse to initialise the clips (IFMR) on a constant batch: an unfed net's zeros. (A TEST
-        pass on constant inputs is refused by ShiftNSearch, which knows its batch_num.)"""
-        if self.blobs[CLIP_STATE].data[READY] < 0.5 and is_constant(x):
-            raise unfed_error(f"ActivationULQ layer '{self.layer_name}'", "the batch its clips are initialised on "
-                              "(IFMR)", [float(x.ravel()[0]) if x.size else 0.0])
+        """Refuse a constant input where factors come from it: the batch IFMR initialises the
+        clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record)."""
+        ready = self.blobs[CLIP_STATE].data[READY] >= 0.5
+        if ready and self.phase != TEST:
+            return  # a training batch: no factor comes from it alone (and the hot path stays lean)
+        if not is_constant(x):
+            self.constant_test_values = []
+            return
+        where = f"ActivationULQ layer '{self.layer_name}'"
+        value = float(x.ravel()[0]) if x.size else 0.0
+        if not ready:
+            raise unfed_error(where, "the batch its clips are initialised on (IFMR)", [value])
+        if self.phase == TEST:
+            self.constant_test_values.append(value)
+            if len(self.constant_test_values) >= self.batch_num:
+                raise unfed_error(where, f"each of the {self.batch_num} TEST batch(es) of a shift-N search",
+                                  self.constant_test_values)
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):

@@ -5,8 +5,6 @@ import caffe
 import numpy as np
 
 from amct_retrain import numerics, record, tensorboard
-from amct_retrain.errors import DataError
-from amct_retrain.feeding import FEED_HINT, is_constant_per_channel
 from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
 
 LOG = logging.getLogger("amct_retrain.layers")
@@ -61,7 +59,6 @@ class ShiftNSearch(caffe.Layer):
         self.factors_key = None
         self.errors = None
         self.batches = 0
-        self.constant_batches = 0  # batches of the current search whose output says the input was constant
         self.log = tensorboard.layer_log(p, "ShiftNSearch")
 
     def reshape(self, bottom, top):
@@ -76,21 +73,15 @@ class ShiftNSearch(caffe.Layer):
         factors = self._current_factors(y)
         key = (factors[0], factors[1], factors[2].tobytes())
         if key != self.factors_key:
-            self.factors_key, self.errors, self.batches, self.constant_batches = key, None, 0, 0
+            self.factors_key, self.errors, self.batches = key, None, 0
         if self.batches >= self.batch_num:
             return
-        self.constant_batches += is_constant_per_channel(y)
         scale_d, offset_d, scale_w = factors
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
         errors = numerics.accumulate_shift_errors(y, deq, channel_axis=1)
         self.errors = errors if self.errors is None else self.errors + errors
         self.batches += 1
         if self.batches == self.batch_num:
-            if self.constant_batches == self.batch_num:
-                raise DataError(f"ShiftNSearch layer '{self.layer_name}': the output of layer '{self.quantized_layer}' "
-                                f"was the same for every sample and position of each channel in each of the "
-                                f"{self.batch_num} TEST batch(es): its input was constant, and the record would hold "
-                                "factors of no data: was the net fed? " + FEED_HINT)
             shift_bits = numerics.choose_shift_bits(self.errors)
             record.update_layer_record(
                 self.record_file, self.quantized_layer, scale_d=scale_d, offset_d=offset_d,

@@ -194,8 +194,7 @@ def test_unfed_input_net_is_refused_in_retraining(user, tmp_path):
     net.blobs["data"].data[...] = images[:user_model.TEST_BATCH]
     net.forward()
     net.blobs["data"].data[...] = 0
-    with pytest.raises(DataError, match=r"ShiftNSearch layer 'conv1_shift_n'.*each of the 1 TEST batch\(es\)"
-                                        r".*net.blobs\['data'\]"):
+    with pytest.raises(DataError, match=r"'conv1_ulq'.*each of the 1 TEST batch\(es\) of a shift-N search"):
         net.forward()
 
 

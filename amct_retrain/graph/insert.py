@@ -114,7 +114,7 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
             c = configs[name]
             out.layer.append(with_phase_rules(ql.ulq_layer(
                 ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
-                c.fixed_min, **log), layer))
+                c.fixed_min, batch_num=retrain_config.batch_num, **log), layer))
             for sharer in (n for n, o in owners.items() if o == name and has_weights(configs[n].layer_type)):
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()

@@ -70,7 +70,8 @@ def _param(layer: caffe_pb2.LayerParameter, name: str = "", lr_mult: float | Non
 
 def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
               clip_max: float | None = None, fixed_min: bool = False,
-              clip_lr_mult: float = 1.0, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
+              clip_lr_mult: float = 1.0, log_dir: str | None = None,
+              batch_num: int = 1) -> caffe_pb2.LayerParameter:
     """ActivationULQ from ``bottom`` to a new blob ``top`` (never in place: its backward needs x).
 
     The clips learn with ``clip_lr_mult`` and no weight decay (decay would shrink the range
@@ -78,7 +79,8 @@ def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
     With ``log_dir``, the layer logs its clips to TensorBoard there while training.
     """
     layer = python_layer(name, ULQ_TYPE, bottom, top,
-                          {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min}, log_dir)
+                          {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min,
+                           "batch_num": batch_num}, log_dir)
     clip_max_name, clip_min_name, clip_state_name = clip_param_names(name)
     _param(layer, clip_max_name, clip_lr_mult, 0.0)
     _param(layer, clip_min_name, clip_lr_mult, 0.0)
