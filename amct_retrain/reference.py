@@ -23,8 +23,8 @@ from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.layer_specs import INTEGER_LAYER
 
-INTEGER_TYPE = ("integer", "IntegerLayer")
 QUANTIZED_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Pooling")
 
 
@@ -126,7 +126,7 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
         check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
         integer_params(deploy, layer.name, dequant.name, weights_file, QUANTIZABLE_RULES[layer.type].has_weights)
         geometry = _geometry(layer)
-        integer = ql.python_layer(f"{layer.name}_integer", INTEGER_TYPE, quant.bottom[0], dequant.top[0], {
+        integer = ql.python_layer(f"{layer.name}_integer", INTEGER_LAYER, quant.bottom[0], dequant.top[0], {
             "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
             "weights_file": os.path.abspath(weights_file),
             "quant_scale": float(quant.quant_param.scale),

@@ -15,6 +15,7 @@ from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import fuse_for_retraining
 from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, has_weights,
                                        insert_quant_layers, weight_channel_axis)
+from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
 
 LOG = logging.getLogger("amct_retrain")
 
@@ -41,8 +42,9 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         clip_min, clip_max = layer_config.clip_min, layer_config.clip_max
         clip_states[name] = np.array((1.0, clip_min, clip_max) if clip_min is not None else (0.0, 0.0, 0.0),
                                      np.float32)
-        out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
-                                        np.array([clip_min or 0.0], np.float32), clip_states[name]]
+        out[ql.ulq_layer_name(name)] = ACTIVATION_ULQ.ordered({"clip_max": np.array([clip_max or 0.0], np.float32),
+                                                               "clip_min": np.array([clip_min or 0.0], np.float32),
+                                                               "clip_state": clip_states[name]})
     for name, layer_config in retrain_config.layers.items():
         if not has_weights(layer_config.layer_type):
             continue  # AVE Pooling: nothing to quantize but its input
@@ -52,10 +54,10 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         scale_w = numerics.arq_scale(weights, axis)
         fake_quant = numerics.arq_fake_quantize(weights, scale_w, axis)
         out[name] = [fake_quant, *rest]
-        out[ql.arq_layer_name(name)] = [fake_quant, weights]
+        arq = {"fake_quant_weights": fake_quant, "master_weights": weights, "scale_w": scale_w}
         if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):
-            out[ql.arq_layer_name(name)].append(clip_states[quantizer_owners[name]])  # shared with its ULQ
-        out[ql.arq_layer_name(name)].append(scale_w)  # its last blob, shared with ShiftNSearch
+            arq["clip_state"] = clip_states[quantizer_owners[name]]  # shared with its ULQ
+        out[ql.arq_layer_name(name)] = WEIGHT_ARQ.ordered(arq)
     return out
 
 

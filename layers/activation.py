@@ -2,18 +2,10 @@
 import caffe
 
 from amct_retrain import numerics, tensorboard
-from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY
 
-PARAMS = {
-    "name": Key((str,), required=True),
-    "clip_max": Key(NUMBER + (type(None),)),
-    "clip_min": Key(NUMBER + (type(None),)),
-    "fixed_min": Key((bool,), default=False),
-    "log_dir": Key((str, type(None))),
-    "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
-}
-CLIP_MAX, CLIP_MIN, CLIP_STATE = 0, 1, 2
-READY, LAST_MIN, LAST_MAX = 0, 1, 2  # entries of the clip_state blob
+CLIP_MAX, CLIP_MIN, CLIP_STATE = (ACTIVATION_ULQ.blob(name) for name in ("clip_max", "clip_min", "clip_state"))
 TRAIN = 0
 
 
@@ -32,7 +24,7 @@ class ActivationULQ(caffe.Layer):
     """
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, PARAMS, "ActivationULQ")
+        p = ACTIVATION_ULQ.parse(self.param_str)
         self.layer_name, self.fixed_min = p["name"], p["fixed_min"]
         if len(bottom) != 1 or len(top) != 1:
             raise LayerParamError(f"ActivationULQ layer '{self.layer_name}': needs 1 bottom and 1 top")

@@ -11,25 +11,12 @@ import caffe
 import numpy as np
 
 from amct_retrain import calibration, numerics, record
-from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
 
 LOG = logging.getLogger("amct_retrain.layers")
 TEST = 1
 IFMR_KEYS = ("min_percentile", "max_percentile", "search_start", "search_end", "search_step")
-ACTIVATION_PARAMS = {
-    "name": Key((str,), required=True),
-    "layers": Key((list,), required=True),  # the quantized layers it serves (they share scale_d)
-    "record_file": Key((str,), required=True),
-    "batch_num": Key((int,), default=1),
-    "ifmr": Key((dict,), required=True),  # numerics.ifmr_search's keyword arguments
-    "symmetric": Key((bool,), default=False),
-}
-SHIFT_N_PARAMS = {
-    "name": Key((str,), required=True),
-    "quantized_layer": Key((str,), required=True),
-    "record_file": Key((str,), required=True),
-    "batch_num": Key((int,), default=1),
-}
 
 
 class _Observer(caffe.Layer):
@@ -77,7 +64,7 @@ class ActivationObserver(_Observer):
     for the saver's message when calibration ran too few passes."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, ACTIVATION_PARAMS, "ActivationObserver")
+        p = ACTIVATION_OBSERVER.parse(self.param_str)
         self._configure(p, "ActivationObserver")
         where = f"ActivationObserver layer '{self.layer_name}'"
         if not p["layers"] or not all(isinstance(name, str) for name in p["layers"]):
@@ -108,7 +95,7 @@ class ShiftNObserver(_Observer):
     scale_w (contract section 3), written back with the shift_bit."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, SHIFT_N_PARAMS, "ShiftNObserver")
+        p = SHIFT_N_OBSERVER.parse(self.param_str)
         self._configure(p, "ShiftNObserver")
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
 

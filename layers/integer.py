@@ -9,18 +9,7 @@ from amct_retrain import numerics
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain.reference import integer_params, read_deploy_blobs
-from amct_retrain_layers.params import NUMBER, Key, parse_param_str
-
-PARAMS = {
-    "name": Key((str,), required=True),
-    "layer": Key((str,), required=True),
-    "layer_type": Key((str,), required=True),
-    "dequant": Key((str,), required=True),
-    "weights_file": Key((str,), required=True),
-    "quant_scale": Key(NUMBER, required=True),
-    "quant_offset": Key((int,), required=True),
-    "conv": Key((dict, type(None))),
-}
+from amct_retrain.layer_specs import INTEGER_LAYER
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,7 +62,7 @@ class IntegerLayer(caffe.Layer):
     arithmetic."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, PARAMS, "IntegerLayer")
+        p = INTEGER_LAYER.parse(self.param_str)
         self.layer_name, self.geometry = p["layer"], p["conv"]
         self.transposed = p["layer_type"] == "Deconvolution"
         rule = QUANTIZABLE_RULES[p["layer_type"]]

@@ -20,6 +20,7 @@ from amct_retrain.reference import ReferenceExecutor, output_steps, read_deploy_
 from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain_layers.integer import _deconv_accumulate
 from tests import nets
+from tests.nets import MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 
@@ -67,7 +68,7 @@ def test_retrain_model_quantizes_deconvolution_weights_on_axis_1(seg):
         assert params["channel_axis"] == 1 and params["weight_shape"] == list(DECONV_WEIGHT_SHAPE), \
             f"{inserted}: channel_axis {params['channel_axis']}, weight_shape {params['weight_shape']}"
     net = caffe.Net(str(seg["retrain_model"]), caffe.TEST, weights=str(seg["snapshot"]))
-    master = net.params[ql.arq_layer_name("deconv")][1].data
+    master = net.params[ql.arq_layer_name("deconv")][MASTER_WEIGHTS].data
     net.forward()
     expected = numerics.arq_fake_quantize(master, numerics.arq_scale(master, 1), 1)
     assert np.array_equal(net.params["deconv"][0].data, expected), \
@@ -76,7 +77,7 @@ def test_retrain_model_quantizes_deconvolution_weights_on_axis_1(seg):
 
 def test_record_has_one_scale_and_shift_per_output_channel(seg):
     rec = record.read_record(seg["record"])["deconv"]
-    master = caffe.Net(str(seg["retrain_model"]), caffe.TEST, weights=str(seg["snapshot"])).params["deconv_arq"][1].data
+    master = caffe.Net(str(seg["retrain_model"]), caffe.TEST, weights=str(seg["snapshot"])).params["deconv_arq"][MASTER_WEIGHTS].data
     scale_w = np.asarray(rec.scale_w, np.float32)
     assert scale_w.shape == (CLASSES,) and np.array_equal(scale_w, numerics.arq_scale(master, 1)), \
         f"scale_w {scale_w} must be ARQ per output channel (axis 1, C_out = {CLASSES})"

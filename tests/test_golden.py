@@ -12,6 +12,7 @@ import pytest
 
 from tests.golden import compat
 from tests.golden.cases import NETS, PASSES_DIR, blob_digest, pass_outputs
+from tests.nets import MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 REGENERATE = "intended? run `python -m tests.golden.regenerate` and review the diff"
@@ -77,5 +78,5 @@ def test_a_retrained_model_of_today_loads_and_trains_on(tmp_path):
     loss = float(net.forward()["loss"])
     net.backward()
     assert math.isfinite(loss), f"the retrained model's loss is {loss}"
-    master = net.params["conv1_arq"][1]
+    master = net.params["conv1_arq"][MASTER_WEIGHTS]
     assert np.abs(master.diff).sum() > 0, "no gradient reached conv1's master weights"

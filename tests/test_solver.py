@@ -14,6 +14,7 @@ from amct_retrain import numerics, record, solver, tensorboard
 from amct_retrain.graph.model_io import read_caffemodel
 from amct_retrain.solver import SolverError
 from tests import nets
+from tests.nets import CLIP_STATE, MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
@@ -225,7 +226,7 @@ def test_train_logs_loss_lr_clips_and_shift_n(tmp_path, model):
         "the final shift-N logged is not the record's"
     # Fine-tuning started from weights_file: its weight scales, not the fillers' (the master
     # weights have no filler: all zeros, scale 1), moved by one small update at step 0.
-    initial = numerics.arq_scale(read_caffemodel(weights_file)["conv1_arq"][1], 0)
+    initial = numerics.arq_scale(read_caffemodel(weights_file)["conv1_arq"][MASTER_WEIGHTS], 0)
     logged = scalars["conv1_arq/scale_w_max"][0][1]
     assert np.isclose(logged, initial.max(), rtol=0.05), \
         f"step-0 scale {logged} is not from the weights ({initial.max()})"
@@ -262,7 +263,7 @@ def test_train_resumes_from_solverstate_with_clips_and_master_weights(tmp_path, 
     for name in ("conv1_ulq", "ip1_ulq", "conv1_arq", "ip1_arq"):
         for i, (got, want) in enumerate(zip(at_resume["blobs"][name], saved[name])):
             assert np.array_equal(got, want), f"{name} blob {i} at the resume point differs from the snapshot"
-    assert at_resume["blobs"]["conv1_ulq"][2][0] == 1.0, "the resumed clips must not wait for IFMR again"
+    assert at_resume["blobs"]["conv1_ulq"][CLIP_STATE][0] == 1.0, "the resumed clips must not wait for IFMR again"
     tensorboard.close_all()
     loss_steps = [s for s, _ in tensorboard.read_scalars(tmp_path / "tb")["train/loss"]]
     assert loss_steps[0] == 10, f"the resumed run logged from step {loss_steps[0]}, not 10"

@@ -11,6 +11,7 @@ import pytest
 
 from amct_retrain import numerics, record, solver, tensorboard
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.layer_specs import SHIFT_N_SEARCH
 from tests import nets
 
 pytestmark = pytest.mark.caffe
@@ -31,7 +32,7 @@ def with_log_dir(net, log_dir, log_every=None):
         if ql.python_layer_class(layer):
             params = ql.layer_params(layer)
             params["log_dir"] = str(log_dir)
-            if log_every is not None and ql.python_layer_class(layer) != ql.SHIFT_N_TYPE[1]:
+            if log_every is not None and not SHIFT_N_SEARCH.is_layer(layer):
                 params["log_every"] = log_every
             layer.python_param.param_str = json.dumps(params, sort_keys=True)
     return net
