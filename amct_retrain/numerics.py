@@ -40,7 +40,7 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
-    "check_finite", "errors_named", "average_pool_scale", "window_sums",
+    "check_finite", "errors_named", "average_pool_scale", "window_sums", "conv_accumulate", "deconv_accumulate",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
     "fake_quantize_activation",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
@@ -49,7 +49,7 @@ __all__ = [
     "arq_scale", "arq_quantize", "arq_fake_quantize",
     "quantize_bias", "deq_scales",
     "accumulate_shift_errors", "choose_shift_bits", "search_shift_bits",
-    "requantize", "requantized_output", "unify_global_conv_scales",
+    "requantize", "requantized_output", "is_global_conv", "unify_global_conv_scales",
     "pack_deq_scale", "unpack_deq_scale",
 ]
 
@@ -813,6 +813,46 @@ def window_sums(x: npt.ArrayLike, kernel: tuple[int, int], stride: tuple[int, in
     return windows[:, :, ::stride[0], ::stride[1]].sum(axis=(4, 5))
 
 
+def conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
+    """Integer convolution of x (N, C, H, W) by w (M, C/group, KH, KW), both integer-valued
+    float64, geometry ``g`` (a ``ConvGeometry.__dict__``): im2col + one matmul per group. float64
+    sums of int8 x int9 products are exact far beyond any real layer's size, so BLAS gives the
+    int32 accumulator exactly."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
+    group = g["group"]
+    n, c = x.shape[:2]
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero in integer terms: x - offset = 0
+    windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # (N, C, OH, OW, KH, KW)
+    oh, ow = windows.shape[2:4]
+    m = w.shape[0]
+    out = np.empty((n, m, oh, ow))
+    cg, mg = c // group, m // group
+    for gi in range(group):
+        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+        kernel = w[gi * mg:(gi + 1) * mg].reshape(mg, -1)
+        out[:, gi * mg:(gi + 1) * mg] = (cols @ kernel.T).reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+    return out
+
+
+def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
+    """Integer transposed convolution (Caffe's Deconvolution, group 1) of x (N, C, H, W) by
+    w (C, M, KH, KW), both integer-valued float64, as Caffe computes it: one matmul gives every
+    input pixel's contribution to every kernel tap, col2im adds each tap's contributions into
+    the output at stride steps, and the pad is cropped from both borders. Exact as in
+    :func:`conv_accumulate`: integer float64 sums."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
+    n, c, h, wd = x.shape
+    m = w.shape[1]
+    taps = (x.transpose(0, 2, 3, 1).reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, m, kh, kw)
+    taps = taps.transpose(0, 3, 4, 5, 1, 2)                    # (N, M, KH, KW, H, W)
+    full = np.zeros((n, m, sh * (h - 1) + dh * (kh - 1) + 1, sw * (wd - 1) + dw * (kw - 1) + 1))
+    for i in range(kh):
+        for j in range(kw):
+            full[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (wd - 1) + 1:sw] += taps[:, :, i, j]
+    return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
+
+
 def deq_scales(scale_d: npt.ArrayLike, scale_w: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """``deq[c] = float32(scale_d * scale_w[c])`` (one rounding of the exact product).
 
@@ -978,6 +1018,13 @@ def requantized_output(acc: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.A
     if not np.isfinite(mult).all():
         raise NumericsError("requantized_output: deq * 2^N overflows float32")
     return t.astype(np.float32) * mult.reshape(_channel_shape(t.ndim, ax, c))
+
+
+def is_global_conv(output_shape: tuple[int, ...], scale_count: int) -> bool:
+    """Whether a layer with output ``output_shape`` and ``scale_count`` weight scales is a "global
+    conv": per-channel scales and a (N, C, 1, 1) output, where the deploy model gives every channel
+    the largest deq (:func:`unify_global_conv_scales`). The channel count is not looked at."""
+    return len(output_shape) == 4 and tuple(output_shape[2:]) == (1, 1) and scale_count > 1
 
 
 def unify_global_conv_scales(scale_d: npt.ArrayLike,

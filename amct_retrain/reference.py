@@ -18,14 +18,14 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
-from amct_retrain.config import QUANTIZABLE_RULES, quantizable_layers
+from amct_retrain.config import quantizable_layers
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.layer_specs import INTEGER_LAYER
+from amct_retrain.layer_types import QUANTIZABLE_RULES
 
-QUANTIZED_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Pooling")
+QUANTIZED_TYPES = tuple(QUANTIZABLE_RULES)
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,6 @@ def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]
     return {layer.name: list(layer.blobs) for layer in net.layer}
 
 
-def _geometry(layer: caffe_pb2.LayerParameter) -> dict | None:
-    """The window geometry the IntegerLayer of ``layer`` needs (None: InnerProduct, no windows)."""
-    if layer.type == "InnerProduct":
-        return None
-    return (pool_geometry(layer) if layer.type == "Pooling" else conv_geometry(layer)).__dict__
-
-
 def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
     """Graph pass: each Quant -> layer -> DeQuant triple of ``deploy_net`` becomes one
     IntegerLayer reading its integers from ``weights_file``; other layers stay."""
@@ -124,8 +117,9 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
                              f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
         layer, dequant = layers[i + 1], layers[i + 2]
         check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
-        integer_params(deploy, layer.name, dequant.name, weights_file, QUANTIZABLE_RULES[layer.type].has_weights)
-        geometry = _geometry(layer)
+        rule = QUANTIZABLE_RULES[layer.type]
+        integer_params(deploy, layer.name, dequant.name, weights_file, rule.has_weights)
+        geometry = rule.geometry(layer)
         integer = ql.python_layer(f"{layer.name}_integer", INTEGER_LAYER, quant.bottom[0], dequant.top[0], {
             "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
             "weights_file": os.path.abspath(weights_file),

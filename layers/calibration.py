@@ -107,7 +107,7 @@ class ShiftNObserver(_Observer):
                              "in the same TEST pass and quantize_model must have written its scale_w")
         scale_d, scale_w = np.float32(rec.scale_d), np.asarray(rec.scale_w, np.float32)
         y = batches[0]
-        global_conv = y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1
+        global_conv = numerics.is_global_conv(y.shape, len(scale_w))
         if global_conv:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))

@@ -90,6 +90,6 @@ class ShiftNSearch(caffe.Layer):
         if self.fixed_scale_w is not None:
             return scale_d, offset_d, self.fixed_scale_w
         scale_w = self.blobs[WEIGHT_SCALE].data.copy()  # what WeightARQ used in this forward pass
-        if y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1:
+        if numerics.is_global_conv(y.shape, len(scale_w)):
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         return scale_d, offset_d, scale_w

@@ -57,7 +57,7 @@ class WeightARQ(caffe.Layer):
         # would otherwise share the master weights and make every snapshot hold them twice.
         self.blobs.add_blob(shape[self.channel_axis] if self.channel_axis is not None else 1)
         self.scale_w_blob = WEIGHT_ARQ.blob("scale_w", present)
-        self.global_conv = False
+        self.output_shape = ()  # the convolution's output shape (with conv), to tell a global conv
         self.in_place = None
         self.log = tensorboard.layer_log(p, "WeightARQ")
 
@@ -67,14 +67,14 @@ class WeightARQ(caffe.Layer):
             top[i].reshape(*bottom[i].data.shape)
         self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
         in_shape = bottom[0].data.shape
-        self.global_conv = (self.conv is not None and len(in_shape) == 4
-                            and conv_output_hw(in_shape[2:], self.conv) == [1, 1])
+        self.output_shape = ((*in_shape[:2], *conv_output_hw(in_shape[2:], self.conv))
+                             if self.conv is not None and len(in_shape) == 4 else ())
 
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
         with numerics.errors_named(f"WeightARQ layer '{self.layer_name}' (master weights)"):
             scale_w = numerics.arq_scale(master, self.channel_axis)
-            if self.global_conv and scale_w.size > 1:
+            if numerics.is_global_conv(self.output_shape, scale_w.size):
                 # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
                 state = self.blobs[CLIP_STATE].data
                 scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))

@@ -18,7 +18,6 @@ from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.reference import ReferenceExecutor, output_steps, read_deploy_blobs, saved_model_parity
 from amct_retrain.graph.caffe_params import conv_output_hw
-from amct_retrain_layers.integer import _deconv_accumulate
 from tests import nets
 from tests.nets import MASTER_WEIGHTS
 
@@ -235,7 +234,7 @@ def test_integer_transposed_convolution_is_caffes_deconvolution(tmp_path, geomet
     expected = net.forward()["y"]
     layer = text_format.Parse(model.read_text(), caffe_pb2.NetParameter()).layer[0]
     g = conv_geometry(layer).__dict__
-    got = _deconv_accumulate(x, w, g)
+    got = numerics.deconv_accumulate(x, w, g)
     assert list(got.shape[2:]) == conv_output_hw(x.shape[2:], g, transposed=True) == list(expected.shape[2:]), \
         f"{geometry}: output {got.shape}, Caffe's {expected.shape}"
     assert np.array_equal(got, expected), f"{geometry}: largest difference {np.abs(got - expected).max()}"
