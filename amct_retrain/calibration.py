@@ -55,7 +55,7 @@ from amct_retrain.saver import SAVE_TYPES, ExportLayer, LayerFactors, write_quan
 __all__ = ["create_quant_config", "init", "quantize_model", "save_model", "convert_model", "CalibrationGraph",
            "activation_factors", "forward_passes_file", "read_forward_passes", "note_forward_passes"]
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 FACTOR_FIELDS = ("scale_d", "offset_d", "scale_w", "offset_w", "shift_bit")
 NOT_FLOAT_TYPES = ("Quant", "DeQuant", "AntiQuant")
 

@@ -16,7 +16,7 @@ import sys
 import amct_retrain
 from amct_retrain import solver as amct_solver
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 
 def _config(args: argparse.Namespace) -> None:

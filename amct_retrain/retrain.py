@@ -17,7 +17,7 @@ from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_cl
                                        insert_quant_layers, weight_channel_axis)
 from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 
 def check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:

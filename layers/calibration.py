@@ -14,7 +14,7 @@ from amct_retrain import calibration, numerics, record
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
 
-LOG = logging.getLogger("amct_retrain.layers")
+LOG = logging.getLogger("amct_retrain.layers")  # not __name__ (amct_retrain_layers.*): under the package logger
 TEST = 1
 IFMR_KEYS = ("min_percentile", "max_percentile", "search_start", "search_end", "search_step")
 

@@ -8,7 +8,7 @@ from amct_retrain import numerics, record, tensorboard
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, SHIFT_N_SEARCH
 
-LOG = logging.getLogger("amct_retrain.layers")
+LOG = logging.getLogger("amct_retrain.layers")  # not __name__ (amct_retrain_layers.*): under the package logger
 # Shared (by param name) with the ActivationULQ and WeightARQ layers that own them.
 CLIP_STATE, WEIGHT_SCALE = (SHIFT_N_SEARCH.blob(name, {"scale_w"}) for name in ("clip_state", "scale_w"))
 TEST = 1
