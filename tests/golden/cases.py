@@ -75,7 +75,7 @@ layer { name: "conv2" type: "Convolution" bottom: "bn2" top: "conv2" convolution
 layer { name: "fc" type: "InnerProduct" bottom: "conv2" top: "fc" inner_product_param { num_output: 4 } }
 layer { name: "bn3" type: "BatchNorm" bottom: "fc" top: "fc" batch_norm_param { use_global_stats: true } }
 """ + _LOSS % "fc",
-    # Deconvolution + BatchNorm + Scale, and a per-tensor (channel_wise false) strided Deconvolution.
+    # A strided Deconvolution + BatchNorm + Scale (no bias: the fusion adds one), and a padded Deconvolution.
     "deconv": 'name: "deconv"\n' + _DATA % {"c": 3, "h": 4, "w": 4, "t": 6} + """
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 1 } }
 layer { name: "deconv1" type: "Deconvolution" bottom: "conv1" top: "deconv1"
