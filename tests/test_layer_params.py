@@ -44,6 +44,7 @@ def test_blobs_are_found_by_name_with_optional_blobs_only_when_present():
         WEIGHT_ARQ.ordered({"scale_w": 3, "master_weights": 2})  # a blob missing
 
 
+@pytest.mark.caffe  # imports the layers, hence pycaffe
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.layer_class)
 def test_every_spec_names_its_layer_class_in_its_module(spec):
     import importlib
