@@ -1,0 +1,240 @@
+"""analyze(): per-layer cosine / SQNR / clipping / weight ranges, its files, CLI and TensorBoard."""
+import json
+import math
+import os
+import subprocess
+
+import caffe
+import numpy as np
+import pytest
+from caffe.proto import caffe_pb2
+from google.protobuf import text_format
+
+import amct_retrain
+from amct_retrain import cli, numerics, record, tensorboard
+from amct_retrain.analysis import metrics, report
+from tests import analysis_check, nets
+from tests.test_tensorboard import CAFFE, with_log_dir
+
+# --------------------------------------------------------------------------- metrics (numpy only)
+
+
+def test_output_stats_over_batches_equal_numpy_on_the_concatenation():
+    rng = np.random.default_rng(0)
+    refs = [rng.normal(0, 1, (2, 3, 4, 4)).astype(np.float32) for _ in range(3)]
+    tests = [(r + rng.normal(0, 0.1, r.shape)).astype(np.float32) for r in refs]
+    steps = np.array([0.5, 1.0, 2.0])
+    stats = metrics.OutputStats(steps)
+    for r, t in zip(refs, tests):
+        stats.add(r, t)
+    f = np.concatenate([r.ravel() for r in refs]).astype(np.float64)
+    q = np.concatenate([t.ravel() for t in tests]).astype(np.float64)
+    assert math.isclose(stats.cosine, f @ q / np.linalg.norm(f) / np.linalg.norm(q), rel_tol=1e-12)
+    assert math.isclose(stats.sqnr_db, 10 * np.log10((f @ f) / ((q - f) @ (q - f))), rel_tol=1e-12)
+    per_channel = max(float((np.abs(t.astype(np.float64) - r) / steps.reshape(1, 3, 1, 1)).max())
+                      for r, t in zip(refs, tests))
+    assert stats.max_diff_steps == per_channel, "largest difference must be counted in each channel's step"
+
+
+def test_exact_and_zero_outputs():
+    stats = metrics.OutputStats(np.ones(1))
+    stats.add(np.ones((2, 1)), np.ones((2, 1)))
+    assert stats.sqnr_db == math.inf and stats.cosine == pytest.approx(1.0)
+    zero = metrics.OutputStats(np.ones(1))
+    zero.add(np.zeros((2, 1)), np.zeros((2, 1)))
+    assert zero.cosine is None, "cosine of a zero vector is undefined, not NaN"
+    assert metrics.sqnr_db(0.0, 1.0) == -math.inf
+
+
+def test_activation_stats_count_what_fake_quantize_clips():
+    scale_d, offset_d = np.float32(0.05), -100
+    x = np.random.default_rng(1).normal(0, 4, (4, 1000)).astype(np.float32)
+    stats = metrics.ActivationStats(float(scale_d), offset_d)
+    for part in x:
+        stats.add(part)
+    fq = numerics.fake_quantize_activation(x, scale_d, offset_d)
+    lo, hi = fq.min(), fq.max()  # the grid's ends, as the fake-quant layer outputs them
+    assert stats.bounds == (float(lo), float(hi)), f"clip bounds {stats.bounds} vs the grid's ends {lo}, {hi}"
+    assert stats.clipped_below == np.mean(x < lo) and stats.clipped_above == np.mean(x > hi)
+    assert stats.counts.sum() + stats.outside_edges == x.size, "histogram loses values"
+    assert stats.min == x.min() and stats.max == x.max()
+
+
+def test_weight_channel_stats_read_the_codes_and_grid():
+    w = np.random.default_rng(2).normal(0, 1, (3, 2, 3, 3)).astype(np.float32)
+    scale_w = numerics.arq_scale(w, 0)
+    fake = numerics.arq_fake_quantize(w, scale_w, 0)
+    stats = metrics.weight_channel_stats(fake, scale_w, 0)
+    codes = numerics.arq_quantize(w, scale_w, 0).reshape(3, -1)
+    assert stats["code_min"] == codes.min(axis=1).tolist() and stats["code_max"] == codes.max(axis=1).tolist()
+    assert all(max(-lo, hi) in (127, 128) for lo, hi in zip(stats["code_min"], stats["code_max"])), \
+        "ARQ puts each channel's largest weight on the grid's end"
+    np.testing.assert_allclose(stats["grid_max"], 127 * scale_w.astype(np.float64))
+
+
+# --------------------------------------------------------------------------- on real Caffe models
+
+
+@pytest.fixture(scope="module")
+def analysed(retrained, tmp_path_factory):
+    """analyze() on the retrained session model (DummyData: random batches both nets must share)."""
+    out = tmp_path_factory.mktemp("analysis")
+    model, weights = retrained["tmp"] / "float.prototxt", retrained["tmp"] / "float.caffemodel"
+    analysis = amct_retrain.analyze(str(model), str(weights), str(retrained["fake_quant_model"]),
+                                    str(retrained["fake_quant_weights"]), 3, str(out / "report"),
+                                    log_dir=str(out / "tb"))
+    return {**retrained, "analysis": analysis, "out": out / "report", "tb": out / "tb", "model": model,
+            "weights": weights}
+
+
+@pytest.mark.caffe
+def test_cosine_sqnr_and_clipping_equal_an_independent_numpy_computation(analysed):
+    # DummyData refills every forward: analyze can only match numpy if both nets saw one batch.
+    # The independent run replays analyze's 3 batches: the same seed gives the same DummyData draws.
+    caffe.set_random_seed(0)
+    again = amct_retrain.analyze(str(analysed["model"]), str(analysed["weights"]), str(analysed["fake_quant_model"]),
+                                 str(analysed["fake_quant_weights"]), 3, str(analysed["out"].parent / "again"))
+    caffe.set_random_seed(0)
+    kept = analysis_check.layer_blobs(analysed["model"], analysed["weights"], analysed["fake_quant_model"],
+                                      analysed["fake_quant_weights"], analysed["quant_info"], [None] * 3)
+    analysis_check.assert_analysis_matches(again, analysis_check.expected_metrics(kept, analysed["fake_quant_model"]),
+                                           "retrained DummyData net")
+
+
+@pytest.mark.caffe
+def test_json_holds_every_quantized_layer_with_weights_shift_n_and_bits(analysed):
+    data = json.loads((analysed["out"] / "analysis.json").read_text())
+    assert [layer["name"] for layer in data["layers"]] == [layer["name"] for layer in analysed["analysis"]["layers"]]
+    records = record.read_record(analysed["record"])
+    assert {layer["name"] for layer in data["layers"]} == set(nets.QUANTIZED)
+    fake = caffe.Net(str(analysed["fake_quant_model"]), caffe.TEST, weights=str(analysed["fake_quant_weights"]))
+    for layer in data["layers"]:
+        rec, w = records[layer["name"]], layer["weights"]
+        assert layer["shift_bit"] == list(rec.shift_bit), f"{layer['name']}: shift-N differs from the record"
+        assert layer["bit_width"] == 8
+        np.testing.assert_allclose(np.unique(w["scale_w"]), np.unique(np.asarray(rec.scale_w, np.float64)),
+                                   rtol=2e-7, err_msg=f"{layer['name']}: scale_w differs from the record")
+        weights = fake.params[layer["name"]][0].data
+        per_channel = weights.reshape(weights.shape[0], -1)
+        assert w["min"] == per_channel.min(axis=1).tolist() and w["max"] == per_channel.max(axis=1).tolist()
+        assert all(lo >= -128 and hi <= 127 for lo, hi in zip(w["code_min"], w["code_max"]))
+        act = layer["activation"]
+        assert act["clip_min"] <= 0 <= act["clip_max"] and act["min"] <= act["max"]
+
+
+@pytest.mark.caffe
+def test_sqnr_and_cosine_reach_tensorboard(analysed):
+    scalars = tensorboard.read_scalars(analysed["tb"])
+    for layer in analysed["analysis"]["layers"]:
+        assert scalars[f"{layer['name']}/sqnr_db"] == [(0, pytest.approx(layer["sqnr_db"], rel=1e-6))]
+        assert scalars[f"{layer['name']}/cosine"] == [(0, pytest.approx(layer["cosine"], rel=1e-6))]
+
+
+@pytest.mark.caffe
+def test_console_table_lists_layers_worst_first(analysed, caplog):
+    text = report.console_table(analysed["analysis"]["layers"])
+    lines = text.splitlines()
+    assert len(lines) == 1 + len(nets.QUANTIZED), text
+    assert [line.split()[1] for line in lines[1:]] == [layer["name"] for layer in analysed["analysis"]["layers"]]
+
+
+@pytest.mark.caffe
+def test_cli_analyze_feeds_an_input_net_from_npz(tmp_path, analysed, capsys):
+    """An Input-layer net: the float and fake-quant models with DummyData swapped for an Input
+    layer; the CLI splits the .npz into --iterations batches."""
+    files = input_models(tmp_path, analysed)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "inputs.npz", data=rng.normal(0, 1, (8, 6, 8, 8)).astype(np.float32),
+             target=rng.normal(0, 1, (8, 10)).astype(np.float32))
+    code = cli.main(["analyze", "--model", files["model"], "--weights", str(analysed["weights"]),
+                     "--fake-quant-model", files["fake_model"], "--fake-quant-weights",
+                     str(analysed["fake_quant_weights"]), "--output-dir", str(tmp_path / "out"),
+                     "--iterations", "2", "--inputs", str(tmp_path / "inputs.npz")])
+    assert code == 0, capsys.readouterr().err
+    analysis = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert analysis["iterations"] == 2 and len(analysis["layers"]) == len(nets.QUANTIZED)
+    code = cli.main(["analyze", "--model", files["model"], "--weights", str(analysed["weights"]),
+                     "--fake-quant-model", files["fake_model"], "--fake-quant-weights",
+                     str(analysed["fake_quant_weights"]), "--output-dir", str(tmp_path / "out2"),
+                     "--iterations", "3", "--inputs", str(tmp_path / "inputs.npz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "inputs.npz" in err and "'data'" in err, f"uneven split must be an error naming it: {err}"
+    assert not (tmp_path / "out2" / "analysis.json").exists()
+
+
+@pytest.mark.caffe
+def test_bad_arguments_are_errors_naming_what_is_wrong(tmp_path, analysed):
+    args = [str(analysed["model"]), str(analysed["weights"]), str(analysed["fake_quant_model"]),
+            str(analysed["fake_quant_weights"])]
+    with pytest.raises(amct_retrain.AnalysisError, match="iterations"):
+        amct_retrain.analyze(*args, 0, str(tmp_path / "a"))
+    with pytest.raises(amct_retrain.ModelError, match="no quantized layer"):
+        amct_retrain.analyze(args[0], args[1], args[0], args[1], 1, str(tmp_path / "b"))
+    with pytest.raises(amct_retrain.ModelError, match="missing.caffemodel"):
+        amct_retrain.analyze(args[0], str(tmp_path / "missing.caffemodel"), *args[2:], 1, str(tmp_path / "c"))
+    with pytest.raises(amct_retrain.AnalysisError, match="'label'.*not an input"):
+        amct_retrain.analyze(*args, 1, str(tmp_path / "d"), inputs=[{"label": np.zeros(3)}])
+    assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in "abcd"), "no output on error"
+
+
+@pytest.mark.caffe
+def test_caffe_train_layers_log_input_and_master_weight_histograms(tmp_path):
+    """Plain `caffe train` with log_dir in the layers' param_str: histograms at the layers' interval."""
+    record_file, log_dir = tmp_path / "record.txt", tmp_path / "tb"
+    model = nets.write_net(with_log_dir(nets.quant_net(record_file), log_dir, log_every=5), tmp_path / "q.prototxt")
+    weights = tmp_path / "init.caffemodel"
+    nets.init_weights(model, weights)
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(nets.solver_text(model, tmp_path / "snap", max_iter=10))
+    run = subprocess.run([CAFFE, "train", f"-solver={solver}", f"-weights={weights}"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert run.returncode == 0, f"caffe train failed:\n{run.stderr[-3000:]}"
+    histograms = tensorboard.read_histograms(log_dir)
+    for tag in ("conv1_ulq/input_activations", "ip1_ulq/input_activations", "conv1_arq/master_weights",
+                "ip1_arq/master_weights"):
+        assert [step for step, _ in histograms.get(tag, [])] == [0, 5], f"{tag} not logged at steps 0, 5: " \
+            f"{ {t: [s for s, _ in h] for t, h in histograms.items()} }"
+    master = histograms["conv1_arq/master_weights"][0][1]
+    assert master.num == np.prod(nets.CONV_WEIGHT_SHAPE), "the histogram must hold every master weight"
+    activations = histograms["conv1_ulq/input_activations"][0][1]
+    assert activations.num == nets.BATCH * np.prod(nets.IN_SHAPE) and sum(activations.bucket) == activations.num
+
+
+def input_models(tmp_path, analysed) -> dict[str, str]:
+    """The float and the fake-quant prototxt of ``analysed`` with their DummyData layer replaced
+    by an Input layer (blobs data and target): a deploy-style net the user must feed."""
+    shapes = {"data": (4, 6, 8, 8), "target": (4, 10)}
+    files = {}
+    for key, source in (("model", analysed["model"]), ("fake_model", analysed["fake_quant_model"])):
+        net = text_format.Parse(source.read_text() if hasattr(source, "read_text") else open(source).read(),
+                                caffe_pb2.NetParameter())
+        data = next(layer for layer in net.layer if layer.type == "DummyData")
+        data.ClearField("dummy_data_param")
+        data.type = "Input"
+        for top in data.top:
+            data.input_param.shape.add(dim=shapes[top])
+        files[key] = str(tmp_path / f"{key}_input.prototxt")
+        with open(files[key], "w") as f:
+            f.write(text_format.MessageToString(net))
+    return files
+
+
+@pytest.mark.caffe
+def test_input_net_fed_by_a_callable_equals_numpy_and_unfed_is_an_error(tmp_path, analysed):
+    files = input_models(tmp_path, analysed)
+    rng = np.random.default_rng(4)
+    batches = [{"data": rng.normal(0, 1, (4, 6, 8, 8)).astype(np.float32),
+                "target": rng.normal(0, 1, (4, 10)).astype(np.float32)} for _ in range(2)]
+    analysis = amct_retrain.analyze(files["model"], str(analysed["weights"]), files["fake_model"],
+                                    str(analysed["fake_quant_weights"]), 2, str(tmp_path / "out"),
+                                    inputs=lambda i: batches[i])
+    kept = analysis_check.layer_blobs(files["model"], analysed["weights"], files["fake_model"],
+                                      analysed["fake_quant_weights"], analysed["quant_info"], batches)
+    analysis_check.assert_analysis_matches(analysis, analysis_check.expected_metrics(kept, files["fake_model"]),
+                                           "Input net fed by a callable")
+    with pytest.raises(amct_retrain.AnalysisError, match="input blob 'data'.*pass inputs="):
+        amct_retrain.analyze(files["model"], str(analysed["weights"]), files["fake_model"],
+                             str(analysed["fake_quant_weights"]), 1, str(tmp_path / "unfed"))
+    with pytest.raises(amct_retrain.AnalysisError, match="2 batches given"):
+        amct_retrain.analyze(files["model"], str(analysed["weights"]), files["fake_model"],
+                             str(analysed["fake_quant_weights"]), 3, str(tmp_path / "short"), inputs=batches)
