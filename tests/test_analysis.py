@@ -1,7 +1,9 @@
 """analyze(): per-layer cosine / SQNR / clipping / weight ranges, its files, CLI and TensorBoard."""
+import html.parser
 import json
 import math
 import os
+import shutil
 import subprocess
 
 import caffe
@@ -238,3 +240,89 @@ def test_input_net_fed_by_a_callable_equals_numpy_and_unfed_is_an_error(tmp_path
     with pytest.raises(amct_retrain.AnalysisError, match="2 batches given"):
         amct_retrain.analyze(files["model"], str(analysed["weights"]), files["fake_model"],
                              str(analysed["fake_quant_weights"]), 3, str(tmp_path / "short"), inputs=batches)
+
+
+# --------------------------------------------------------------------------- the page in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (tools/setup.sh "
+                                                             "installs it; run make setup): no browser test")
+DECODED_IMAGES = """<script>window.addEventListener("load", () => document.body.setAttribute("data-decoded",
+  [...document.images].filter(i => i.complete && i.naturalWidth > 0).length));</script>"""
+
+
+class _Rows(html.parser.HTMLParser):
+    """The layer names of the report's ``tr.layer`` rows, and the body's attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows, self.body, self._in_row, self._cell = [], {}, False, 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "body":
+            self.body = attrs
+        if tag == "tr" and attrs.get("class") == "layer":
+            self._in_row, self._cell = True, 0
+        if tag == "td" and self._in_row:
+            self._cell += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._in_row = False
+
+    def handle_data(self, data):
+        if self._in_row and self._cell == 2 and data.strip():
+            self.rows.append(data.strip())
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"  # a fresh profile every run
+    return subprocess.run([CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def _console_messages(run: subprocess.CompletedProcess) -> list[str]:
+    """What the page wrote to its console (console.* calls and uncaught errors), from Chrome's log."""
+    return [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.caffe
+@needs_chromium
+def test_report_loads_without_console_errors_one_row_per_layer(analysed, tmp_path):
+    page = analysed["out"] / "report.html"
+    run = _chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", page.as_uri())
+    assert run.returncode == 0, f"chromium failed: {run.stderr[-2000:]}"
+    assert _console_messages(run) == [], f"the report logged to the console: {_console_messages(run)}"
+    rows = _Rows()
+    rows.feed(run.stdout)
+    assert rows.rows == [layer["name"] for layer in analysed["analysis"]["layers"]], \
+        f"rows of the rendered table {rows.rows}, ranked layers {[la['name'] for la in analysed['analysis']['layers']]}"
+    # The console check can fail: a page with an error is caught.
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><body><script>console.error('broken'); missing();</script></body></html>")
+    assert len(_console_messages(_chromium(tmp_path, "--dump-dom", bad.as_uri()))) == 2, \
+        "chromium's log does not show console errors: the check above proves nothing"
+
+
+@pytest.mark.caffe
+@needs_chromium
+def test_report_images_decode_and_render(analysed, tmp_path):
+    import matplotlib.image
+
+    page = analysed["out"] / "report.html"
+    images = 1 + sum(1 + (layer["weights"] is not None) for layer in analysed["analysis"]["layers"])
+    probe = tmp_path / "probe.html"  # the report plus a script counting the images the browser decoded
+    probe.write_text(page.read_text().replace("</body>", DECODED_IMAGES + "</body>"))
+    rows = _Rows()
+    rows.feed(_chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()).stdout)
+    assert rows.body.get("data-decoded") == str(images), f"decoded {rows.body.get('data-decoded')} of {images} images"
+    shot = tmp_path / "shot.png"
+    run = _chromium(tmp_path, "--window-size=1000,3000", "--hide-scrollbars", f"--screenshot={shot}", page.as_uri())
+    assert run.returncode == 0 and shot.exists(), f"no screenshot: {run.stderr[-2000:]}"
+    pixels = (matplotlib.image.imread(shot)[..., :3] * 255).round().astype(int)
+    assert pixels.std() > 10, "the screenshot is blank"
+    bars = np.all(np.abs(pixels - (31, 119, 180)) <= 3, axis=-1)  # the plots' bar colour, in no CSS of the page
+    assert bars.sum() > 5000, f"only {bars.sum()} pixels of the plots' bars: the images did not render"
