@@ -3,6 +3,7 @@ import html.parser
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 
@@ -326,3 +327,92 @@ def test_report_images_decode_and_render(analysed, tmp_path):
     assert pixels.std() > 10, "the screenshot is blank"
     bars = np.all(np.abs(pixels - (31, 119, 180)) <= 3, axis=-1)  # the plots' bar colour, in no CSS of the page
     assert bars.sum() > 5000, f"only {bars.sum()} pixels of the plots' bars: the images did not render"
+
+
+# --------------------------------------------------------------------------- an LMDB Data model
+
+LMDB_NET = """name: "digits_lmdb"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
+  transform_param {{ scale: 0.0625 mean_value: 4 mirror: true crop_size: 6 }}
+  data_param {{ source: "{train_source}" batch_size: 32 backend: LMDB }} }}
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ scale: 0.0625 mean_value: 4 crop_size: 6 }}
+  data_param {{ source: "{source}" batch_size: 50 backend: LMDB }} }}
+"""
+LMDB_INPUT = """name: "digits_lmdb"
+layer { name: "data" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 50 dim: 1 dim: 6 dim: 6 } shape { dim: 50 } } }
+"""
+LMDB_BODY = """layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 8 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+layer { name: "bn1" type: "BatchNorm" bottom: "conv1" top: "conv1" batch_norm_param { use_global_stats: true } }
+layer { name: "scale1" type: "Scale" bottom: "conv1" top: "conv1" scale_param { bias_term: true } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+  inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: "loss" }
+"""
+
+
+def _lmdb_model(tmp_path) -> dict:
+    """Digits (uint8 8 x 8) in an LMDB read by TRAIN and TEST Data layers with transform_param, a
+    Conv + BatchNorm + Scale; weights from fillers (through an Input twin, so that no net of this
+    process opens the LMDB), BatchNorm statistics set; calibrated in a child `caffe test`."""
+    import lmdb
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    source = tmp_path / "digits_lmdb"
+    env = lmdb.open(str(source), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(digits.images[:100], digits.target[:100])):
+            datum = caffe_pb2.Datum(channels=1, height=8, width=8, data=image.astype(np.uint8).tobytes(),
+                                    label=int(label))
+            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
+    env.close()
+    model, twin, weights = tmp_path / "float.prototxt", tmp_path / "twin.prototxt", tmp_path / "float.caffemodel"
+    # A TRAIN source of its own: the probes of this Caffe build both phases in one process, and its
+    # data reader aborts when two nets read one LMDB.
+    shutil.copytree(source, tmp_path / "digits_train_lmdb")
+    model.write_text(LMDB_NET.format(source=source, train_source=tmp_path / "digits_train_lmdb") + LMDB_BODY)
+    twin.write_text(LMDB_INPUT + LMDB_BODY)
+    net = caffe.Net(str(twin), caffe.TEST)
+    rng = np.random.default_rng(5)
+    net.params["bn1"][0].data[...] = rng.normal(0, 0.2, 8)
+    net.params["bn1"][1].data[...] = rng.uniform(0.5, 2.0, 8)
+    net.params["bn1"][2].data[...] = 1.0
+    net.save(str(weights))
+    del net
+    config, record_file = tmp_path / "calibration.json", tmp_path / "record.txt"
+    amct_retrain.create_quant_config(str(config), str(model), str(weights), batch_num=1)
+    graph = amct_retrain.init(str(config), str(model), str(weights), str(record_file))
+    amct_retrain.quantize_model(graph, str(tmp_path / "calibration.prototxt"), str(tmp_path / "calibration.caffemodel"))
+    run = subprocess.run([CAFFE, "test", f"-model={tmp_path / 'calibration.prototxt'}",
+                          f"-weights={tmp_path / 'calibration.caffemodel'}", "-iterations=1"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, f"calibration in caffe test failed:\n{run.stderr[-3000:]}"
+    amct_retrain.save_model(graph, "Fakequant", str(tmp_path / "result" / "m"))
+    from amct_retrain.saver import output_files
+    return {"model": model, "weights": weights, **output_files(str(tmp_path / "result" / "m"))}
+
+
+@pytest.mark.caffe
+def test_lmdb_data_model_with_folded_batchnorm_equals_numpy(tmp_path):
+    """The float net reads the LMDB (transform_param applied); the fake-quant net gets its
+    batches: one LMDB reader in the process. conv1's float output is the one after scale1."""
+    files = _lmdb_model(tmp_path)
+    analysis = amct_retrain.analyze(str(files["model"]), str(files["weights"]), files["fake_quant_model"],
+                                    files["fake_quant_weights"], 2, str(tmp_path / "analysis"))
+    assert json.loads(pathlib.Path(files["quant_info"]).read_text())["fused_layers"]["conv1"]["removed"] == \
+        ["bn1", "scale1"], "the test needs conv1 folded with bn1 and scale1"
+    # The independent run: the fake-quant model with its Data layer made an Input (one LMDB reader).
+    fake = text_format.Parse(pathlib.Path(files["fake_quant_model"]).read_text(), caffe_pb2.NetParameter())
+    fed = text_format.Parse(LMDB_INPUT, caffe_pb2.NetParameter())
+    fed.layer.extend(layer for layer in fake.layer if layer.type != "Data")
+    (tmp_path / "fed.prototxt").write_text(text_format.MessageToString(fed))
+    kept = analysis_check.layer_blobs(files["model"], files["weights"], tmp_path / "fed.prototxt",
+                                      files["fake_quant_weights"], files["quant_info"], [None, None])
+    analysis_check.assert_analysis_matches(analysis, analysis_check.expected_metrics(kept, files["fake_quant_model"]),
+                                           "LMDB Data model")
+    conv1 = next(layer for layer in analysis["layers"] if layer["name"] == "conv1")
+    assert conv1["cosine"] > 0.99, f"calibrated conv1 (BatchNorm folded) far from float: {conv1['cosine']}"

@@ -69,7 +69,7 @@ def test_console_script_help_lists_the_steps():
     run = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     for step in ("config", "prepare", "train", "save", "reference", "export-onnx", "calibrate", "convert",
-                 "auto-calibrate"):
+                 "auto-calibrate", "analyze"):
         assert step in run.stdout, f"--help does not mention the {step} step:\n{run.stdout}"
 
 

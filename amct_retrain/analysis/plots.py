@@ -60,12 +60,12 @@ def weight_ranges(layer: Layer) -> bytes:
     ``[-128, 127] * scale_w`` (grey steps)."""
     w = layer["weights"]
     c = np.arange(len(w["min"]))
-    fig = Figure(figsize=(6, 2.6))
+    fig = Figure(figsize=(7.5, 2.6))
     ax = fig.add_subplot()
     ax.bar(c, np.subtract(w["max"], w["min"]), bottom=w["min"], color=BAR_COLOR, width=0.8, label="weights")
     ax.step(c, w["grid_max"], where="mid", color=GRID_COLOR, label="127 * scale_w")
     ax.step(c, w["grid_min"], where="mid", color=GRID_COLOR, linestyle=":", label="-128 * scale_w")
     ax.set_xlabel(f"{layer['name']}: output channel")
     ax.set_ylabel("weight")
-    ax.legend(fontsize="small", loc="upper right")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
