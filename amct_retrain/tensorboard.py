@@ -1,4 +1,4 @@
-"""TensorBoard scalars of a retraining run, shared by ``solver.train`` and the fake-quant layers.
+"""TensorBoard scalars and histograms of a retraining run, shared by ``solver.train`` and the fake-quant layers.
 
 One event file per log folder per process: :func:`get_writer` caches a writer per folder, so
 ``train()`` and the layers of the train and test nets that log into the same folder share it.

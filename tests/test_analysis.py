@@ -17,7 +17,7 @@ import amct_retrain
 from amct_retrain import cli, numerics, record, tensorboard
 from amct_retrain.analysis import metrics, report
 from tests import analysis_check, nets
-from tests.test_tensorboard import CAFFE, with_log_dir
+from tests.test_tensorboard import CAFFE
 
 # --------------------------------------------------------------------------- metrics (numpy only)
 
@@ -178,29 +178,6 @@ def test_bad_arguments_are_errors_naming_what_is_wrong(tmp_path, analysed):
     with pytest.raises(amct_retrain.AnalysisError, match="'label'.*not an input"):
         amct_retrain.analyze(*args, 1, str(tmp_path / "d"), inputs=[{"label": np.zeros(3)}])
     assert not any((tmp_path / d).exists() and os.listdir(tmp_path / d) for d in "abcd"), "no output on error"
-
-
-@pytest.mark.caffe
-def test_caffe_train_layers_log_input_and_master_weight_histograms(tmp_path):
-    """Plain `caffe train` with log_dir in the layers' param_str: histograms at the layers' interval."""
-    record_file, log_dir = tmp_path / "record.txt", tmp_path / "tb"
-    model = nets.write_net(with_log_dir(nets.quant_net(record_file), log_dir, log_every=5), tmp_path / "q.prototxt")
-    weights = tmp_path / "init.caffemodel"
-    nets.init_weights(model, weights)
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text(nets.solver_text(model, tmp_path / "snap", max_iter=10))
-    run = subprocess.run([CAFFE, "train", f"-solver={solver}", f"-weights={weights}"], capture_output=True,
-                         text=True, cwd=tmp_path)
-    assert run.returncode == 0, f"caffe train failed:\n{run.stderr[-3000:]}"
-    histograms = tensorboard.read_histograms(log_dir)
-    for tag in ("conv1_ulq/input_activations", "ip1_ulq/input_activations", "conv1_arq/master_weights",
-                "ip1_arq/master_weights"):
-        assert [step for step, _ in histograms.get(tag, [])] == [0, 5], f"{tag} not logged at steps 0, 5: " \
-            f"{ {t: [s for s, _ in h] for t, h in histograms.items()} }"
-    master = histograms["conv1_arq/master_weights"][0][1]
-    assert master.num == np.prod(nets.CONV_WEIGHT_SHAPE), "the histogram must hold every master weight"
-    activations = histograms["conv1_ulq/input_activations"][0][1]
-    assert activations.num == nets.BATCH * np.prod(nets.IN_SHAPE) and sum(activations.bucket) == activations.num
 
 
 def input_models(tmp_path, analysed) -> dict[str, str]:
