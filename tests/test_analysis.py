@@ -75,6 +75,33 @@ def test_weight_channel_stats_read_the_codes_and_grid():
     np.testing.assert_allclose(stats["grid_max"], 127 * scale_w.astype(np.float64))
 
 
+def _synthetic_layer(name, sqnr, weights=True):
+    act = metrics.ActivationStats(0.1, -128)
+    act.add(np.linspace(-1, 30, 500, dtype=np.float32))
+    w = np.random.default_rng(6).normal(0, 1, (3, 4)).astype(np.float32)
+    scale_w = numerics.arq_scale(w, 0)
+    return {"name": name, "type": "InnerProduct" if weights else "Pooling", "bit_width": 8, "cosine": 0.9,
+            "sqnr_db": sqnr, "max_diff_output_steps": 2.0, "shift_bit": [1, 2, 3],
+            "activation": {"scale_d": 0.1, "offset_d": -128, "clip_min": act.bounds[0], "clip_max": act.bounds[1],
+                           "min": act.min, "max": act.max, "clipped_below": act.clipped_below,
+                           "clipped_above": act.clipped_above,
+                           "histogram": {"edges": act.edges.tolist(), "counts": act.counts.tolist()}},
+            "weights": metrics.weight_channel_stats(numerics.arq_fake_quantize(w, scale_w, 0), scale_w, 0)
+            if weights else None}
+
+
+def test_report_files_hold_exact_layers_as_null_and_layers_without_weights(tmp_path):
+    analysis = {"version": 1, "iterations": 1, "models": {"float_model": "<a & b>.prototxt"},
+                "layers": [_synthetic_layer("fc<1>", 12.5), _synthetic_layer("pool", math.inf, weights=False)]}
+    files = report.write_outputs(analysis, str(tmp_path / "out"))
+    data = json.loads(pathlib.Path(files["json"]).read_text())
+    assert [layer["sqnr_db"] for layer in data["layers"]] == [12.5, None], "an exact output must be null in JSON"
+    page = pathlib.Path(files["html"]).read_text()
+    assert page.count('<tr class="layer">') == 2 and "fc&lt;1&gt;" in page and "&lt;a &amp; b&gt;" in page
+    assert page.count("data:image/png;base64,") == 1 + 2 + 1, "SQNR bars, 2 histograms, 1 weight plot"
+    assert "http" not in page.replace("http-equiv", ""), "the page must not load anything"
+
+
 # --------------------------------------------------------------------------- on real Caffe models
 
 
