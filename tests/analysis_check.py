@@ -10,8 +10,8 @@ import pathlib
 
 import caffe
 import numpy as np
-from google.protobuf import text_format
 from caffe.proto import caffe_pb2
+from google.protobuf import text_format
 
 
 def _layer_params(model_file) -> dict[str, dict]:
@@ -97,8 +97,8 @@ def assert_analysis_matches(analysis: dict, expected: dict[str, dict], what: str
         sqnr = math.inf if got["sqnr_db"] is None else got["sqnr_db"]  # JSON: null for exact
         assert sqnr == e["sqnr_db"] or math.isclose(sqnr, e["sqnr_db"], rel_tol=1e-9, abs_tol=1e-9), \
             f"{what}: layer {name}: SQNR {sqnr!r} dB, numpy says {e['sqnr_db']!r}"
-        assert math.isclose(got["max_diff_output_steps"], e["max_diff_output_steps"], rel_tol=1e-9), \
-            f"{what}: layer {name}: max diff {got['max_diff_output_steps']} steps, numpy says {e['max_diff_output_steps']}"
+        diff, want = got["max_diff_output_steps"], e["max_diff_output_steps"]
+        assert math.isclose(diff, want, rel_tol=1e-9), f"{what}: layer {name}: max diff {diff} steps, numpy says {want}"
         act = got["activation"]
         for key in ("clipped_below", "clipped_above", "min", "max"):
             assert math.isclose(act[key], e[key], rel_tol=1e-12, abs_tol=1e-15), \

@@ -16,6 +16,7 @@ from google.protobuf import text_format
 import amct_retrain
 from amct_retrain import cli, numerics, record, tensorboard
 from amct_retrain.analysis import metrics, report
+from amct_retrain.saver import output_files
 from tests import analysis_check, nets
 from tests.test_tensorboard import CAFFE
 
@@ -396,7 +397,6 @@ def _lmdb_model(tmp_path) -> dict:
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, f"calibration in caffe test failed:\n{run.stderr[-3000:]}"
     amct_retrain.save_model(graph, "Fakequant", str(tmp_path / "result" / "m"))
-    from amct_retrain.saver import output_files
     return {"model": model, "weights": weights, **output_files(str(tmp_path / "result" / "m"))}
 
 
