@@ -32,3 +32,7 @@ class NumericsError(AmctError):
 
 class LayerParamError(AmctError):
     """A quant layer's param_str is invalid."""
+
+
+class AnalysisError(AmctError):
+    """Bad arguments to the per-layer analysis (iterations, the inputs fed to an Input net)."""

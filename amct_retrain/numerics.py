@@ -42,7 +42,7 @@ __all__ = [
     "NumericsError", "NonFiniteError", "BiasOverflowError",
     "check_finite", "errors_named", "average_pool_scale", "window_sums", "conv_accumulate", "deconv_accumulate",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
-    "fake_quantize_activation",
+    "fake_quantize_activation", "activation_grid_bounds", "output_steps",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
     "ulq_forward", "ulq_backward", "fraction_clipped",
     "ifmr_search",
@@ -377,6 +377,15 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     k = _activation_codes_f32(x32, quant_multiplier(s), np.float32(INT8_MIN - off), np.float32(INT8_MAX - off))
     k *= s
     return k
+
+
+def activation_grid_bounds(scale_d: npt.ArrayLike, offset_d: npt.ArrayLike) -> tuple[np.float32, np.float32]:
+    """The ends of the int8 activation grid of ``(scale_d, offset_d)``, as the float32 values
+    ``fake_quantize_activation`` outputs there: ``(-128 - offset_d) * scale_d`` and
+    ``(127 - offset_d) * scale_d``. An input outside them is clipped."""
+    s = _positive_scale(scale_d, "scale_d")
+    off = _offset_int8(offset_d)
+    return np.float32(INT8_MIN - off) * s, np.float32(INT8_MAX - off) * s
 
 
 # --------------------------------------------------------------------------- ULQ
@@ -1025,6 +1034,14 @@ def is_global_conv(output_shape: tuple[int, ...], scale_count: int) -> bool:
     conv": per-channel scales and a (N, C, 1, 1) output, where the deploy model gives every channel
     the largest deq (:func:`unify_global_conv_scales`). The channel count is not looked at."""
     return len(output_shape) == 4 and tuple(output_shape[2:]) == (1, 1) and scale_count > 1
+
+
+def output_steps(deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """float64 (C,): a quantized layer's output quantization step per channel, ``deq * 2^N``
+    (what one unit of the int16 requantised output is worth); ``deq`` of length 1 broadcasts."""
+    n = np.asarray(shift_bits, np.int64).reshape(-1)
+    d = _per_channel(np.asarray(deq, np.float32).reshape(-1), n.size, "deq").astype(np.float64)
+    return np.ldexp(d, n)
 
 
 def unify_global_conv_scales(scale_d: npt.ArrayLike,

@@ -134,8 +134,8 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
 
 def output_steps(rec: record.SingleLayerRecord) -> np.ndarray:
     """float64 (C,): a quantized layer's output quantization step per channel, deq * 2^N."""
-    deq = numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)).astype(np.float64)
-    return np.broadcast_to(deq, (len(rec.shift_bit),)) * np.ldexp(1.0, np.asarray(rec.shift_bit, np.int64))
+    return numerics.output_steps(numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)),
+                                 rec.shift_bit)
 
 
 def parity_in_output_steps(fake, reference, quant_info: dict,

@@ -323,14 +323,19 @@ class _RunLog:
         """Loss, lr and the quant layers' clips and weight scales after ``iteration``."""
         net = self.solver.net
         scalars = {**outputs, "train/lr": learning_rate(self.param, iteration)}
+        histograms = {}
         for name, layer, bottom in self.ulq:
             # layer.clips: the sanitised pair this batch was quantized with (the solver has
             # updated the clip blobs since).
             scalars.update(tensorboard.ulq_scalars(name, net.blobs[bottom].data, layer.clips))
+            histograms.update(tensorboard.ulq_histograms(name, net.blobs[bottom].data))
         for name, axis in self.arq:
             master = net.params[name][WEIGHT_ARQ.blob("master_weights")].data
             scalars.update(tensorboard.arq_scalars(name, numerics.arq_scale(master, axis)))
+            histograms.update(tensorboard.arq_histograms(name, master))
         self.writer.add_scalars(scalars, iteration)
+        if histograms:
+            self.writer.add_histograms(histograms, iteration)
 
     def test_step(self, iteration: int) -> None:
         """The outputs of Caffe's TEST at ``iteration`` and the shift-N it wrote to the record."""
@@ -404,7 +409,8 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
 
     * every ``display`` iterations (10 when display is 0): ``train/<output>`` (the loss of that
       iteration), ``train/lr``, and per quant layer ``<ulq>/clip_min``, ``clip_max``,
-      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``;
+      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``, and the
+      histograms ``<ulq>/input_activations`` and ``<arq>/master_weights``;
     * after each TEST: ``test/<output>`` (``test1/...`` for a second test net) as the test
       net holds it after Caffe's TEST, i.e. of its last batch (Caffe averages the test_iter
       batches only in its log), and ``<shift_n>/shift_bit_mean`` from the record file.

@@ -20,7 +20,8 @@ class ActivationULQ(caffe.Layer):
     the TRAIN net's blobs), ShiftNSearch, snapshots and the saver all see the same pair.
     Blob data is read afresh every call: Caffe re-points shared blobs between nets.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the clips,
-    scale_d and the share of the input clipped to TensorBoard (step: the call's index).
+    scale_d and the share of the input clipped, and a histogram of the input, to TensorBoard
+    (step: the call's index).
     """
 
     def setup(self, bottom, top):
@@ -63,6 +64,7 @@ class ActivationULQ(caffe.Layer):
             top[0].data[...] = numerics.ulq_forward(x, *self.clips)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
+            self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):

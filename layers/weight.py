@@ -21,7 +21,8 @@ class WeightARQ(caffe.Layer):
     Forward writes ARQ(master) into blob 0; backward moves blob 0's diff into the master's
     diff (straight-through) and zeroes blob 0's diff so the solver leaves blob 0 alone.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the
-    min/mean/max weight scale to TensorBoard (step: the call's index).
+    min/mean/max weight scale and a histogram of the master weights to TensorBoard (step: the
+    call's index).
 
     With ``activation_quantizer`` and ``conv`` in param_str (a per-channel Convolution), blob 2
     is that quantizer's clip state (shared): when the convolution's output is 1 x 1 (a "global
@@ -83,6 +84,7 @@ class WeightARQ(caffe.Layer):
         self.blobs[self.scale_w_blob].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
+            self.log.write_histograms(tensorboard.arq_histograms(self.layer_name, master))
         if not self.in_place:
             for i in range(len(bottom)):
                 top[i].data[...] = bottom[i].data
