@@ -13,7 +13,7 @@ from amct_retrain import numerics, record
 from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
+from amct_retrain.graph.saved_nets import deploy_net, fake_quant_net, quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.insert import has_weights
 from amct_retrain.graph.model_io import ModelError
