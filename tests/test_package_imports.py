@@ -63,7 +63,10 @@ def test_public_api_loads_on_first_use():
         value = getattr(amct_retrain, name)
         home = importlib.import_module(value.__module__)
         assert getattr(home, name) is value, f"amct_retrain.{name} is not {value.__module__}.{name}"
-    from amct_retrain import create_quant_retrain_model, quantize_model  # noqa: F401 (the from-import form)
+    from amct_retrain import quantize_model
+
+    assert quantize_model is importlib.import_module("amct_retrain.calibration").quantize_model, \
+        "from amct_retrain import quantize_model gave another object"
 
     with pytest.raises(AttributeError, match="no attribute 'not_an_api'"):
         amct_retrain.not_an_api  # noqa: B018
