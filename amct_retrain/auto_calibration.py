@@ -39,8 +39,8 @@ import numpy as np
 
 from amct_retrain import calibration, numerics, record
 from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
-from amct_retrain.retrain import existing_record, skip_fusion_entries
-from amct_retrain.saver import output_files
+from amct_retrain.record import existing_record, skip_fusion_entries
+from amct_retrain.saved_models import output_files
 
 LOG = logging.getLogger(__name__)
 

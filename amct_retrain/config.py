@@ -61,8 +61,8 @@ from google.protobuf.message import Message
 
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
 from amct_retrain.graph.model_io import read_prototxt
-from amct_retrain.layer_types import (QUANTIZABLE_RULES, TILING_CONSTRAINT, Constraint, QuantRule,
-                                      shape_constraint_broken)
+from amct_retrain.layer_types import (QUANTIZABLE_RULES, TILING_CONSTRAINT, Constraint, QuantRule, layers_by_name,
+                                      quantizable_layers, rule_for, shape_constraint_broken)
 from amct_retrain.errors import ConfigError  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -113,50 +113,6 @@ def _err(path: str, message: str, layer: str | None = None, key: str | None = No
 
 
 # --------------------------------------------------------------------------- backend rules
-
-
-def layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
-    """Layer name -> layer, in net order. A net may list one name several times under different
-    include{phase} rules (TRAIN and TEST data layers); the first definition stands for the name."""
-    layers: dict[str, caffe_pb2.LayerParameter] = {}
-    for layer in net.layer:
-        if layer.name and layer.name not in layers:
-            layers[layer.name] = layer
-    return layers
-
-
-def _rule_for(layer: caffe_pb2.LayerParameter) -> QuantRule | None:
-    rule = QUANTIZABLE_RULES.get(layer.type)
-    if rule is None or (rule.applies is not None and not rule.applies(layer)):
-        return None
-    return rule
-
-
-def _broken_constraints(layer: caffe_pb2.LayerParameter, rule: QuantRule) -> str | None:
-    broken = [c.text for c in rule.constraints if not c.check(layer)]
-    return "; ".join(broken) if broken else None
-
-
-def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str, str]]:
-    """Find the layers the backend can quantize.
-
-    Returns ``(names, broken)``: ``names`` are the quantizable layer names in net
-    order, each once; ``broken`` maps each layer of a quantizable type that breaks
-    a constraint to the broken constraint(s) as text.  The caller decides whether a
-    broken layer is a warning (found automatically) or an error (named by the user).
-    """
-    names: list[str] = []
-    broken: dict[str, str] = {}
-    for name, layer in layers_by_name(net).items():
-        rule = _rule_for(layer)
-        if rule is None:
-            continue
-        why = _broken_constraints(layer, rule)
-        if why is None:
-            names.append(name)
-        else:
-            broken[name] = why
-    return names, broken
 
 
 def without_shape_broken_layers(layers: Mapping[str, Any], net: caffe_pb2.NetParameter,
@@ -456,7 +412,7 @@ def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model
         for i, name in enumerate(getattr(spec, field)):
             if name not in by_name:
                 raise _err(path, f"model {model_path} has no layer named {name!r}", name, f"{field}[{i}]")
-            if _rule_for(by_name[name]) is None:
+            if rule_for(by_name[name]) is None:
                 logger.warning("%s: %s lists layer %r of type %s, which is not quantizable anyway",
                                path, field, name, by_name[name].type)
             skipped.add(name)
@@ -491,7 +447,7 @@ def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model
         if name in layer_overrides:
             raise _err(path, "layer is overridden more than once", name, f"{key}.layer_name")
         layer = by_name[name]
-        rule = _rule_for(layer)
+        rule = rule_for(layer)
         if rule is None:
             raise _err(path, f"layer of type {layer.type} is not quantizable "
                        f"(quantizable: {', '.join(QUANTIZABLE_RULES)})", name, f"{key}.layer_name")
@@ -963,7 +919,7 @@ def _check_algo(path: str, name: str, cfg: Mapping[str, Any], key: str, field: s
 def _enabled_rule(path: str, name: str, layer: caffe_pb2.LayerParameter, broken: str | None,
                   enable_key: str) -> QuantRule:
     """The rule of an enabled layer; an error if it is not quantizable or breaks a constraint."""
-    rule = _rule_for(layer)
+    rule = rule_for(layer)
     if rule is None:
         raise _err(path, f"layer of type {layer.type} is not quantizable "
                    f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set {enable_key} false or remove it",

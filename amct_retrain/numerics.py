@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Optional
 
 import numpy as np
@@ -41,11 +41,12 @@ __all__ = [
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
     "check_finite", "errors_named", "average_pool_scale", "window_sums", "conv_accumulate", "deconv_accumulate",
+    "conv_output_hw",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
     "fake_quantize_activation", "activation_grid_bounds", "output_steps",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
     "ulq_forward", "ulq_backward", "fraction_clipped",
-    "ifmr_search",
+    "ifmr_search", "activation_factors",
     "arq_scale", "arq_quantize", "arq_fake_quantize",
     "quantize_bias", "deq_scales",
     "accumulate_shift_errors", "choose_shift_bits", "search_shift_bits",
@@ -670,6 +671,19 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     return float(lo), float(hi)
 
 
+def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
+                       symmetric: bool) -> tuple[np.float32, int]:
+    """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
+    one IFMR search (:func:`ifmr_search` with the arguments ``ifmr``) over
+    all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
+    offset_d is 0."""
+    clip_min, clip_max = ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
+    if symmetric:
+        bound = max(-clip_min, clip_max)
+        clip_min, clip_max = -bound, bound
+    return scale_offset_from_range(clip_min, clip_max)
+
+
 # --------------------------------------------------------------------------- ARQ weights
 
 
@@ -860,6 +874,17 @@ def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
         for j in range(kw):
             full[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (wd - 1) + 1:sw] += taps[:, :, i, j]
     return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
+
+
+def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]:
+    """Caffe's output height and width of a Convolution, or of a Deconvolution (``transposed``),
+    of ``geometry`` (a ``ConvGeometry.__dict__``, as the layers receive it in param_str)."""
+    out = []
+    for size, pad, k, d, stride in zip(in_hw, geometry["pad"], geometry["kernel"], geometry["dilation"],
+                                       geometry["stride"]):
+        extent = (k - 1) * d + 1
+        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
+    return out
 
 
 def deq_scales(scale_d: npt.ArrayLike, scale_w: npt.ArrayLike) -> npt.NDArray[np.float32]:

@@ -13,12 +13,13 @@ from amct_retrain import numerics, record
 from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
+from amct_retrain.graph.saved_nets import deploy_net, fake_quant_net, quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.insert import has_weights
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
 from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY, WEIGHT_ARQ
+from amct_retrain.saved_models import output_files
 
 LOG = logging.getLogger(__name__)
 SAVE_TYPES = ("Fakequant", "Deploy", "Both")
@@ -36,15 +37,6 @@ class LayerFactors:
     def deq(self) -> np.ndarray:
         """float32 (C,): scale_d * scale_w[c] for every output channel."""
         return np.broadcast_to(numerics.deq_scales(self.scale_d, self.scale_w), self.shift_bit.shape).copy()
-
-
-def output_files(save_path: str) -> dict[str, str]:
-    """The contract's output names for a save_path prefix such as ``./result/model``."""
-    return {"fake_quant_model": f"{save_path}_fake_quant_model.prototxt",
-            "fake_quant_weights": f"{save_path}_fake_quant_weights.caffemodel",
-            "deploy_model": f"{save_path}_deploy_model.prototxt",
-            "deploy_weights": f"{save_path}_deploy_weights.caffemodel",
-            "quant_info": f"{save_path}_quant.json"}
 
 
 def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: dict, files: str) -> LayerFactors:

@@ -10,7 +10,7 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import calibration, numerics, record
+from amct_retrain import numerics, record
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
 
@@ -77,10 +77,10 @@ class ActivationObserver(_Observer):
         self.ifmr, self.symmetric = p["ifmr"], p["symmetric"]
 
     def seen(self, count: int) -> None:
-        calibration.note_forward_passes(self.record_file, self.served, count)
+        record.note_forward_passes(self.record_file, self.served, count)
 
     def complete(self, batches: list[np.ndarray]) -> None:
-        scale_d, offset_d = calibration.activation_factors(batches, self.ifmr, self.symmetric)
+        scale_d, offset_d = numerics.activation_factors(batches, self.ifmr, self.symmetric)
         for layer in self.served:
             record.update_layer_record(self.record_file, layer, scale_d=scale_d, offset_d=offset_d)
         LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,

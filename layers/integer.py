@@ -8,7 +8,7 @@ import numpy as np
 from amct_retrain import numerics
 from amct_retrain.layer_specs import INTEGER_LAYER
 from amct_retrain.layer_types import QUANTIZABLE_RULES
-from amct_retrain.reference import integer_params, read_deploy_blobs
+from amct_retrain.saved_models import integer_params, read_deploy_blobs
 
 
 @functools.lru_cache(maxsize=8)

@@ -2,7 +2,6 @@
 import caffe
 
 from amct_retrain import numerics, tensorboard
-from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, WEIGHT_ARQ
 
@@ -68,7 +67,7 @@ class WeightARQ(caffe.Layer):
             top[i].reshape(*bottom[i].data.shape)
         self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
         in_shape = bottom[0].data.shape
-        self.output_shape = ((*in_shape[:2], *conv_output_hw(in_shape[2:], self.conv))
+        self.output_shape = ((*in_shape[:2], *numerics.conv_output_hw(in_shape[2:], self.conv))
                              if self.conv is not None and len(in_shape) == 4 else ())
 
     def forward(self, bottom, top):

@@ -26,7 +26,7 @@ from amct_retrain import numerics, tensorboard
 from amct_retrain.analysis import metrics
 from amct_retrain.errors import AnalysisError, LayerParamError, ModelError
 from amct_retrain.graph import model_io
-from amct_retrain.graph.export import quant_layer_names
+from amct_retrain.graph.saved_nets import quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.layer_specs import FAKE_QUANT_ACTIVATION, REQUANTIZE
 from amct_retrain.layer_types import QUANTIZABLE_RULES
