@@ -40,10 +40,10 @@ import numpy as np
 from amct_retrain import calibration, numerics, record
 from amct_retrain.errors import ModelError
 from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
-from amct_retrain.retrain import existing_record, skip_fusion_entries
-from amct_retrain.saver import output_files
+from amct_retrain.record import existing_record, skip_fusion_entries
+from amct_retrain.saved_models import output_files
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 # Every trial saves both models: the accepted one is published as it is, without re-calibrating
 # (a second calibration on other batches could give other factors than the ones evaluated).

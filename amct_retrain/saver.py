@@ -13,13 +13,15 @@ from amct_retrain import numerics, record
 from amct_retrain.fileio import staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
+from amct_retrain.graph.saved_nets import deploy_net, fake_quant_net, quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.insert import has_weights
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
+from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY, WEIGHT_ARQ
+from amct_retrain.saved_models import output_files
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
@@ -35,15 +37,6 @@ class LayerFactors:
     def deq(self) -> np.ndarray:
         """float32 (C,): scale_d * scale_w[c] for every output channel."""
         return np.broadcast_to(numerics.deq_scales(self.scale_d, self.scale_w), self.shift_bit.shape).copy()
-
-
-def output_files(save_path: str) -> dict[str, str]:
-    """The contract's output names for a save_path prefix such as ``./result/model``."""
-    return {"fake_quant_model": f"{save_path}_fake_quant_model.prototxt",
-            "fake_quant_weights": f"{save_path}_fake_quant_weights.caffemodel",
-            "deploy_model": f"{save_path}_deploy_model.prototxt",
-            "deploy_weights": f"{save_path}_deploy_weights.caffemodel",
-            "quant_info": f"{save_path}_quant.json"}
 
 
 def _float32_text(value: float) -> str:
@@ -84,7 +77,9 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     if not record.layer_record_complete(rec):
         raise ModelError(f"{files}: the record of layer '{name}' is incomplete (no TEST pass "
                          f"searched its shift_bit): run a TEST phase after the last iteration ({regenerate})")
-    clip_max, clip_min, (clips_ready, last_min, last_max) = (params[layer.ulq_name][i] for i in (0, 1, 2))
+    clip_max, clip_min, clip_state = (params[layer.ulq_name][ACTIVATION_ULQ.blob(blob)]
+                                      for blob in ("clip_max", "clip_min", "clip_state"))
+    clips_ready, last_min, last_max = clip_state[READY], clip_state[LAST_MIN], clip_state[LAST_MAX]
     if not clips_ready:
         raise ModelError(f"{files}: layer '{name}' never initialised its clips: the weights do not match "
                          "the record (not retrained, or another model): use the snapshot of the run")
@@ -93,7 +88,7 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
         clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min))
     scale_w = np.asarray(rec.scale_w, np.float32)
     if layer.has_weights:
-        master = params[ql.arq_layer_name(name)][1]
+        master = params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")]
         expected_w = numerics.arq_scale(master, layer.channel_axis)
         matches_w = np.array_equal(scale_w, expected_w) or (
             scale_w.size > 1 and np.array_equal(scale_w, numerics.unify_global_conv_scales(scale_d, expected_w)))
@@ -275,7 +270,7 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
                     if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
     # The float (master) weights; the TRAIN-only ones stay float. A pooling has none.
     for name in (n for n, q in retrained.items() if q.has_weights):
-        float_params[name] = [params[ql.arq_layer_name(name)][1], *params[name][1:]]
+        float_params[name] = [params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")], *params[name][1:]]
     layers = {name: ExportLayer(name, q.input_blob, q.channel_axis) for name, q in quantized.items()}
     fused = {name: q.fused for name, q in retrained.items() if q.fused}
     write_quantized_models(float_net, float_params, layers, factors, save_type, save_path, record_file, fused)

@@ -3,13 +3,8 @@ import caffe
 import numpy as np
 
 from amct_retrain import tensorboard
-from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
-
-PARAMS = {
-    "name": Key((str,), required=True),
-    "log_dir": Key((str,), required=True),
-    "outputs": Key((list,), required=True),  # the blob names of its bottoms, in order
-}
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import TEST_OUTPUT_LOG
 
 
 class TestOutputLog(caffe.Layer):
@@ -26,7 +21,7 @@ class TestOutputLog(caffe.Layer):
     __test__ = False  # not a pytest class, whatever its name
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, PARAMS, "TestOutputLog")
+        p = TEST_OUTPUT_LOG.parse(self.param_str)
         self.layer_name, self.log_dir = p["name"], p["log_dir"]
         self.outputs = p["outputs"]
         if not len(bottom) == len(top) == len(self.outputs):

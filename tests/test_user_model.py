@@ -22,7 +22,7 @@ from amct_retrain.auto_calibration import OutputBlobEvaluator
 from amct_retrain.errors import DataError, ModelError
 from amct_retrain.graph import model_io
 from amct_retrain.reference import ReferenceExecutor
-from amct_retrain.saver import output_files
+from amct_retrain.saved_models import output_files
 from tests import user_model
 
 pytestmark = pytest.mark.caffe
