@@ -8,7 +8,6 @@
                          --save-path result/model
 """
 import argparse
-import json
 import logging
 import os
 import sys
@@ -83,9 +82,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     graph = amct_retrain.init(config, args.model, args.weights, files["record.txt"])
     amct_retrain.quantize_model(graph, files["calibration.prototxt"], files["calibration.caffemodel"])
     net = caffe.Net(files["calibration.prototxt"], caffe.TEST, weights=files["calibration.caffemodel"])
-    with open(config, encoding="utf-8") as f:
-        batch_num = json.load(f)["batch_num"]
-    for _ in tqdm(range(batch_num), desc="calibration", unit="batch"):
+    # The validated config's batch_num (1 where the config leaves it out).
+    for _ in tqdm(range(graph.config.batch_num), desc="calibration", unit="batch"):
         net.forward()
     save_path = os.path.join(out, "result", os.path.splitext(os.path.basename(args.model))[0])
     amct_retrain.save_model(graph, args.type, save_path)

@@ -32,3 +32,15 @@ class NumericsError(AmctError):
 
 class LayerParamError(AmctError):
     """A quant layer's param_str is invalid."""
+
+
+class ArgumentError(AmctError, TypeError):
+    """An argument of a public call of the wrong type or value (also a ``TypeError``)."""
+
+
+class InputMissingError(AmctError, FileNotFoundError):
+    """An input file that does not exist (also a ``FileNotFoundError``)."""
+
+
+class OutputPathError(AmctError):
+    """An output path that cannot be written as asked: one of the call's inputs, a folder, empty."""

@@ -7,6 +7,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from amct_retrain import numerics
 from amct_retrain.config import QUANTIZABLE_RULES
+from amct_retrain.errors import ModelError
 from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain.reference import integer_params, read_deploy_blobs
 from amct_retrain_layers.params import NUMBER, Key, parse_param_str
@@ -74,7 +75,7 @@ class IntegerLayer(caffe.Layer):
 
     def setup(self, bottom, top):
         p = parse_param_str(self.param_str, PARAMS, "IntegerLayer")
-        self.layer_name, self.geometry = p["layer"], p["conv"]
+        self.layer_name, self.geometry, self.weights_file = p["layer"], p["conv"], p["weights_file"]
         self.transposed = p["layer_type"] == "Deconvolution"
         rule = QUANTIZABLE_RULES[p["layer_type"]]
         # AVE Pooling: no weights; the accumulator is the sum of each window's codes.
@@ -99,11 +100,29 @@ class IntegerLayer(caffe.Layer):
                                  f"{x.shape[1]} channels")
             top[0].reshape(*x.shape[:2], *((size - k) // s + 1 for size, k, s in zip(x.shape[2:], kernel, stride)))
             return
+        self._check_fits(x.shape)
         channels = self.weights.shape[self.channel_axis]
         if self.geometry is None:
             top[0].reshape(x.shape[0], channels)
         else:
             top[0].reshape(x.shape[0], channels, *conv_output_hw(x.shape[2:], self.geometry, self.transposed))
+
+    def _check_fits(self, x_shape: tuple[int, ...]) -> None:
+        """The int8 weights and deq_scale fit the input (the matmul would fail, or broadcast wrongly)."""
+        w = self.weights.shape
+        if self.geometry is None:
+            inputs, needed = int(np.prod(x_shape[1:])), w[1] if len(w) == 2 else None
+        else:
+            group = self.geometry["group"]
+            inputs = x_shape[1] if len(x_shape) == 4 else None
+            needed = (w[0] if self.transposed else w[1] * group) if len(w) == 4 else None
+            if len(w) == 4 and tuple(w[2:]) != tuple(self.geometry["kernel"]):
+                needed = None
+        channels = w[self.channel_axis] if len(w) > self.channel_axis else None
+        if needed is None or inputs != needed or channels != self.deq.size:
+            raise ModelError(f"{self.weights_file}: layer '{self.layer_name}': int8 weights of shape {w} do not fit "
+                             f"the layer's input of shape {tuple(x_shape)} (kernel {self.geometry and self.geometry['kernel']}) "
+                             f"and its {self.deq.size} deq_scale values: weights of another model?")
 
     def forward(self, bottom, top):
         x = bottom[0].data
