@@ -14,6 +14,7 @@ import sys
 
 import amct_retrain
 from amct_retrain import solver as amct_solver
+from amct_retrain.fileio import check_outputs_are_not_inputs
 
 LOG = logging.getLogger("amct_retrain")
 
@@ -26,6 +27,8 @@ def _prepare(args: argparse.Namespace) -> None:
     out = args.output_dir
     files = {name: os.path.join(out, name) for name in
              ("retrain.prototxt", "retrain.caffemodel", "record.txt", "solver.prototxt")}
+    check_outputs_are_not_inputs({"model file": args.model, "weights file": args.weights, "config file": args.config},
+                                 files)
     amct_retrain.create_quant_retrain_model(args.model, args.weights, args.config, files["retrain.prototxt"],
                                             files["retrain.caffemodel"], files["record.txt"])
     amct_solver.create_solver(files["solver.prototxt"], files["retrain.prototxt"], max_iter=args.max_iter,

@@ -101,3 +101,26 @@ def test_concurrent_writers_of_one_folder_all_publish(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0, 0], "a concurrent writer failed"
     names = {p.name for p in tmp_path.iterdir()}
     assert len(names) == 3 * 40 * 2 and not _temp_files(tmp_path), f"outputs missing or litter: {len(names)}"
+
+
+_FULL_DISK_WRITER = """
+import resource, signal, sys
+from amct_retrain import fileio
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    with fileio.staged_outputs() as out:
+        out.write(sys.argv[1] + ".small", b"s" * 100)
+        out.write(sys.argv[1] + ".big", b"b" * 100000)
+except OSError as err:
+    print("refused", err.errno, err)
+"""
+
+
+def test_a_write_that_fails_half_way_publishes_nothing_and_leaves_no_temp_file(tmp_path):
+    prefix = tmp_path / "model"
+    (tmp_path / "model.small").write_bytes(b"old")
+    run = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITER, str(prefix)], capture_output=True, text=True)
+    assert run.stdout.startswith("refused") and str(prefix) in run.stdout, f"no clean OSError: {run.stdout} {run.stderr}"
+    assert (tmp_path / "model.small").read_bytes() == b"old", "an earlier output was replaced by a failed write"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.small"], "a failed write left files"

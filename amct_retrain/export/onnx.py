@@ -45,6 +45,7 @@ scale_w):
 import functools
 import logging
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -691,8 +692,11 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         # The first error names the node (``<layer>/...``); the rest follow from it.
-        raise ModelError(f"{model_file} / {weights_file}: the ONNX graph does not check (weights that do not fit "
-                         f"the model?): {str(err).splitlines()[0]}") from None
+        # Node names start with the layer's name ("fc/float_accumulator").
+        node = re.search(r"node name: ([^/\s)]+)/", str(err))
+        layer = f" at layer '{node.group(1)}'" if node else ""
+        raise ModelError(f"{model_file} / {weights_file}: the ONNX graph does not check{layer} (weights that do not "
+                         f"fit the model?): {str(err).splitlines()[0]}") from None
     atomic_write(onnx_file, model.SerializeToString())
     LOG.info("exported %s (%d quantized layers, %d nodes) to %s", model_file,
              sum(isinstance(u, _QuantizedLayer) for u in units), len(g.nodes), os.fspath(onnx_file))

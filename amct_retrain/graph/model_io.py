@@ -334,9 +334,15 @@ def caffemodel_bytes(name: str, params: Mapping[str, list[np.ndarray]]) -> bytes
 
 
 # The child loads pycaffe's extension module alone (a third of the time `import caffe` takes);
-# a net's Python layers import the caffe package on top of it.
+# a net's Python layers import the caffe package on top of it, with caffe.io (scikit-image and
+# scipy: most of that time, and no layer's set-up uses it) loaded only if something reads it.
 _CHILD_PREAMBLE = """
-import importlib.util, json, sys
+import importlib, importlib.util, json, sys, types
+class _OnFirstUse(types.ModuleType):
+    def __getattr__(self, name):
+        del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+sys.modules["caffe.io"] = _OnFirstUse("caffe.io")
 spec = importlib.util.spec_from_file_location("caffe._caffe", sys.argv[1])
 _caffe = importlib.util.module_from_spec(spec)
 sys.modules["caffe._caffe"] = _caffe

@@ -80,6 +80,7 @@ def cli(*argv: str) -> None:
 
 # --------------------------------------------------------------------------- bad float nets
 
+HAS, LACKS_BUILDS, LACKS_FAILS = "has", "lacks, builds", "lacks, fails"
 INPUT_NET = """name: "deploy_style"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 6 dim: 8 dim: 8 } } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
@@ -92,38 +93,40 @@ layer { name: "relu" type: "ReLU" bottom: "data" top: "r" }
 layer { name: "loss" type: "EuclideanLoss" bottom: "r" bottom: "target" top: "loss" }
 """
 
-# name -> (model text, what the message names besides the file, False for a net that Caffe builds but
-# that lacks the configs' and record's layers conv1, conv2, fc: the calls that read those first name them)
-BAD_NETS: dict[str, tuple[str | bytes, tuple[str, ...], bool]] = {
-    "empty": ("", ("no layers",), True),
-    "comments_only": ("# a net\n\n", ("no layers",), True),
-    "syntax_error": (FLOAT.replace('type: "ReLU"', "type: ", 1), (":",), True),
-    "binary": (bytes(range(256)) * 4, ("UTF-8",), True),
-    "unknown_field": (edit("kernel_size: 3 weight", "kernel_sise: 3 weight"), ("kernel_sise",), True),
-    "round_mode": (edit("pool: MAX", "pool: MAX round_mode: FLOOR"), ("ceil_mode",), True),
-    "dangling_bottom": (edit('bottom: "pool" top: "fc"', 'bottom: "nope" top: "fc"'), ("'fc'", "nope"), True),
-    "unknown_type": (edit('name: "relu2" type: "ReLU"', 'name: "relu2" type: "Relu"'), ("'relu2'", "Relu"), True),
+# name -> (model text, what the message names besides the file, whether the net has the layers the
+# configs and the record name (conv1, conv2, fc): HAS; LACKS_BUILDS: Caffe builds it, so every call that
+# reads those files names them; LACKS_FAILS: Caffe cannot build it, which the calls that check the net
+# before those files say)
+BAD_NETS: dict[str, tuple[str | bytes, tuple[str, ...], str]] = {
+    "empty": ("", ("no layers",), HAS),
+    "comments_only": ("# a net\n\n", ("no layers",), HAS),
+    "syntax_error": (FLOAT.replace('type: "ReLU"', "type: ", 1), (":",), HAS),
+    "binary": (bytes(range(256)) * 4, ("UTF-8",), HAS),
+    "unknown_field": (edit("kernel_size: 3 weight", "kernel_sise: 3 weight"), ("kernel_sise",), HAS),
+    "round_mode": (edit("pool: MAX", "pool: MAX round_mode: FLOOR"), ("ceil_mode",), HAS),
+    "dangling_bottom": (edit('bottom: "pool" top: "fc"', 'bottom: "nope" top: "fc"'), ("'fc'", "nope"), HAS),
+    "unknown_type": (edit('name: "relu2" type: "ReLU"', 'name: "relu2" type: "Relu"'), ("'relu2'", "Relu"), HAS),
     "top_twice": (edit('name: "relu1" type: "ReLU" bottom: "conv1"', 'name: "relu1" type: "ReLU" bottom: "data"'),
-                  ("'relu1'", "conv1"), True),
+                  ("'relu1'", "conv1"), HAS),
     "duplicate_name": (edit('layer { name: "relu2" type: "ReLU"', 'layer { name: "relu1" type: "ReLU"'),
-                       ("'relu1'",), True),
+                       ("'relu1'",), HAS),
     "huge_num_output": (edit("num_output: 6 kernel_size: 3", "num_output: 2147483647 kernel_size: 3"),
-                        ("'conv1'",), True),
-    "kernel_too_large": (edit("num_output: 6 kernel_size: 3", "num_output: 6 kernel_size: 20"), ("'conv1'",), True),
+                        ("'conv1'",), HAS),
+    "kernel_too_large": (edit("num_output: 6 kernel_size: 3", "num_output: 6 kernel_size: 20"), ("'conv1'",), HAS),
     "group_not_dividing": (edit("num_output: 6 kernel_size: 3", "num_output: 6 kernel_size: 3 group: 4"),
-                           ("'conv1'", "group"), True),
-    "negative_dim": (INPUT_NET.replace("dim: 6 dim: 8", "dim: -6 dim: 8"), ("'data'",), False),
-    "nothing_to_quantize": (NOTHING_TO_QUANTIZE, ("nothing to quantize", "ReLU"), False),
+                           ("'conv1'", "group"), HAS),
+    "negative_dim": (INPUT_NET.replace("dim: 6 dim: 8", "dim: -6 dim: 8"), ("'data'",), LACKS_FAILS),
+    "nothing_to_quantize": (NOTHING_TO_QUANTIZE, ("nothing to quantize", "ReLU"), LACKS_BUILDS),
 }
 
-# The calls that read a float model: name -> (call, the role of the file whose layer names it checks
-# against the net before Caffe builds the net, or None)
-FLOAT_CALLS: dict[str, tuple[Callable[[dict[str, str]], None], str | None]] = {}
+# The calls that read a float model: name -> (call, the role of the file naming the net's layers that
+# the call reads, or None, and whether it reads it before Caffe builds the net)
+FLOAT_CALLS: dict[str, tuple[Callable[[dict[str, str]], None], str | None, bool]] = {}
 
 
-def _float_call(name: str, layers_read_first: str | None = None):
+def _float_call(name: str, layers_file: str | None = None, before_caffe: bool = False):
     def register(fn):
-        FLOAT_CALLS[name] = (fn, layers_read_first)
+        FLOAT_CALLS[name] = (fn, layers_file, before_caffe)
         return fn
     return register
 
@@ -140,7 +143,7 @@ def _create_calib_config(f):
     amct_retrain.create_quant_config(f["out"] + "/config.json", f["model"], f["weights"])
 
 
-@_float_call("create_quant_retrain_model", "rconfig")
+@_float_call("create_quant_retrain_model", "rconfig", before_caffe=True)
 def _create_retrain_model(f):
     import amct_retrain
     amct_retrain.create_quant_retrain_model(f["model"], f["weights"], f["rconfig"], f["out"] + "/retrain.prototxt",
@@ -153,13 +156,13 @@ def _init(f):
     amct_retrain.init(f["cconfig"], f["model"], f["weights"], f["new_record"])
 
 
-@_float_call("convert_model")
+@_float_call("convert_model", "record")
 def _convert(f):
     import amct_retrain
     amct_retrain.convert_model(f["model"], f["weights"], f["record"], f["out"] + "/model")
 
 
-@_float_call("accuracy_based_auto_calibration")
+@_float_call("accuracy_based_auto_calibration", "cconfig")
 def _auto(f):
     import amct_retrain
     from amct_retrain.auto_calibration import OutputBlobEvaluator
@@ -179,15 +182,13 @@ def _cli_calibrate(f):
 
 def _bad_net_cases() -> list[Case]:
     cases = []
-    for net_name, (text, names, has_the_layers) in BAD_NETS.items():
-        for call_name, (call, layers_read_first) in FLOAT_CALLS.items():
-            if not has_the_layers and layers_read_first:
-                names = (layers_read_first, "conv")  # the config names layers the net lacks
-            elif net_name == "nothing_to_quantize" and call_name in ("convert_model", "accuracy_based_auto_calibration"):
-                names = ("model", "conv1")  # the record / config name layers the net lacks
-            else:
-                names = ("model",) + BAD_NETS[net_name][1]
-            cases.append(Case(f"{call_name}: {net_name} net", lambda env, text=text: env.float_files(text), call, names))
+    for net_name, (text, names, layers) in BAD_NETS.items():
+        for call_name, (call, layers_file, before_caffe) in FLOAT_CALLS.items():
+            expected = ("model",) + names
+            if layers_file and (layers == LACKS_BUILDS or (layers == LACKS_FAILS and before_caffe)):
+                expected = (layers_file, "conv")  # it names layers the net lacks
+            cases.append(Case(f"{call_name}: {net_name} net", lambda env, text=text: env.float_files(text), call,
+                              expected))
     return cases
 
 
@@ -249,22 +250,27 @@ BAD_CONFIGS = {  # name -> (text, names)
     "not_quantizable": ('{"version": 1, "relu1": {"retrain_enable": true, "quant_enable": true}}',
                         ("config", "'relu1'")),
 }
+HUGE = "1" + "0" * 400  # a JSON integer no float holds
+
+
+def _retrain_entry(data: str) -> str:
+    return ('{"version": 1, "conv1": {"retrain_enable": true, "retrain_data_config": {"algo": "ulq_quantize", '
+            + data + '}, "retrain_weight_config": {"algo": "arq_retrain"}}}')
+
+
+def _calibration_entry(activation: str) -> str:
+    return ('{"version": 1, "conv1": {"quant_enable": true, "activation_quant_params": {"algo": "ifmr", '
+            + activation + '}, "weight_quant_params": {"wts_algo": "arq_quantize"}}}')
+
+
 RETRAIN_CONFIG_ONLY = {
-    "clip_order": ('{"version": 1, "conv1": {"retrain_enable": true, "retrain_data_config": {"algo": "ulq_quantize", '
-                   '"clip_max": -1.0, "clip_min": 1.0}, "retrain_weight_config": {"algo": "arq_retrain"}}}',
-                   ("config", "'conv1'", "clip_min")),
-    "huge_number": ('{"version": 1, "conv1": {"retrain_enable": true, "retrain_data_config": {"algo": "ulq_quantize", '
-                    '"clip_max": 1' + "0" * 400 + ', "clip_min": -1.0}, "retrain_weight_config": {"algo": "arq_retrain"}}}',
-                    ("config", "'conv1'", "clip_max")),
+    "clip_order": (_retrain_entry('"clip_max": -1.0, "clip_min": 1.0'), ("config", "'conv1'", "clip_min")),
+    "huge_number": (_retrain_entry(f'"clip_max": {HUGE}, "clip_min": -1.0'), ("config", "'conv1'", "clip_max")),
     "none_enabled": ('{"version": 1, "conv1": {"retrain_enable": false}}', ("config", "nothing to retrain")),
 }
 CALIB_CONFIG_ONLY = {
-    "percentile": ('{"version": 1, "conv1": {"quant_enable": true, "activation_quant_params": {"algo": "ifmr", '
-                   '"max_percentile": 2.0}, "weight_quant_params": {"wts_algo": "arq_quantize"}}}',
-                   ("config", "'conv1'", "max_percentile")),
-    "huge_number": ('{"version": 1, "conv1": {"quant_enable": true, "activation_quant_params": {"algo": "ifmr", '
-                    '"search_step": 1' + "0" * 400 + '}, "weight_quant_params": {"wts_algo": "arq_quantize"}}}',
-                    ("config", "'conv1'", "search_step")),
+    "percentile": (_calibration_entry('"max_percentile": 2.0'), ("config", "'conv1'", "max_percentile")),
+    "huge_number": (_calibration_entry(f'"search_step": {HUGE}'), ("config", "'conv1'", "search_step")),
 }
 
 
@@ -279,11 +285,10 @@ def _config_cases() -> list[Case]:
             return files
         return prepare
 
-    common = BAD_CONFIGS
-    for name, (text, names) in {**common, **RETRAIN_CONFIG_ONLY}.items():
+    for name, (text, names) in {**BAD_CONFIGS, **RETRAIN_CONFIG_ONLY}.items():
         cases.append(Case(f"create_quant_retrain_model: config {name}", prepare_with("rconfig", text),
                           FLOAT_CALLS["create_quant_retrain_model"][0], names))
-    for name, (text, names) in {**common, **CALIB_CONFIG_ONLY}.items():
+    for name, (text, names) in {**BAD_CONFIGS, **CALIB_CONFIG_ONLY}.items():
         for call in ("init", "accuracy_based_auto_calibration"):
             cases.append(Case(f"{call}: config {name}", prepare_with("cconfig", text), FLOAT_CALLS[call][0], names))
         cases.append(Case(f"cli auto-calibrate: config {name}", prepare_with("cconfig", text),
@@ -465,10 +470,16 @@ def _same_file_cases() -> list[Case]:
                                                                      f["target"])),
         "create_solver": ("model", lambda f: solver.create_solver(f["target"], f["model"], 10, 1)),
     }
+    calls["cli prepare"] = ("rconfig", lambda f: cli(
+        "prepare", "--model", f["model"], "--weights", f["weights"], "--config", f["rconfig"], "--output-dir",
+        os.path.dirname(f["target"])))
     cases = []
     for call_name, (role, call) in calls.items():
         for kind in ("same", "symlink", "hardlink"):
-            cases.append(Case(f"{call_name}: output is the {role} ({kind})", linked(kind, role, "link_target"),
+            target = "record.txt" if call_name == "cli prepare" else "link_target"
+            if call_name == "cli prepare" and kind == "same":
+                continue  # the step's outputs have fixed names: only a link can be one of its inputs
+            cases.append(Case(f"{call_name}: output is the {role} ({kind})", linked(kind, role, target),
                               call, (role, "inputs are never overwritten")))
 
     def convert_prepare(kind):
