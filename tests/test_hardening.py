@@ -130,3 +130,44 @@ def test_cli_calibrate_with_a_config_that_leaves_out_batch_num(tmp_path):
     assert cli.main(["calibrate", "--model", str(model), "--weights", str(weights), "--config", str(config),
                      "--output-dir", str(out)]) == 0, "a valid config without batch_num must calibrate"
     assert os.path.isfile(out / "result" / "float_deploy_weights.caffemodel"), "no deploy model was saved"
+
+
+_KILLED_CREATE = """
+import os, sys, time
+import amct_retrain
+def stalled_replace(src, dst):  # every output staged: the process is killed before any rename
+    print("staged", flush=True)
+    time.sleep(120)
+os.replace = stalled_replace
+amct_retrain.create_quant_retrain_model(*sys.argv[1:])
+"""
+
+
+def test_temp_files_of_a_killed_create_are_removed_by_the_next_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from amct_retrain import fileio
+
+    model, weights = nets.float_model(tmp_path)
+    config = tmp_path / "config.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    out = tmp_path / "out"
+    args = [str(model), str(weights), str(config), str(out / "retrain.prototxt"), str(out / "retrain.caffemodel"),
+            str(out / "record.txt")]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CREATE, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "staged", "the create did not stage its outputs"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    litter = sorted(p.name for p in out.iterdir())
+    assert len(litter) == 3 and all(name.endswith(".tmp") for name in litter), f"expected 3 temp files: {litter}"
+    past = time.time() - 10 * fileio.STALE_AFTER_S
+    for name in litter:
+        os.utime(out / name, (past, past))
+    amct_retrain.create_quant_retrain_model(*args)
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".lock")) == \
+        ["record.txt", "retrain.caffemodel", "retrain.prototxt"], f"left: {sorted(p.name for p in out.iterdir())}"
