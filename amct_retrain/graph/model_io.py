@@ -50,6 +50,10 @@ def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
     return net
 
 
+def _phase_only(rule: caffe_pb2.NetStateRule) -> bool:
+    return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
+
+
 def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
     """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
     and stages are unknown here: a rule that uses them is taken to possibly match, so only a
@@ -57,17 +61,13 @@ def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
     def matches(rule: caffe_pb2.NetStateRule) -> bool:
         return not rule.HasField("phase") or rule.phase == phase
 
-    def phase_only(rule: caffe_pb2.NetStateRule) -> bool:
-        return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
-
     if layer.include and not any(matches(rule) for rule in layer.include):
         return False
-    return not any(matches(rule) and phase_only(rule) for rule in layer.exclude)
+    return not any(matches(rule) and _phase_only(rule) for rule in layer.exclude)
 
 
 def _uses_stages_or_levels(layer: caffe_pb2.LayerParameter) -> bool:
-    return any(rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage
-               for rule in list(layer.include) + list(layer.exclude))
+    return not all(_phase_only(rule) for rule in list(layer.include) + list(layer.exclude))
 
 
 def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
