@@ -220,7 +220,7 @@ def _template_file(template: str) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted({p.stem for folder in TEMPLATE_DIRS if folder.is_dir() for p in folder.glob("*.prototxt")})
-    raise ValueError(f"no solver template '{template}' in {', '.join(map(str, TEMPLATE_DIRS))} "
+    raise ArgumentError(f"no solver template '{template}' in {', '.join(map(str, TEMPLATE_DIRS))} "
                      f"(known: {', '.join(known) or 'none'})")
 
 

@@ -93,11 +93,11 @@ class IntegerLayer(caffe.Layer):
             kernel, stride = self.geometry["kernel"], self.geometry["stride"]
             if x.ndim != 4 or any(size < k or (size - k) % s for size, k, s in zip(x.shape[2:], kernel, stride)):
                 # A partial window would need another divisor than the one in deq.
-                raise ValueError(f"IntegerLayer '{self.layer_name}': the pooling windows (kernel {kernel}, stride "
-                                 f"{stride}) do not tile the input {x.shape}: cannot be quantized")
+                raise ModelError(f"{self.weights_file}: IntegerLayer '{self.layer_name}': the pooling windows (kernel "
+                                 f"{kernel}, stride {stride}) do not tile the input {x.shape}: cannot be quantized")
             if self.deq.size != x.shape[1]:
-                raise ValueError(f"IntegerLayer '{self.layer_name}': {self.deq.size} deq_scale values for "
-                                 f"{x.shape[1]} channels")
+                raise ModelError(f"{self.weights_file}: IntegerLayer '{self.layer_name}': {self.deq.size} deq_scale "
+                                 f"values for {x.shape[1]} channels")
             top[0].reshape(*x.shape[:2], *((size - k) // s + 1 for size, k, s in zip(x.shape[2:], kernel, stride)))
             return
         self._check_fits(x.shape)

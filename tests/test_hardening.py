@@ -171,3 +171,29 @@ def test_temp_files_of_a_killed_create_are_removed_by_the_next_one(tmp_path):
     amct_retrain.create_quant_retrain_model(*args)
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".lock")) == \
         ["record.txt", "retrain.caffemodel", "retrain.prototxt"], f"left: {sorted(p.name for p in out.iterdir())}"
+
+
+_SAVER = """
+import sys
+import amct_retrain
+for _ in range(3):
+    amct_retrain.save_quant_retrain_model(*sys.argv[1:3], "Both", sys.argv[3], sys.argv[4])
+"""
+
+
+def test_concurrent_saves_to_one_save_path_all_succeed_with_the_same_files(retrained, tmp_path):
+    import subprocess
+    import sys
+
+    from amct_retrain.saver import output_files
+
+    save_path = str(tmp_path / "shared" / "model")
+    args = [str(retrained["model"]), str(retrained["snapshot"]), save_path, str(retrained["record"])]
+    savers = [subprocess.Popen([sys.executable, "-c", _SAVER, *args], stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    errors = [saver.communicate(timeout=300)[1] for saver in savers]
+    assert [s.returncode for s in savers] == [0, 0], f"a concurrent save failed: {errors}"
+    for role, path in output_files(save_path).items():
+        with open(path, "rb") as saved, open(retrained[role], "rb") as reference:
+            assert saved.read() == reference.read(), f"{role}: concurrent saves wrote another file than one save"
+    assert not [p for p in (tmp_path / "shared").iterdir() if p.name.endswith(".tmp")], "temp files left"
