@@ -120,9 +120,10 @@ class IntegerLayer(caffe.Layer):
                 needed = None
         channels = w[self.channel_axis] if len(w) > self.channel_axis else None
         if needed is None or inputs != needed or channels != self.deq.size:
+            kernel = f", kernel {tuple(self.geometry['kernel'])}" if self.geometry else ""
             raise ModelError(f"{self.weights_file}: layer '{self.layer_name}': int8 weights of shape {w} do not fit "
-                             f"the layer's input of shape {tuple(x_shape)} (kernel {self.geometry and self.geometry['kernel']}) "
-                             f"and its {self.deq.size} deq_scale values: weights of another model?")
+                             f"the layer's input of shape {tuple(x_shape)}{kernel} and its {self.deq.size} deq_scale "
+                             "values: weights of another model?")
 
     def forward(self, bottom, top):
         x = bottom[0].data

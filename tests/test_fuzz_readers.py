@@ -208,6 +208,7 @@ def float_files(tmp_path_factory):
     return tmp / "float.prototxt", tmp / "float.caffemodel"
 
 
+@pytest.mark.caffe  # the generators that write the valid configs ask Caffe about the net
 @pytest.mark.parametrize("examples", BUDGETS)
 @pytest.mark.parametrize("kind", ["retrain", "calibration"])
 def test_config_json_readers(tmp_path, float_files, kind, examples):
@@ -262,6 +263,7 @@ def _cfg_text(data, indent="") -> str:
     return "".join(out)
 
 
+@pytest.mark.caffe
 @pytest.mark.parametrize("examples", BUDGETS)
 @pytest.mark.parametrize("kind", ["retrain", "calibration"])
 @pytest.mark.parametrize("ext", [".yaml", ".cfg"])

@@ -89,7 +89,7 @@ def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape) -> str | None:
     if layer.type == "InnerProduct":
         p = layer.inner_product_param
         ok = len(shape) == 2 and shape[1 if p.transpose else 0] == p.num_output
-        expected = "(K, num_output)" if p.transpose else "(num_output, K)"
+        expected = f"(K, num_output {p.num_output})" if p.transpose else f"(num_output {p.num_output}, K)"
     else:
         geo = conv_geometry(layer)
         p = layer.convolution_param
