@@ -175,6 +175,17 @@ def _cli_config(f):
     cli("config", "--model", f["model"], "--weights", f["weights"], "--output", f["out"] + "/config.json")
 
 
+@_float_call("cli prepare", "rconfig", before_caffe=True)
+def _cli_prepare(f):
+    cli("prepare", "--model", f["model"], "--weights", f["weights"], "--config", f["rconfig"], "--output-dir", f["out"])
+
+
+@_float_call("cli auto-calibrate", "cconfig")
+def _cli_auto(f):
+    cli("auto-calibrate", "--model", f["model"], "--weights", f["weights"], "--config", f["cconfig"], "--record",
+        f["new_record"], "--save-dir", f["out"], "--metric-blob", "loss")
+
+
 @_float_call("cli calibrate")
 def _cli_calibrate(f):
     cli("calibrate", "--model", f["model"], "--weights", f["weights"], "--output-dir", f["out"])
