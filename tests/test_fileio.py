@@ -83,6 +83,8 @@ def test_a_killed_writers_temp_file_is_removed_at_the_next_write_and_a_live_ones
 def test_young_and_foreign_temp_files_are_left_alone(tmp_path):
     young = tmp_path / ".model.prototxt.0123456789ab.tmp"   # a writer may be about to lock it
     young.write_text("x")
+    soon = time.time() + 60  # young whatever the machine's load makes of the next lines
+    os.utime(young, (soon, soon))
     foreign = tmp_path / ".model.prototxt.tmp"               # not this module's naming
     foreign.write_text("x")
     past = time.time() - 100
