@@ -42,10 +42,10 @@ from amct_retrain.config import load_calibration_config, read_config_json
 from amct_retrain.errors import ArgumentError, InputMissingError, ModelError, OutputPathError
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
-from amct_retrain.retrain import existing_record, skip_fusion_entries
-from amct_retrain.saver import output_files
+from amct_retrain.record import existing_record, skip_fusion_entries
+from amct_retrain.saved_models import output_files
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 # Every trial saves both models: the accepted one is published as it is, without re-calibrating
 # (a second calibration on other batches could give other factors than the ones evaluated).

@@ -6,17 +6,24 @@
     amct-retrain train   --solver retrain/solver.prototxt --weights retrain/retrain.caffemodel
     amct-retrain save    --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel \\
                          --save-path result/model
+    amct-retrain analyze --model float.prototxt --weights float.caffemodel \\
+                         --fake-quant-model result/model_fake_quant_model.prototxt \\
+                         --fake-quant-weights result/model_fake_quant_weights.caffemodel --output-dir analysis/
 """
 import argparse
 import logging
 import os
 import sys
+import zipfile
+
+import numpy as np
 
 import amct_retrain
 from amct_retrain import solver as amct_solver
+from amct_retrain.errors import AnalysisError, InputMissingError
 from amct_retrain.fileio import check_outputs_are_not_inputs
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -102,6 +109,41 @@ def _auto_calibrate(args: argparse.Namespace) -> None:
     evaluator = OutputBlobEvaluator(args.metric_blob, args.test_iter, args.batch_num, args.max_loss)
     amct_retrain.accuracy_based_auto_calibration(args.model, args.weights, evaluator, args.config, args.record,
                                                  args.save_dir)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    inputs = None
+    if args.inputs:
+        inputs = split_batches(_read_npz(args.inputs), args.iterations, args.inputs)
+    analysis = amct_retrain.analyze(args.model, args.weights, args.fake_quant_model, args.fake_quant_weights,
+                                    args.iterations, args.output_dir, inputs=inputs, log_dir=args.log_dir)
+    worst = analysis["layers"][0]
+    LOG.info("worst layer: %s (SQNR %.2f dB); report: %s", worst["name"], worst["sqnr_db"],
+             os.path.join(args.output_dir, "report.html"))
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the ``--inputs`` file, by name."""
+    if not os.path.isfile(path):
+        raise InputMissingError(f"{path}: --inputs file does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise AnalysisError(f"{path}: --inputs is not an .npz of one array per input blob: {err}") from None
+    raise AnalysisError(f"{path}: --inputs holds one array (.npy): give an .npz of one array per input blob")
+
+
+def split_batches(arrays: dict[str, np.ndarray], iterations: int, source: str) -> list[dict[str, np.ndarray]]:
+    """``{blob: array}`` split along axis 0 into ``iterations`` equal batches (``--inputs``)."""
+    for name, array in arrays.items():
+        if array.ndim == 0 or len(array) % iterations:
+            raise AnalysisError(f"{source}: array '{name}' of shape {array.shape} does not split into "
+                                f"{iterations} equal batches along its first axis (--iterations {iterations})")
+    parts = {name: np.split(array, iterations) for name, array in arrays.items()}
+    return [{name: parts[name][i] for name in arrays} for i in range(iterations)]
 
 
 def _model_arguments(parser: argparse.ArgumentParser, model_help: str, weights_help: str) -> None:
@@ -192,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-num", type=int, default=1, help="calibration batches (default %(default)s)")
     p.add_argument("--max-loss", type=float, default=0.002, help="accepted metric loss (default %(default)s)")
     p.set_defaults(run=_auto_calibrate)
+
+    p = steps.add_parser("analyze", help="per-layer report: the float and the fake-quant model on the same TEST "
+                                         "batches (cosine, SQNR, clipping, weight ranges, shift-N)")
+    _model_arguments(p, "float net prototxt (its TEST phase is run)", "float caffemodel")
+    p.add_argument("--fake-quant-model", required=True, help="model_fake_quant_model.prototxt (from save)")
+    p.add_argument("--fake-quant-weights", required=True, help="model_fake_quant_weights.caffemodel (from save)")
+    p.add_argument("--output-dir", required=True, help="folder for analysis.json and report.html (created if missing)")
+    p.add_argument("--iterations", type=int, default=1, help="TEST batches (default %(default)s)")
+    p.add_argument("--inputs", help="for nets fed by Input layers: an .npz of one array per input blob, split "
+                                    "along axis 0 into --iterations batches")
+    p.add_argument("--log-dir", help="TensorBoard folder for the per-layer SQNR and cosine")
+    p.set_defaults(run=_analyze)
     return parser
 
 

@@ -44,3 +44,7 @@ class InputMissingError(AmctError, FileNotFoundError):
 
 class OutputPathError(AmctError):
     """An output path that cannot be written as asked: one of the call's inputs, a folder, empty."""
+
+
+class AnalysisError(AmctError):
+    """Bad arguments to the per-layer analysis (iterations, the inputs fed to an Input net)."""

@@ -14,13 +14,15 @@ from amct_retrain.errors import ArgumentError, OutputPathError
 from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.export import deploy_net, fake_quant_net, quant_layer_names
+from amct_retrain.graph.saved_nets import deploy_net, fake_quant_net, quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.insert import has_weights
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
+from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY, WEIGHT_ARQ
+from amct_retrain.saved_models import output_files
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 SAVE_TYPES = ("Fakequant", "Deploy", "Both")
 
 
@@ -56,15 +58,6 @@ def check_save_type(save_type: object) -> None:
         raise ArgumentError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
 
 
-def output_files(save_path: str) -> dict[str, str]:
-    """The contract's output names for a save_path prefix such as ``./result/model``."""
-    return {"fake_quant_model": f"{save_path}_fake_quant_model.prototxt",
-            "fake_quant_weights": f"{save_path}_fake_quant_weights.caffemodel",
-            "deploy_model": f"{save_path}_deploy_model.prototxt",
-            "deploy_weights": f"{save_path}_deploy_weights.caffemodel",
-            "quant_info": f"{save_path}_quant.json"}
-
-
 def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: dict, files: str) -> LayerFactors:
     """The record's factors for ``layer``, checked against the retrained weights: the record
     must come from the TEST pass that followed these weights (the final snapshot)."""
@@ -72,7 +65,9 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     if not record.layer_record_complete(rec):
         raise ModelError(f"{files}: the record of layer '{name}' is incomplete (no TEST pass "
                          "searched its shift_bit): run a TEST phase after the last iteration")
-    clip_max, clip_min, (clips_ready, last_min, last_max) = (params[layer.ulq_name][i] for i in (0, 1, 2))
+    clip_max, clip_min, clip_state = (params[layer.ulq_name][ACTIVATION_ULQ.blob(blob)]
+                                      for blob in ("clip_max", "clip_min", "clip_state"))
+    clips_ready, last_min, last_max = clip_state[READY], clip_state[LAST_MIN], clip_state[LAST_MAX]
     if not clips_ready:
         raise ModelError(f"{files}: layer '{name}' never initialised its clips: the weights do not match "
                          "the record (not retrained, or another model): use the snapshot of the run")
@@ -85,8 +80,8 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
                          f"{clip_max}, last valid pair ({last_min}, {last_max})) give no quantization grid: {err}") from None
     scale_w = np.asarray(rec.scale_w, np.float32)
     if layer.has_weights:
-        master = params[ql.arq_layer_name(name)][1]
-        numerics.check_finite(master, f"{files}: layer '{name}' master weights (blob 1 of "
+        master = params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")]
+        numerics.check_finite(master, f"{files}: layer '{name}' master weights (blob 'master_weights' of "
                                       f"'{ql.arq_layer_name(name)}')")
         expected_w = numerics.arq_scale(master, layer.channel_axis)
         matches_w = np.array_equal(scale_w, expected_w) or (
@@ -228,7 +223,7 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
                     if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
     # The float (master) weights; the TRAIN-only ones stay float. A pooling has none.
     for name in (n for n, q in retrained.items() if q.has_weights):
-        float_params[name] = [params[ql.arq_layer_name(name)][1], *params[name][1:]]
+        float_params[name] = [params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")], *params[name][1:]]
     # Weights of another model (or another model's retrained prototxt) would make models Caffe cannot load.
     model_io.check_params_fit_layers(float_net, float_params, retrained_weights_file, retrained_model_file)
     factors = {name: layer_factors(q, records[name], params, files) for name, q in quantized.items()}

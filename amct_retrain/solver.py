@@ -23,11 +23,10 @@ from google.protobuf.text_encoding import CEscape
 from tqdm import tqdm
 
 from amct_retrain import fileio, numerics, record, tensorboard
-from amct_retrain.graph import quant_layers as ql
 from amct_retrain.config import ConfigError, read_config_json
 from amct_retrain.errors import ArgumentError, InputMissingError, SolverError  # noqa: F401 (re-exported)
 from amct_retrain.graph.model_io import ModelError, probe_net, read_caffemodel, read_prototxt
-from amct_retrain_layers.weight import MASTER_WEIGHTS
+from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, WEIGHT_ARQ, LayerSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -287,11 +286,11 @@ def create_solver(solver_file: str | os.PathLike, model_file: str | os.PathLike,
 # --------------------------------------------------------------------------- training
 
 
-def _toolkit_layers(net: caffe.Net, kind: tuple[str, str]) -> Iterator[tuple[str, Any, dict]]:
-    """(name, Python layer object, parsed param_str) of every layer of ``kind`` (quant_layers.*_TYPE)."""
-    module, cls = f"{ql.LAYERS_MODULE}.{kind[0]}", kind[1]
+def _toolkit_layers(net: caffe.Net, spec: LayerSpec) -> Iterator[tuple[str, Any, dict]]:
+    """(name, Python layer object, parsed param_str) of every ``spec`` layer of ``net``."""
     for name, layer in zip(net._layer_names, net.layers):
-        if layer.type == "Python" and (type(layer).__module__, type(layer).__name__) == (module, cls):
+        if layer.type == "Python" and (type(layer).__module__, type(layer).__name__) == (spec.python_module,
+                                                                                         spec.layer_class):
             yield name, layer, json.loads(layer.param_str)
 
 
@@ -311,25 +310,30 @@ class _RunLog:
     def __init__(self, solver: caffe._caffe.Solver, param: caffe_pb2.SolverParameter, log_dir: str) -> None:
         self.solver, self.param, self.writer = solver, param, tensorboard.get_writer(log_dir)
         self.ulq = [(name, layer, solver.net.bottom_names[name][0])
-                    for name, layer, p in _toolkit_layers(solver.net, ql.ULQ_TYPE) if not p.get("log_dir")]
+                    for name, layer, p in _toolkit_layers(solver.net, ACTIVATION_ULQ) if not p.get("log_dir")]
         self.arq = [(name, p.get("channel_axis"))
-                    for name, _, p in _toolkit_layers(solver.net, ql.ARQ_TYPE) if not p.get("log_dir")]
+                    for name, _, p in _toolkit_layers(solver.net, WEIGHT_ARQ) if not p.get("log_dir")]
         # Shift-N is searched by the test nets' layers; one entry per layer name.
         self.shift_n = {name: p for net in solver.test_nets
-                        for name, _, p in _toolkit_layers(net, ql.SHIFT_N_TYPE) if not p.get("log_dir")}
+                        for name, _, p in _toolkit_layers(net, SHIFT_N_SEARCH) if not p.get("log_dir")}
 
     def train_step(self, iteration: int, outputs: dict[str, float]) -> None:
         """Loss, lr and the quant layers' clips and weight scales after ``iteration``."""
         net = self.solver.net
         scalars = {**outputs, "train/lr": learning_rate(self.param, iteration)}
+        histograms = {}
         for name, layer, bottom in self.ulq:
             # layer.clips: the sanitised pair this batch was quantized with (the solver has
             # updated the clip blobs since).
             scalars.update(tensorboard.ulq_scalars(name, net.blobs[bottom].data, layer.clips))
+            histograms.update(tensorboard.ulq_histograms(name, net.blobs[bottom].data))
         for name, axis in self.arq:
-            master = net.params[name][MASTER_WEIGHTS].data
+            master = net.params[name][WEIGHT_ARQ.blob("master_weights")].data
             scalars.update(tensorboard.arq_scalars(name, numerics.arq_scale(master, axis)))
+            histograms.update(tensorboard.arq_histograms(name, master))
         self.writer.add_scalars(scalars, iteration)
+        if histograms:
+            self.writer.add_histograms(histograms, iteration)
 
     def test_step(self, iteration: int) -> None:
         """The outputs of Caffe's TEST at ``iteration`` and the shift-N it wrote to the record."""
@@ -383,7 +387,7 @@ def _check_test_iter(param: caffe_pb2.SolverParameter, solver: caffe._caffe.Solv
     """Each test net's test_iter covers the batch_num of its ShiftNSearch layers."""
     issues = []
     for test_iter, net in zip(param.test_iter, solver.test_nets):
-        for name, _, p in _toolkit_layers(net, ql.SHIFT_N_TYPE):
+        for name, _, p in _toolkit_layers(net, SHIFT_N_SEARCH):
             if p.get("batch_num", 1) > test_iter:
                 issues.append(_issue(param, "test_iter", f"must be >= batch_num ({p['batch_num']}) of "
                                                          f"ShiftNSearch layer '{name}'"))
@@ -403,7 +407,8 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
 
     * every ``display`` iterations (10 when display is 0): ``train/<output>`` (the loss of that
       iteration), ``train/lr``, and per quant layer ``<ulq>/clip_min``, ``clip_max``,
-      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``;
+      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``, and the
+      histograms ``<ulq>/input_activations`` and ``<arq>/master_weights``;
     * after each TEST: ``test/<output>`` (``test1/...`` for a second test net) as the test
       net holds it after Caffe's TEST, i.e. of its last batch (Caffe averages the test_iter
       batches only in its log), and ``<shift_n>/shift_bit_mean`` from the record file.

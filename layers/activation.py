@@ -2,18 +2,10 @@
 import caffe
 
 from amct_retrain import numerics, tensorboard
-from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY
 
-PARAMS = {
-    "name": Key((str,), required=True),
-    "clip_max": Key(NUMBER + (type(None),)),
-    "clip_min": Key(NUMBER + (type(None),)),
-    "fixed_min": Key((bool,), default=False),
-    "log_dir": Key((str, type(None))),
-    "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
-}
-CLIP_MAX, CLIP_MIN, CLIP_STATE = 0, 1, 2
-READY, LAST_MIN, LAST_MAX = 0, 1, 2  # entries of the clip_state blob
+CLIP_MAX, CLIP_MIN, CLIP_STATE = (ACTIVATION_ULQ.blob(name) for name in ("clip_max", "clip_min", "clip_state"))
 TRAIN = 0
 
 
@@ -28,11 +20,12 @@ class ActivationULQ(caffe.Layer):
     the TRAIN net's blobs), ShiftNSearch, snapshots and the saver all see the same pair.
     Blob data is read afresh every call: Caffe re-points shared blobs between nets.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the clips,
-    scale_d and the share of the input clipped to TensorBoard (step: the call's index).
+    scale_d and the share of the input clipped, and a histogram of the input, to TensorBoard
+    (step: the call's index).
     """
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, PARAMS, "ActivationULQ")
+        p = ACTIVATION_ULQ.parse(self.param_str)
         self.layer_name, self.fixed_min = p["name"], p["fixed_min"]
         if len(bottom) != 1 or len(top) != 1:
             raise LayerParamError(f"ActivationULQ layer '{self.layer_name}': needs 1 bottom and 1 top")
@@ -71,6 +64,7 @@ class ActivationULQ(caffe.Layer):
             top[0].data[...] = numerics.ulq_forward(x, *self.clips)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
+            self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):

@@ -11,6 +11,7 @@ import pytest
 
 from amct_retrain import numerics, record, solver, tensorboard
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.layer_specs import SHIFT_N_SEARCH
 from tests import nets
 
 pytestmark = pytest.mark.caffe
@@ -31,7 +32,7 @@ def with_log_dir(net, log_dir, log_every=None):
         if ql.python_layer_class(layer):
             params = ql.layer_params(layer)
             params["log_dir"] = str(log_dir)
-            if log_every is not None and ql.python_layer_class(layer) != ql.SHIFT_N_TYPE[1]:
+            if log_every is not None and not SHIFT_N_SEARCH.is_layer(layer):
                 params["log_every"] = log_every
             layer.python_param.param_str = json.dumps(params, sort_keys=True)
     return net
@@ -143,3 +144,12 @@ def test_caffe_train_layers_log_clips_scales_and_shift_n(tmp_path):
         assert logged[-1][1] == expected, f"{layer}: logged shift-N {logged[-1][1]} != record mean {expected}"
     clip_max = scalars["ip1_ulq/clip_max"]
     assert all(np.isfinite(v) and v > 0 for _, v in clip_max), f"ip1_ulq clip_max {clip_max}"
+    # Histograms of each quantizer's input and each layer's master weights, at the same interval.
+    histograms = tensorboard.read_histograms(log_dir)
+    for tag in ("conv1_ulq/input_activations", "ip1_ulq/input_activations", "conv1_arq/master_weights",
+                "ip1_arq/master_weights"):
+        steps = [s for s, _ in histograms.get(tag, [])]
+        assert steps == [0, 5, 10, 15], f"histogram {tag} logged at {steps}, want every 5th TRAIN call"
+    master, activations = histograms["conv1_arq/master_weights"][0][1], histograms["conv1_ulq/input_activations"][0][1]
+    assert master.num == np.prod(nets.CONV_WEIGHT_SHAPE), "the histogram must hold every master weight"
+    assert activations.num == nets.BATCH * np.prod(nets.IN_SHAPE) and sum(activations.bucket) == activations.num

@@ -57,7 +57,7 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
-from amct_retrain import numerics, reference
+from amct_retrain import numerics, saved_models
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph import model_io
@@ -224,10 +224,10 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         layer = layers[i]
         if layer.type == "Quant":
             triple = layers[i:i + 3]
-            if len(triple) < 3 or triple[1].type not in reference.QUANTIZED_TYPES or triple[2].type != "DeQuant":
+            if len(triple) < 3 or triple[1].type not in saved_models.QUANTIZED_TYPES or triple[2].type != "DeQuant":
                 raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
-                                 f"{'/'.join(reference.QUANTIZED_TYPES)} layer and a DeQuant layer")
-            reference.check_quantized_layer(triple[1], model_file)
+                                 f"{'/'.join(saved_models.QUANTIZED_TYPES)} layer and a DeQuant layer")
+            saved_models.check_quantized_layer(triple[1], model_file)
             units.append(_check_wiring(_QuantizedLayer(*triple), model_file))
             i += 3
             continue
@@ -237,7 +237,7 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         if layer.type not in DATA_TYPES | OUTPUT_TYPES and layer.type not in FLOAT_CONVERTERS:
             raise ModelError(f"{model_file}: layer '{layer.name}' has type '{layer.type}', which the ONNX export "
                              f"does not support (supported: {', '.join(sorted(FLOAT_CONVERTERS))}, "
-                             f"Quant/DeQuant around {'/'.join(reference.QUANTIZED_TYPES)}, data and loss layers)")
+                             f"Quant/DeQuant around {'/'.join(saved_models.QUANTIZED_TYPES)}, data and loss layers)")
         units.append(layer)
         i += 1
     return units
@@ -575,7 +575,7 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
     """The QDQ form of a Quant -> layer -> DeQuant triple (see the module docstring)."""
     layer = q.layer
     rule = QUANTIZABLE_RULES[layer.type]
-    ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
+    ints = saved_models.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
     # The output channels' weight axis: 0, or 1 for a Deconvolution (group 1, checked in _plan).
     axis = rule.channel_axis
     # An AVE Pooling has no weights: one deq per channel, the strict shape inference checks the count.
@@ -661,7 +661,7 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
                                  {"ONNX file": onnx_file})
     net = model_io.read_prototxt(model_file)
     units = _plan(test_phase_layers(net), model_file)
-    deploy = reference.read_deploy_blobs(weights_file)
+    deploy = saved_models.read_deploy_blobs(weights_file)
     inputs = _input_blobs(net, units)
     shapes = _input_shapes(net, inputs, model_file, input_shapes)
 

@@ -42,6 +42,7 @@ import numpy as np
 from caffe.proto import caffe_pb2
 
 from amct_retrain.graph.model_io import ModelError, may_run_in_phase  # noqa: F401 (re-exported)
+from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 LOG = logging.getLogger(__name__)
 
@@ -192,8 +193,8 @@ def _blobs(params: Params, layer: caffe_pb2.LayerParameter, count: int) -> list[
 
 
 def _weight_param(layer: caffe_pb2.LayerParameter):
-    """The message holding ``bias_term`` and ``axis`` of a Convolution, Deconvolution or FC."""
-    return layer.inner_product_param if layer.type == "InnerProduct" else layer.convolution_param
+    """The message holding ``bias_term`` and ``axis`` of a layer with weights (``QuantRule.weight_param``)."""
+    return QUANTIZABLE_RULES[layer.type].weight_param(layer)
 
 
 def _folded_layer(layer: caffe_pb2.LayerParameter, bn_layers: list[caffe_pb2.LayerParameter], params: Params,

@@ -11,11 +11,9 @@ from caffe.proto import caffe_pb2
 
 import numpy as np
 
-from amct_retrain import numerics
-from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 
 def quantized_input_blob(layer: str) -> str:
@@ -36,16 +34,15 @@ def has_weights(layer_type: str) -> bool:
 def fixed_weight_scale(layer: caffe_pb2.LayerParameter) -> np.ndarray | None:
     """The fixed scale_w of a quantized layer without weights (AVE Pooling: [float32(1/n)], n the
     window size), None for a layer with weights (its scale_w is ARQ of its weights)."""
-    if has_weights(layer.type):
-        return None
-    return numerics.average_pool_scale(pool_geometry(layer).window)
+    fixed = QUANTIZABLE_RULES[layer.type].fixed_scale_w
+    return None if fixed is None else fixed(layer)
 
 
 def arq_reads_clip_state(layer_type: str, channel_wise: bool) -> bool:
-    """Whether the WeightARQ of a layer shares its activation quantizer's clip state (blob 2):
-    a per-channel Convolution, whose output may be 1 x 1 (a "global conv", where all channels
-    use the largest deq, so its weights must train on that unified scale)."""
-    return layer_type == "Convolution" and channel_wise
+    """Whether the WeightARQ of a layer shares its activation quantizer's clip state: a per-channel
+    layer whose output may be 1 x 1 (a "global conv", where all channels use the largest deq, so its
+    weights must train on that unified scale; ``QuantRule.global_conv``)."""
+    return QUANTIZABLE_RULES[layer_type].global_conv and channel_wise
 
 
 def _phase_key(layer: caffe_pb2.LayerParameter) -> tuple[bytes, ...]:
@@ -117,7 +114,7 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
                 global_conv = ({"activation_quantizer": ql.ulq_layer_name(name),
-                                "conv": conv_geometry(shared).__dict__}
+                                "conv": QUANTIZABLE_RULES[shared.type].geometry(shared)}
                                if arq_reads_clip_state(shared.type, configs[sharer].channel_wise) else {})
                 out.layer.append(with_phase_rules(ql.arq_layer(
                     ql.arq_layer_name(sharer), quantized_input, weight_shapes[sharer], _axis(configs[sharer]),

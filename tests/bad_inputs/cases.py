@@ -57,6 +57,14 @@ class Env:
         files.update(out=self.path("out"), new_record=self.path("out/record.txt"))
         return files
 
+    def analysis_files(self, model: str | bytes | None = None) -> dict[str, str]:
+        """The float model (``model``: its text instead), its saved fake-quant model and an output folder."""
+        return {"model": self.write("float.prototxt", model) if model is not None else self.copy("float.prototxt"),
+                "weights": self.copy("float.caffemodel"),
+                "fq_model": self.copy("result/model_fake_quant_model.prototxt", "fq.prototxt"),
+                "fq_weights": self.copy("result/model_fake_quant_weights.caffemodel", "fq.caffemodel"),
+                "out": self.path("analysis")}
+
     def retrained_files(self) -> dict[str, str]:
         """The retrained model, its final snapshot and record (and the saved deploy model)."""
         return {"model": self.copy("retrain.prototxt"), "weights": self.copy("snap_iter_4.caffemodel"),
@@ -712,9 +720,84 @@ def _calibration_cases() -> list[Case]:
     ]
 
 
+# --------------------------------------------------------------------------- the per-layer analysis
+
+
+def _analyze(f, iterations=1):
+    import amct_retrain
+    amct_retrain.analyze(f["model"], f["weights"], f["fq_model"], f["fq_weights"], iterations, f["out"],
+                         log_dir=f.get("log_dir"))
+
+
+def _cli_analyze(f):
+    cli("analyze", "--model", f["model"], "--weights", f["weights"], "--fake-quant-model", f["fq_model"],
+        "--fake-quant-weights", f["fq_weights"], "--output-dir", f["out"], *(("--inputs", f["inputs"])
+                                                                             if "inputs" in f else ()))
+
+
+def _analysis_variant(kind: str):
+    def prepare(env: Env) -> dict[str, str]:
+        f = env.analysis_files()
+        if kind == "json_is_weights_hardlink":
+            os.makedirs(f["out"])
+            os.link(f["weights"], os.path.join(f["out"], "analysis.json"))
+        elif kind == "report_is_fq_model_symlink":
+            os.makedirs(f["out"])
+            os.symlink(f["fq_model"], os.path.join(f["out"], "report.html"))
+        elif kind == "output_dir_is_a_file":
+            f["out"] = env.write("analysis.txt", "not a folder")
+        elif kind == "log_dir_is_a_file":
+            f["log_dir"] = env.write("tb.txt", "not a folder")
+        elif kind == "fq_model_is_float":
+            f["fq_model"] = env.copy("float.prototxt", "fq.prototxt")
+        elif kind == "fq_garbage_weights":
+            env.write("fq.caffemodel", b"\x0a\xff\xff\xff\x0fxx")
+        elif kind == "other_float_weights":
+            f["weights"] = env.copy("other.caffemodel", "float.caffemodel")
+        elif kind == "fq_dangling_bottom":
+            net = text_format.Parse(pathlib.Path(f["fq_model"]).read_text(), caffe_pb2.NetParameter())
+            relu = next(layer for layer in net.layer if layer.name == "relu2")
+            relu.bottom[0] = relu.top[0] = "nowhere"
+            env.write("fq.prototxt", text_format.MessageToString(net))
+        elif kind == "inputs_not_npz":
+            f["inputs"] = env.write("inputs.npz", b"PK\x03\x04 not a zip")
+        elif kind == "inputs_missing":
+            f["inputs"] = env.path("none.npz")
+        return f
+    return prepare
+
+
+ANALYSIS_CASES = {  # kind -> names
+    "json_is_weights_hardlink": ("weights", "inputs are never overwritten"),
+    "report_is_fq_model_symlink": ("fq_model", "inputs are never overwritten"),
+    "output_dir_is_a_file": ("out", "output_dir"),
+    "log_dir_is_a_file": ("log_dir", "log_dir"),
+    "fq_model_is_float": ("fq_model", "no quantized layer"),
+    "fq_garbage_weights": ("fq_weights",),
+    "other_float_weights": ("weights", "'fc'"),
+    "fq_dangling_bottom": ("fq_model", "'relu2'"),
+}
+ANALYSIS_BAD_NETS = ("empty", "dangling_bottom", "unknown_type", "duplicate_name", "kernel_too_large",
+                     "group_not_dividing")
+
+
+def _analysis_cases() -> list[Case]:
+    cases = [Case(f"analyze: {kind}", _analysis_variant(kind), _analyze, names)
+             for kind, names in ANALYSIS_CASES.items()]
+    cases.append(Case("analyze: iterations 0", _analysis_variant(""), lambda f: _analyze(f, 0), ("iterations",)))
+    for net_name in ANALYSIS_BAD_NETS:
+        text, names, _ = BAD_NETS[net_name]
+        cases.append(Case(f"analyze: {net_name} float net", lambda env, text=text: env.analysis_files(text),
+                          _analyze, ("model",) + names))
+    for kind in ("json_is_weights_hardlink", "fq_dangling_bottom", "inputs_not_npz", "inputs_missing"):
+        names = ANALYSIS_CASES.get(kind, ("inputs",))
+        cases.append(Case(f"cli analyze: {kind}", _analysis_variant(kind), _cli_analyze, names))
+    return cases
+
+
 def all_cases() -> list[Case]:
     cases = (_bad_net_cases() + _weight_cases() + _config_cases() + _simplified_cases() + _save_cases()
-             + _same_file_cases() + _deploy_cases() + _solver_cases() + _calibration_cases())
+             + _same_file_cases() + _deploy_cases() + _solver_cases() + _calibration_cases() + _analysis_cases())
     names = [c.name for c in cases]
     assert len(names) == len(set(names)), "case names must be unique"
     return cases
