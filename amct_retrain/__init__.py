@@ -6,8 +6,8 @@ module on first use (PEP 562), so that importing a pure module (``amct_retrain.n
 """
 import importlib
 
-from amct_retrain.errors import (AmctError, AnalysisError, ConfigError, DataError, ModelError, NumericsError,
-                                 RecordFileError, SolverError)
+from amct_retrain.errors import (AmctError, AnalysisError, ArgumentError, ConfigError, DataError, InputMissingError,
+                                 ModelError, NumericsError, OutputPathError, RecordFileError, SolverError)
 
 # Public name -> the module defining it.
 _LAZY = {
@@ -37,8 +37,8 @@ __all__ = ["create_quant_retrain_config", "create_quant_retrain_model", "save_qu
            "create_quant_config", "init", "quantize_model", "save_model", "convert_model",
            "AutoCalibrationEvaluatorBase", "accuracy_based_auto_calibration",
            "analyze", "set_cpu_mode", "set_gpu_mode", "set_logging_level",
-           "AmctError", "AnalysisError", "ConfigError", "DataError", "ModelError", "NumericsError", "RecordFileError",
-           "SolverError"]
+           "AmctError", "AnalysisError", "ArgumentError", "ConfigError", "DataError", "InputMissingError", "ModelError",
+           "NumericsError", "OutputPathError", "RecordFileError", "SolverError"]
 
 
 def __getattr__(name: str):

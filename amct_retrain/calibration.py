@@ -40,6 +40,7 @@ from amct_retrain import numerics, record
 from amct_retrain.config import (QUANTIZABLE_RULES, CalibrationConfig, ConfigError, LayerCalibrationConfig,
                                  create_quant_config, layers_by_name, load_calibration_config, quantizable_layers,
                                  shape_constraint_broken, without_shape_broken_layers)
+from amct_retrain.errors import ArgumentError
 from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
@@ -50,7 +51,8 @@ from amct_retrain.graph.insert import (activation_quantizer_owners, check_quanti
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.record import (existing_record, forward_passes_file, forward_passes_text, read_forward_passes,
                                  skip_fusion_entries)
-from amct_retrain.saver import SAVE_TYPES, ExportLayer, LayerFactors, write_quantized_models
+from amct_retrain.saved_models import output_files
+from amct_retrain.saver import ExportLayer, LayerFactors, check_save_path, check_save_type, write_quantized_models
 
 __all__ = ["create_quant_config", "init", "quantize_model", "save_model", "convert_model", "CalibrationGraph",
            "forward_passes_file", "read_forward_passes"]
@@ -113,7 +115,7 @@ def _read_float_model(model_file: str, weights_file: str
     if quantized:
         raise ModelError(f"{model_file}: layer '{quantized[0]}' is a quantization layer: give the float model "
                          "(a quantized or calibration model cannot be quantized again)")
-    probed = model_io.probe_shapes(model_file)
+    probed = model_io.probe_net(net, model_file)
     params = model_io.read_caffemodel(weights_file)
     model_io.check_weights_match(model_file, weights_file, probed.params, params)
     return net, params, probed.bottoms
@@ -148,7 +150,8 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
     the layer). The inputs are not modified.
     """
     check_outputs_are_not_inputs({"model file": model_file, "weights file": weights_file, "config file": config_file},
-                                 {"record file": scale_offset_record_file})
+                                 {"record file": scale_offset_record_file,
+                                  "forward-pass file": forward_passes_file(os.fspath(scale_offset_record_file))})
     net, params, bottoms = _read_float_model(model_file, weights_file)
     config = load_calibration_config(config_file, net)
     record_file = os.path.abspath(scale_offset_record_file)
@@ -163,6 +166,21 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
              len(config.layers), config.batch_num, record_file)
     return CalibrationGraph(os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file), record_file,
                             net, params, config, frozenset(skip_fusion), bottom_shapes=bottoms)
+
+
+def _check_graph(graph: object, call: str) -> None:
+    if not isinstance(graph, CalibrationGraph):
+        raise ArgumentError(f"{call}: graph must be the CalibrationGraph that init() returned, got "
+                            f"{type(graph).__name__} {str(graph)[:80]!r}")
+
+
+def _graph_inputs(graph: CalibrationGraph) -> dict[str, str]:
+    return {"model file": graph.model_file, "weights file": graph.weights_file, "config file": graph.config_file,
+            "record file": graph.record_file}
+
+
+def _outputs(save_path: str | os.PathLike) -> dict[str, str]:
+    return {f"output {role}": path for role, path in output_files(os.fspath(save_path)).items()}
 
 
 def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig,
@@ -205,10 +223,9 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
     (``caffe.Net(modified_model_file, caffe.TEST, weights=modified_weights_file).forward()``, or
     ``caffe test``) and call :func:`save_model`.
     """
-    check_outputs_are_not_inputs(
-        {"model file": graph.model_file, "weights file": graph.weights_file, "config file": graph.config_file,
-         "record file": graph.record_file},
-        {"modified model file": modified_model_file, "modified weights file": modified_weights_file})
+    _check_graph(graph, "quantize_model")
+    check_outputs_are_not_inputs(_graph_inputs(graph),
+                                 {"modified model file": modified_model_file, "modified weights file": modified_weights_file})
     fused = _fuse(graph.net, graph.params, graph.skip_fusion)
     layers = _calibrated_layers(fused.net, graph.config, graph.bottom_shapes, graph.model_file)
     owners = activation_quantizer_owners(fused.net, list(layers))
@@ -250,8 +267,10 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
     and, when too few passes ran, says "calibration needs batch_num=N forward passes; K ran". The
     record is then validated and exported exactly as :func:`convert_model` does.
     """
-    if save_type not in SAVE_TYPES:  # checked before any work
-        raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
+    _check_graph(graph, "save_model")
+    check_save_type(save_type)  # checked before any work
+    check_save_path(save_path)
+    check_outputs_are_not_inputs(_graph_inputs(graph), _outputs(save_path))
     if graph.calibrated is None:
         raise ModelError(f"{graph.model_file}: no calibration model yet: call quantize_model(graph, ...) and run "
                          "it in the TEST phase before save_model")
@@ -265,7 +284,8 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
             raise ModelError(f"{graph.record_file}: layer '{name}' is not calibrated: calibration needs "
                              f"batch_num={batch_num} forward passes; {ran} ran (run the model quantize_model wrote "
                              "in the TEST phase)")
-    _export(graph.calibrated.fused, records, graph.record_file, graph.model_file, save_type, save_path,
+    _export(graph.calibrated.fused, records, graph.record_file, graph.model_file, graph.weights_file, save_type,
+            save_path,
             graph.bottom_shapes)
 
 
@@ -282,11 +302,14 @@ def convert_model(model_file: str, weights_file: str, scale_offset_record_file: 
     layer is a :class:`ModelError` naming the layer; nothing is written then. With a calibration's
     record, the files are :func:`save_model`'s, byte for byte.
     """
+    check_save_path(save_path)
+    check_outputs_are_not_inputs({"model file": model_file, "weights file": weights_file,
+                                  "record file": scale_offset_record_file}, _outputs(save_path))
     net, params, bottoms = _read_float_model(model_file, weights_file)
     record_file = os.path.abspath(scale_offset_record_file)
     records = record.read_record(record_file)
     fused = _fuse(net, params, {name for name, rec in records.items() if rec.skip_fusion})
-    _export(fused, records, record_file, model_file, "Both", save_path, bottoms)
+    _export(fused, records, record_file, model_file, weights_file, "Both", save_path, bottoms)
 
 
 # --------------------------------------------------------------------------- record -> factors
@@ -378,10 +401,10 @@ def _record_factors(fused: FusedModel, records: Mapping[str, record.SingleLayerR
 
 
 def _export(fused: FusedModel, records: Mapping[str, record.SingleLayerRecord], record_file: str,
-            model_file: str, save_type: str, save_path: str,
+            model_file: str, weights_file: str, save_type: str, save_path: str,
             bottom_shapes: Mapping[str, list[tuple[int, ...]]]) -> None:
     layers, factors = _record_factors(fused, records, record_file, model_file, bottom_shapes)
     if not layers:
         LOG.warning("%s: quantizes no layer of %s: the saved models are float", record_file, model_file)
     write_quantized_models(fused.net, fused.params, layers, factors, save_type, save_path, record_file,
-                           fused.fused_layers)
+                           fused.fused_layers, weights_file)

@@ -14,17 +14,18 @@
 """
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Iterator
 
 import numpy as np
 
 import amct_retrain
 from amct_retrain import solver as amct_solver
-from amct_retrain.errors import AnalysisError
+from amct_retrain.errors import AnalysisError, InputMissingError
+from amct_retrain.fileio import check_outputs_are_not_inputs
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def _prepare(args: argparse.Namespace) -> None:
     out = args.output_dir
     files = {name: os.path.join(out, name) for name in
              ("retrain.prototxt", "retrain.caffemodel", "record.txt", "solver.prototxt")}
+    check_outputs_are_not_inputs({"model file": args.model, "weights file": args.weights, "config file": args.config},
+                                 files)
     amct_retrain.create_quant_retrain_model(args.model, args.weights, args.config, files["retrain.prototxt"],
                                             files["retrain.caffemodel"], files["record.txt"])
     amct_solver.create_solver(files["solver.prototxt"], files["retrain.prototxt"], max_iter=args.max_iter,
@@ -126,9 +129,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     graph = amct_retrain.init(config, args.model, args.weights, files["record.txt"])
     amct_retrain.quantize_model(graph, files["calibration.prototxt"], files["calibration.caffemodel"])
     net = caffe.Net(files["calibration.prototxt"], caffe.TEST, weights=files["calibration.caffemodel"])
-    with open(config, encoding="utf-8") as f:
-        batch_num = json.load(f)["batch_num"]
-    for _ in tqdm(range(batch_num), desc="calibration", unit="batch"):
+    # The validated config's batch_num (1 where the config leaves it out).
+    for _ in tqdm(range(graph.config.batch_num), desc="calibration", unit="batch"):
         net.forward()
     save_path = os.path.join(out, "result", os.path.splitext(os.path.basename(args.model))[0])
     amct_retrain.save_model(graph, args.type, save_path)
@@ -149,13 +151,26 @@ def _auto_calibrate(args: argparse.Namespace) -> None:
 def _analyze(args: argparse.Namespace) -> None:
     inputs = None
     if args.inputs:
-        with np.load(args.inputs) as arrays:
-            inputs = split_batches({name: arrays[name] for name in arrays.files}, args.iterations, args.inputs)
+        inputs = split_batches(_read_npz(args.inputs), args.iterations, args.inputs)
     analysis = amct_retrain.analyze(args.model, args.weights, args.fake_quant_model, args.fake_quant_weights,
                                     args.iterations, args.output_dir, inputs=inputs, log_dir=args.log_dir)
     worst = analysis["layers"][0]
     LOG.info("worst layer: %s (SQNR %.2f dB); report: %s", worst["name"], worst["sqnr_db"],
              os.path.join(args.output_dir, "report.html"))
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the ``--inputs`` file, by name."""
+    if not os.path.isfile(path):
+        raise InputMissingError(f"{path}: --inputs file does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise AnalysisError(f"{path}: --inputs is not an .npz of one array per input blob: {err}") from None
+    raise AnalysisError(f"{path}: --inputs holds one array (.npy): give an .npz of one array per input blob")
 
 
 def split_batches(arrays: dict[str, np.ndarray], iterations: int, source: str) -> list[dict[str, np.ndarray]]:

@@ -115,12 +115,14 @@ class ReferenceExecutor:
         import caffe  # pycaffe only where a net is run
 
         net = reference_net(model_io.read_prototxt(deploy_model_file), deploy_weights_file)
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-            f.write(text_format.MessageToString(net))
-        try:
-            self.net = caffe.Net(f.name, caffe.TEST, weights=deploy_weights_file)
-        finally:
-            os.unlink(f.name)
+        # Caffe builds it in a child first: a net it cannot build (or integers that do not fit a
+        # layer's input) is a ModelError naming the layer, not an abort of this process.
+        model_io.probe_net(net, os.fspath(deploy_model_file), phases=("TEST",))
+        with tempfile.TemporaryDirectory(prefix="amct_reference_") as tmp:
+            path = os.path.join(tmp, "reference.prototxt")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text_format.MessageToString(net))
+            self.net = caffe.Net(path, caffe.TEST, weights=os.fspath(deploy_weights_file))
 
     def forward(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run the whole net (inputs, if given, are copied into the named input blobs)."""

@@ -11,6 +11,7 @@ from caffe.proto import caffe_pb2
 
 from amct_retrain import numerics
 from amct_retrain.errors import ModelError
+from amct_retrain.graph import model_io
 from amct_retrain.layer_types import QUANTIZABLE_RULES, quantizable_layers
 
 QUANTIZED_TYPES = tuple(QUANTIZABLE_RULES)
@@ -88,7 +89,7 @@ def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]
     """Every layer's raw blobs of a deploy caffemodel (int8/int32/uint64 fields kept)."""
     try:
         with open(weights_file, "rb") as f:
-            net = caffe_pb2.NetParameter.FromString(f.read())
+            data = f.read()
     except OSError as err:
         raise ModelError(f"{weights_file}: cannot read the deploy weights: {err.strerror}") from None
-    return {layer.name: list(layer.blobs) for layer in net.layer}
+    return {layer.name: list(layer.blobs) for layer in model_io.parse_caffemodel(data, weights_file).layer}

@@ -10,7 +10,8 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
-from amct_retrain.fileio import staged_outputs
+from amct_retrain.errors import ArgumentError, OutputPathError
+from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.saved_nets import deploy_net, fake_quant_net, quant_layer_names
@@ -37,6 +38,24 @@ class LayerFactors:
     def deq(self) -> np.ndarray:
         """float32 (C,): scale_d * scale_w[c] for every output channel."""
         return np.broadcast_to(numerics.deq_scales(self.scale_d, self.scale_w), self.shift_bit.shape).copy()
+
+
+def check_save_path(save_path: str | os.PathLike) -> None:
+    """Refuse a ``save_path`` that is not a file prefix (``./result/model``): empty, a folder, or
+    ending in a path separator (it would write ``_fake_quant_model.prototxt`` into the folder)."""
+    if not isinstance(save_path, (str, os.PathLike)):
+        raise ArgumentError(f"save_path must be a path prefix such as './result/model', got {save_path!r}")
+    path = os.fspath(save_path)
+    if not path or path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)) or os.path.isdir(path) \
+            or os.path.basename(path) in (".", ".."):
+        raise OutputPathError(f"save_path {path!r} is {'empty' if not path else 'a folder'}: give a file prefix such "
+                              "as './result/model' (the outputs are <prefix>_fake_quant_model.prototxt, ...)")
+
+
+def check_save_type(save_type: object) -> None:
+    """Refuse a save_type other than 'Fakequant', 'Deploy' or 'Both'."""
+    if save_type not in SAVE_TYPES:
+        raise ArgumentError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
 
 
 def _float32_text(value: float) -> str:
@@ -84,11 +103,17 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
         raise ModelError(f"{files}: layer '{name}' never initialised its clips: the weights do not match "
                          "the record (not retrained, or another model): use the snapshot of the run")
     # The TEST pass sanitised the snapshot's clips with the last valid pair, as here.
-    scale_d, offset_d = numerics.ulq_deploy_factors(*numerics.ulq_sanitize_clips(
-        clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min))
+    try:
+        scale_d, offset_d = numerics.ulq_deploy_factors(*numerics.ulq_sanitize_clips(
+            clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min))
+    except numerics.NumericsError as err:
+        raise ModelError(f"{files}: layer '{name}': the clips of '{layer.ulq_name}' (clip_min {clip_min}, clip_max "
+                         f"{clip_max}, last valid pair ({last_min}, {last_max})) give no quantization grid: {err}") from None
     scale_w = np.asarray(rec.scale_w, np.float32)
     if layer.has_weights:
         master = params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")]
+        numerics.check_finite(master, f"{files}: layer '{name}' master weights (blob 'master_weights' of "
+                                      f"'{ql.arq_layer_name(name)}')")
         expected_w = numerics.arq_scale(master, layer.channel_axis)
         matches_w = np.array_equal(scale_w, expected_w) or (
             scale_w.size > 1 and np.array_equal(scale_w, numerics.unify_global_conv_scales(scale_d, expected_w)))
@@ -164,22 +189,25 @@ class ExportLayer:
 def write_quantized_models(float_net, float_params: Mapping[str, list[np.ndarray]],
                            layers: Mapping[str, ExportLayer], factors: Mapping[str, LayerFactors],
                            save_type: str, save_path: str, record_file: str,
-                           fused: Mapping[str, dict] | None = None) -> None:
+                           fused: Mapping[str, dict] | None = None, weights_file: str = "") -> None:
     """Write the fake-quant and/or deploy models and the quant info file of ``float_net``
     (its float weights in ``float_params``) with ``layers`` quantized by ``factors``: the one
     exporter behind retraining's, calibration's and conversion's savers. ``fused``: layer name ->
     {"kind", "removed"} of the BatchNorm fusions the model went through, for the quant info file.
+    ``weights_file``: where ``float_params`` come from, named in errors (NaN weights, say).
     """
-    if save_type not in SAVE_TYPES:
-        raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
+    check_save_type(save_type)
+    check_save_path(save_path)
     fake_params, deploy_params = dict(float_params), dict(float_params)
     types = {layer.name: layer.type for layer in float_net.layer if layer.name in layers}
     for name, layer in layers.items():
         f = factors[name]
         if has_weights(types[name]):  # AVE Pooling has no blobs: only its DeQuant's deq pack
             weights, *bias = float_params[name]
-            fake_params[name], deploy_params[name] = quantized_params(name, weights, bias[0] if bias else None, f,
-                                                                      layer.channel_axis)
+            with numerics.errors_named(f"{weights_file}: layer '{name}'"):
+                numerics.check_finite(weights, "weights")
+                fake_params[name], deploy_params[name] = quantized_params(name, weights, bias[0] if bias else None,
+                                                                          f, layer.channel_axis)
         deploy_params[quant_layer_names(name)["dequant"]] = [
             numerics.pack_deq_scale(f.deq, f.shift_bit, np.zeros_like(f.shift_bit, dtype=np.int8))]
     outputs = output_files(save_path)
@@ -231,14 +259,18 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     retrained model's ShiftNSearch layers write), i.e. from the last TEST pass.
     ``config_file`` is accepted for compatibility; the retrained model carries its settings.
     """
-    if save_type not in SAVE_TYPES:  # checked before any work
-        raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
+    check_save_type(save_type)  # checked before any work
+    check_save_path(save_path)
     if config_file is not None and not os.path.isfile(config_file):
         raise ModelError(f"{config_file}: config file does not exist")
     net = model_io.read_prototxt(retrained_model_file)
     retrained = find_quantized_layers(net, retrained_model_file)
     quantized, _ = _split_by_test_phase(net, retrained, retrained_model_file)
     record_file = scale_offset_record_file or next(iter(quantized.values())).record_file
+    check_outputs_are_not_inputs(
+        {"retrained model file": retrained_model_file, "retrained weights file": retrained_weights_file,
+         "record file": record_file, "config file": config_file},
+        {f"output {role}": path for role, path in output_files(os.fspath(save_path)).items()})
     records = record.read_record(record_file)
     params = model_io.read_caffemodel(retrained_weights_file)
     files = f"{retrained_weights_file} / {record_file}"
@@ -271,6 +303,10 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
     # The float (master) weights; the TRAIN-only ones stay float. A pooling has none.
     for name in (n for n, q in retrained.items() if q.has_weights):
         float_params[name] = [params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")], *params[name][1:]]
+    # Weights of another model (or another model's retrained prototxt) would make models Caffe cannot load.
+    model_io.check_params_fit_layers(float_net, float_params, retrained_weights_file, retrained_model_file)
+    factors = {name: layer_factors(q, records[name], params, files) for name, q in quantized.items()}
     layers = {name: ExportLayer(name, q.input_blob, q.channel_axis) for name, q in quantized.items()}
     fused = {name: q.fused for name, q in retrained.items() if q.fused}
-    write_quantized_models(float_net, float_params, layers, factors, save_type, save_path, record_file, fused)
+    write_quantized_models(float_net, float_params, layers, factors, save_type, save_path, record_file, fused,
+                           retrained_weights_file)

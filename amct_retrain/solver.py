@@ -26,9 +26,10 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from amct_retrain import fileio, numerics, record, tensorboard
-from amct_retrain.graph.model_io import ModelError, read_caffemodel
+from amct_retrain.config import ConfigError, read_config_json
+from amct_retrain.errors import ArgumentError, InputMissingError, SolverError  # noqa: F401 (re-exported)
+from amct_retrain.graph.model_io import ModelError, probe_net, read_caffemodel, read_prototxt
 from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, WEIGHT_ARQ, LayerSpec
-from amct_retrain.errors import SolverError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ _LR_POLICIES: dict[str, Callable[[caffe_pb2.SolverParameter, int], float]] = {
 
 
 def _read_solver(solver_file: str | os.PathLike) -> caffe_pb2.SolverParameter:
-    with open(solver_file, encoding="utf-8") as f:
-        return _parse_solver(f.read(), os.fspath(solver_file))
+    path = os.fspath(solver_file)
+    return _parse_solver(fileio.read_text_file(path, "solver file", SolverError), path)
 
 
 def _parse_solver(text: str, source: str) -> caffe_pb2.SolverParameter:
@@ -163,14 +164,10 @@ def _file_issues(param: caffe_pb2.SolverParameter) -> list[str]:
 
 def _config_batch_num(config_file: str | os.PathLike) -> int:
     """The top-level ``batch_num`` of a retrain config (JSON), 1 when absent."""
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+    config = read_config_json(os.fspath(config_file), "retrain config")
     batch_num = config.get("batch_num", 1) if isinstance(config, dict) else None
     if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 1:
-        raise ValueError(f"{config_file}: key 'batch_num' must be an integer >= 1, got {batch_num!r}")
+        raise ConfigError(f"{config_file}: key 'batch_num' must be an integer >= 1, got {batch_num!r}")
     return batch_num
 
 
@@ -190,7 +187,7 @@ def check_solver(solver_file: str | os.PathLike, config_file: str | os.PathLike)
     Raises:
         SolverError: one line per broken rule, each naming the file, the field, its value and
             the rule; or ``FILE:LINE:COL`` for a file that does not parse.
-        ValueError: the config is not JSON or its ``batch_num`` is not an integer >= 1.
+        ConfigError (a ValueError): the config is not JSON or its ``batch_num`` is not an integer >= 1.
     """
     param = _read_solver(solver_file)
     batch_num = _config_batch_num(config_file)
@@ -228,7 +225,7 @@ def _template_file(template: str) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted({p.stem for folder in TEMPLATE_DIRS if folder.is_dir() for p in folder.glob("*.prototxt")})
-    raise ValueError(f"no solver template '{template}' in {', '.join(map(str, TEMPLATE_DIRS))} "
+    raise ArgumentError(f"no solver template '{template}' in {', '.join(map(str, TEMPLATE_DIRS))} "
                      f"(known: {', '.join(known) or 'none'})")
 
 
@@ -276,6 +273,7 @@ def create_solver(solver_file: str | os.PathLike, model_file: str | os.PathLike,
             :func:`train` needs (a final snapshot, a known lr policy), or an override is invalid.
     """
     solver_file = os.path.abspath(solver_file)
+    fileio.check_outputs_are_not_inputs({"model file": model_file}, {"solver file": solver_file})
     prefix = os.path.abspath(snapshot_prefix or os.path.join(os.path.dirname(solver_file), "retrained"))
     template_file = _template_file(template)
     text = string.Template(template_file.read_text(encoding="utf-8")).substitute(
@@ -415,7 +413,7 @@ def _snapshot_file(param: caffe_pb2.SolverParameter, iteration: int) -> str:
 def _check_solverstate(snapshot: str) -> None:
     """The .solverstate and the caffemodel it names exist (Caffe aborts on either missing)."""
     if not os.path.isfile(snapshot):
-        raise FileNotFoundError(f"solver state {snapshot} not found")
+        raise InputMissingError(f"solver state {snapshot} not found")
     if snapshot.endswith(".h5"):
         return
     state = caffe_pb2.SolverState()
@@ -423,9 +421,9 @@ def _check_solverstate(snapshot: str) -> None:
         with open(snapshot, "rb") as f:
             state.ParseFromString(f.read())
     except DecodeError:
-        raise ValueError(f"{snapshot}: not a Caffe solver state") from None
+        raise SolverError(f"{snapshot}: not a Caffe solver state") from None
     if state.learned_net and not os.path.isfile(state.learned_net):
-        raise FileNotFoundError(f"{snapshot}: its weights file {state.learned_net} not found")
+        raise InputMissingError(f"{snapshot}: its weights file {state.learned_net} not found")
 
 
 def _check_weights_fit(net: caffe.Net, weights_file: str) -> None:
@@ -492,17 +490,24 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
     Raises:
         SolverError: the solver breaks a rule (see :func:`check_solver`) or cannot run (a missing
             net file or snapshot folder, an unknown lr_policy, no final snapshot).
-        FileNotFoundError, ValueError: missing or mismatching weights or solver state.
+        InputMissingError (a FileNotFoundError), ModelError: missing or mismatching weights or
+            solver state, a net Caffe cannot build (named layer; checked in a child process).
     """
     if weights_file is not None and snapshot is not None:
-        raise ValueError("train: give weights_file to fine-tune or snapshot to resume, not both")
+        raise ArgumentError("train: give weights_file to fine-tune or snapshot to resume, not both")
     param = _read_solver(solver_file)
     _raise_if(_contract_issues(param, 1, "at least 1") + _training_issues(param) + _file_issues(param),
               solver_file)
     if snapshot is not None:
         _check_solverstate(os.fspath(snapshot))
     if weights_file is not None and not os.path.isfile(weights_file):
-        raise FileNotFoundError(f"weights file {weights_file} not found")
+        raise InputMissingError(f"weights file {weights_file} not found")
+    final = _snapshot_file(param, param.max_iter)
+    fileio.check_outputs_are_not_inputs(
+        {"weights file": weights_file, "solver state": snapshot, "solver file": solver_file, "net": param.net},
+        {"final snapshot": final, "final solver state": final.rsplit(".caffemodel", 1)[0] + ".solverstate"})
+    # Caffe aborts the process on a net it cannot build: it builds the net in a child first.
+    probe_net(read_prototxt(param.net), param.net)
 
     if param.eval_type != "classification":
         raise SolverError(_issue(param, "eval_type", "train() runs Caffe's classification TEST only; "
@@ -542,6 +547,5 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
         LOG.info("%s", FINAL_TEST_NOTE)
         if run_log is not None:
             run_log.test_step(param.max_iter, outputs)
-    final = _snapshot_file(param, param.max_iter)
     LOG.info("retrained weights: %s", final)
     return final

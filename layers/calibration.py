@@ -105,9 +105,10 @@ class ShiftNObserver(_Observer):
     def complete(self, batches: list[np.ndarray]) -> None:
         rec = record.read_record(self.record_file).get(self.quantized_layer)
         if rec is None or not rec.HasField("scale_d") or not rec.scale_w:
-            raise ValueError(f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / "
-                             f"scale_w of layer '{self.quantized_layer}': its ActivationObserver must run before it "
-                             "in the same TEST pass and quantize_model must have written its scale_w")
+            raise record.RecordFileError(
+                f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / scale_w of layer "
+                f"'{self.quantized_layer}': its ActivationObserver must run before it in the same TEST pass and "
+                "quantize_model must have written its scale_w")
         scale_d, scale_w = np.float32(rec.scale_d), np.asarray(rec.scale_w, np.float32)
         y = batches[0]
         global_conv = numerics.is_global_conv(y.shape, len(scale_w))

@@ -14,11 +14,13 @@ PACKAGE, LAYERS_PACKAGE = "amct_retrain", "amct_retrain_layers"  # layers/ insta
 # from its own row where the row is in PEERS, or, within API_ROW, another module's public API
 # (amct_retrain.__all__).
 ROWS: list[tuple[str, ...]] = [
-    ("errors", "fileio"),
+    ("errors",),
+    ("fileio",),
     ("numerics", "feeding"),
     ("record", "tensorboard", "analysis.metrics", "analysis.plots"),
     ("analysis.report",),
-    ("layer_specs", "graph.caffe_params", "graph.model_io"),
+    ("layer_specs", "graph.caffe_params"),
+    ("graph.model_io",),
     ("layer_types",),
     ("saved_models", "graph.quant_layers"),
     ("graph", "graph.fuse", "graph.insert", "graph.strip", "graph.calibrate", "graph.saved_nets"),

@@ -108,11 +108,16 @@ model against the float model on the same batches (errors of earlier layers incl
 """
 
 
+def output_files(output_dir: str) -> dict[str, str]:
+    """The paths :func:`write_outputs` writes in ``output_dir``: ``json`` and ``html``."""
+    return {"json": os.path.join(output_dir, ANALYSIS_JSON), "html": os.path.join(output_dir, REPORT_HTML)}
+
+
 def write_outputs(analysis: Mapping[str, Any], output_dir: str) -> dict[str, str]:
     """Write ``analysis.json`` and ``report.html`` into ``output_dir`` (both or neither) and log
     the console table; returns the two paths."""
     os.makedirs(output_dir, exist_ok=True)
-    files = {"json": os.path.join(output_dir, ANALYSIS_JSON), "html": os.path.join(output_dir, REPORT_HTML)}
+    files = output_files(output_dir)
     page = report_html(analysis)
     with staged_outputs() as out:
         out.write(files["json"], json.dumps(_json_safe(analysis), indent=1, allow_nan=False))

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from amct_retrain import numerics, tensorboard
 from amct_retrain.analysis import metrics
-from amct_retrain.errors import AnalysisError, LayerParamError, ModelError
+from amct_retrain.errors import AnalysisError, ArgumentError, LayerParamError, ModelError, OutputPathError
+from amct_retrain.fileio import check_outputs_are_not_inputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph.saved_nets import quant_layer_names
 from amct_retrain.graph.fuse import may_run_in_phase
@@ -124,14 +125,8 @@ def _checked_net(model_file: str, weights_file: str, net_param: caffe_pb2.NetPar
     if not os.path.isfile(weights_file):
         raise ModelError(f"{weights_file}: weights file does not exist")
     net_param = net_param if net_param is not None else model_io.read_prototxt(model_file)
-    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-        f.write(text_format.MessageToString(net_param))
-    try:
-        shapes = model_io.probe_shapes(f.name).params
-    except ModelError as err:
-        raise ModelError(str(err).replace(f.name, model_file)) from None
-    finally:
-        os.unlink(f.name)
+    # Only the TEST net is built here; a failed CHECK is named by phase and layer.
+    shapes = model_io.probe_net(net_param, model_file, phases=("TEST",)).params
     model_io.check_weights_match(model_file, weights_file, shapes, model_io.read_caffemodel(weights_file))
     return _net(net_param, weights_file)
 
@@ -235,6 +230,21 @@ def _layer_result(layer: FakeQuantLayer, out: metrics.OutputStats, act: metrics.
     }
 
 
+def _check_paths(inputs: Mapping[str, object], output_dir: object, log_dir: object) -> None:
+    """Before any work: the input paths (role -> path) are paths and the output folders are
+    folder paths, not files."""
+    for role, path in inputs.items():
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentError(f"{role} must be a path, got {type(path).__name__} {path!r}")
+    for role, folder in (("output_dir", output_dir), ("log_dir", log_dir)):
+        if folder is None and role == "log_dir":
+            continue
+        if not isinstance(folder, (str, os.PathLike)) or (role == "output_dir" and not os.fspath(folder)):
+            raise OutputPathError(f"{role} must be a folder path, got {folder!r}")
+        if os.fspath(folder) and os.path.exists(folder) and not os.path.isdir(folder):
+            raise OutputPathError(f"{os.fspath(folder)}: {role} is a file, not a folder")
+
+
 def _rank_key(layer: dict) -> tuple[float, float]:
     """Worst first: lowest SQNR, then lowest cosine (an undefined cosine sorts as worst)."""
     cosine = layer["cosine"]
@@ -265,11 +275,25 @@ def analyze(model_file: str, weights_file: str, fake_quant_model_file: str, fake
         ``activation`` range, clips and clipped shares, ``shift_bit`` per channel, the
         ``bit_width`` and per-channel ``weights`` ranges against ``scale_w`` (None for a
         layer without weights).
+
+    Raises (before anything is written):
+        AnalysisError: bad ``iterations`` or ``inputs``.
+        OutputPathError: ``output_dir`` or ``log_dir`` is a file, or an output file is one of
+            the four inputs (also through a symbolic or hard link).
+        ModelError: a model Caffe cannot build (Caffe builds each TEST net in a child process
+            first; the message names the file and the layer), weights that do not fit it, a
+            fake-quant model without quantized layers, or models that do not belong together.
     """
     from amct_retrain.analysis import report
 
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise AnalysisError(f"iterations must be a positive int, got {iterations!r}")
+    input_files = {"float model file": model_file, "float weights file": weights_file,
+                   "fake-quant model file": fake_quant_model_file, "fake-quant weights file": fake_quant_weights_file}
+    _check_paths(input_files, output_dir, log_dir)
+    output_files = report.output_files(os.fspath(output_dir))
+    check_outputs_are_not_inputs(input_files, {"analysis file": output_files["json"],
+                                               "report file": output_files["html"]})
     fake_param = model_io.read_prototxt(fake_quant_model_file)
     layers = fake_quant_layers(fake_param, fake_quant_model_file)
     float_net = _checked_net(model_file, weights_file)

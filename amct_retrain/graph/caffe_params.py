@@ -69,3 +69,22 @@ def pool_windows_tile(layer: caffe_pb2.LayerParameter, in_hw) -> bool:
     adds no partial window (whose divisor would not be the window size)."""
     g = pool_geometry(layer)
     return all(size >= k and (size - k) % s == 0 for size, k, s in zip(in_hw, g.kernel, g.stride))
+
+
+def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape) -> str | None:
+    """How a Convolution / Deconvolution / InnerProduct weight blob of ``shape`` fails to fit
+    ``layer`` (its output channels and, for convolutions, the kernel), or None if it fits."""
+    shape = tuple(shape)
+    if layer.type == "InnerProduct":
+        p = layer.inner_product_param
+        ok = len(shape) == 2 and shape[1 if p.transpose else 0] == p.num_output
+        expected = f"(K, num_output {p.num_output})" if p.transpose else f"(num_output {p.num_output}, K)"
+    else:
+        geo = conv_geometry(layer)
+        p = layer.convolution_param
+        c = 0 if layer.type == "Convolution" else 1
+        per_group = p.num_output if c == 0 else p.num_output // max(geo.group, 1)
+        ok = len(shape) == 4 and shape[c] == per_group and shape[2:] == geo.kernel
+        expected = (f"(num_output {per_group}, C/group, {geo.kernel[0]}, {geo.kernel[1]})" if c == 0 else
+                    f"(C, num_output/group {per_group}, {geo.kernel[0]}, {geo.kernel[1]})")
+    return None if ok else f"weight blob has shape {shape}, the layer needs {expected}"

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from caffe.proto import caffe_pb2
 
-from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.model_io import ModelError, may_run_in_phase  # noqa: F401 (re-exported)
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 LOG = logging.getLogger(__name__)
@@ -106,21 +106,6 @@ def batchnorm_affine(bn: caffe_pb2.LayerParameter, bn_blobs: list[np.ndarray],
         beta = np.asarray(scale_blobs[1], dtype=np.float64).ravel() if scale.scale_param.bias_term else 0.0
         a, b = gamma * a, gamma * b + beta
     return a, b
-
-
-def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
-    """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
-    and stages are unknown here: a rule that uses them is taken to possibly match, so only a
-    plain exclude rule excludes."""
-    def matches(rule: caffe_pb2.NetStateRule) -> bool:
-        return not rule.HasField("phase") or rule.phase == phase
-
-    def phase_only(rule: caffe_pb2.NetStateRule) -> bool:
-        return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
-
-    if layer.include and not any(matches(rule) for rule in layer.include):
-        return False
-    return not any(matches(rule) and phase_only(rule) for rule in layer.exclude)
 
 
 def check_inference_form(bn: caffe_pb2.LayerParameter) -> None:
