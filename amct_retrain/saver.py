@@ -287,6 +287,14 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
                                  f"{retrained_model_file}: weights of another model?")
         if name in quantized and name not in records:
             raise ModelError(f"{record_file}: has no record of layer '{name}': run a TEST phase after training")
+    float_net = strip_quant_layers(net, retrained)
+    float_params = {k: v for k, v in params.items()
+                    if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
+    # The float (master) weights; the TRAIN-only ones stay float. A pooling has none.
+    for name in (n for n, q in retrained.items() if q.has_weights):
+        float_params[name] = [params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")], *params[name][1:]]
+    # Weights of another model (or another model's retrained prototxt) would make models Caffe cannot load.
+    model_io.check_params_fit_layers(float_net, float_params, retrained_weights_file, retrained_model_file)
     regenerate = regenerate_command(retrained_model_file, retrained_weights_file)
     factors, differences = {}, []
     for name, q in quantized.items():
@@ -297,15 +305,6 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
                          "other weights (every TEST pass of the retrain model, `caffe test` or `caffe train` "
                          "included, rewrites it):\n  " + "\n  ".join(differences)
                          + f"\nwrite the record of these weights with: {regenerate}")
-    float_net = strip_quant_layers(net, retrained)
-    float_params = {k: v for k, v in params.items()
-                    if k not in {q.ulq_name for q in retrained.values()} | {ql.arq_layer_name(n) for n in retrained}}
-    # The float (master) weights; the TRAIN-only ones stay float. A pooling has none.
-    for name in (n for n, q in retrained.items() if q.has_weights):
-        float_params[name] = [params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")], *params[name][1:]]
-    # Weights of another model (or another model's retrained prototxt) would make models Caffe cannot load.
-    model_io.check_params_fit_layers(float_net, float_params, retrained_weights_file, retrained_model_file)
-    factors = {name: layer_factors(q, records[name], params, files) for name, q in quantized.items()}
     layers = {name: ExportLayer(name, q.input_blob, q.channel_axis) for name, q in quantized.items()}
     fused = {name: q.fused for name, q in retrained.items() if q.fused}
     write_quantized_models(float_net, float_params, layers, factors, save_type, save_path, record_file, fused,
