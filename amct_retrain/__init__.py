@@ -2,6 +2,7 @@
 
 The public API of the contract's section 1 (``import amct_retrain as amct``).
 """
+from amct_retrain import caffe_build
 from amct_retrain.auto_calibration import AutoCalibrationEvaluatorBase, accuracy_based_auto_calibration
 from amct_retrain.calibration import convert_model, create_quant_config, init, quantize_model, save_model
 from amct_retrain.config import create_quant_retrain_config
@@ -15,3 +16,6 @@ __all__ = ["create_quant_retrain_config", "create_quant_retrain_model", "save_qu
            "AutoCalibrationEvaluatorBase", "accuracy_based_auto_calibration",
            "set_cpu_mode", "set_gpu_mode", "set_logging_level",
            "AmctError", "ConfigError", "ModelError", "NumericsError", "RecordFileError", "SolverError"]
+
+# At start-up: say which of the project's Caffe fixes the Caffe in use lacks (a user's own Caffe).
+caffe_build.report()

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 

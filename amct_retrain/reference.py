@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record

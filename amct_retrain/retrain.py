@@ -4,7 +4,7 @@ import logging
 import os
 
 import numpy as np
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io

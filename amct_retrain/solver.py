@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import caffe
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from google.protobuf.text_encoding import CEscape

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper

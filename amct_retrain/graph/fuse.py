@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 
 from amct_retrain.graph.model_io import ModelError
 

@@ -7,7 +7,7 @@ layer reads it before a later in-place write); each quantized layer keeps its ow
 """
 from collections.abc import Mapping, Sequence
 
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 
 import numpy as np
 

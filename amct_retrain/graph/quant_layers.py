@@ -6,7 +6,7 @@ so the model builder, the saver and the tests cannot disagree about them.
 import json
 from collections.abc import Sequence
 
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 
 LAYERS_MODULE = "amct_retrain_layers"
 ULQ_TYPE = ("activation", "ActivationULQ")
