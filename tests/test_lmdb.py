@@ -7,6 +7,7 @@ import lmdb
 import numpy as np
 import pytest
 from caffe.proto import caffe_pb2
+from google.protobuf import text_format
 
 from tests.lmdb_data import data_layer, run_child, write_lmdb
 
@@ -151,21 +152,6 @@ def test_lmdb_written_as_caffes_docs_show_round_trips_and_feeds_a_data_layer(tmp
                                err_msg="Caffe's Data layer did not read the images pycaffe wrote")
 
 
-DIGITS_NET = """name: "digits_lmdb"
-{train_data}{test_data}
-layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  convolution_param {{ num_output: 8 kernel_size: 3 pad: 1 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }}
-layer {{ name: "norm1" type: "LRN" bottom: "conv1" top: "norm1" lrn_param {{ local_size: 3 alpha: 0.0001 beta: 0.75 }} }}
-layer {{ name: "pool1" type: "Pooling" bottom: "norm1" top: "pool1" pooling_param {{ pool: MAX kernel_size: 2 stride: 2 }} }}
-layer {{ name: "ip1" type: "InnerProduct" bottom: "pool1" top: "ip1"
-  inner_product_param {{ num_output: 32 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "relu2" type: "ReLU" bottom: "ip1" top: "ip1" }}
-layer {{ name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
-  inner_product_param {{ num_output: 10 weight_filler {{ type: "xavier" }} }} }}
-layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }}
-layer {{ name: "accuracy" type: "Accuracy" bottom: "ip2" bottom: "label" top: "accuracy" include {{ phase: TEST }} }}
-"""
 TEST_BATCH, TEST_ITER = 90, 5  # the 450 test digits
 
 AUTO_CALIBRATION = r"""
@@ -184,7 +170,7 @@ def digits_lmdb_model(tmp_path_factory):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from samples.digits_demo import caffe_train
+    from samples import digits_demo
 
     out = tmp_path_factory.mktemp("digits_lmdb")
     digits = load_digits()
@@ -192,14 +178,19 @@ def digits_lmdb_model(tmp_path_factory):
     x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.25, random_state=0,
                                                         stratify=digits.target)
     train, test = write_lmdb(out / "train_lmdb", x_train, y_train), write_lmdb(out / "test_lmdb", x_test, y_test)
+    # The digits demo's LeNet with its HDF5Data layers replaced by Data layers on the LMDBs.
+    demo = text_format.Parse(digits_demo.NET.format(out=out, test_batch=TEST_BATCH), caffe_pb2.NetParameter())
+    data = text_format.Parse(data_layer(train, 64, 1 / 16, "TRAIN") + data_layer(test, TEST_BATCH, 1 / 16, "TEST"),
+                             caffe_pb2.NetParameter())
+    net = caffe_pb2.NetParameter(name="digits_lmdb")
+    net.layer.extend(list(data.layer) + [layer for layer in demo.layer if layer.type != "HDF5Data"])
     model = out / "float.prototxt"
-    model.write_text(DIGITS_NET.format(train_data=data_layer(train, 64, 1 / 16, "TRAIN"),
-                                       test_data=data_layer(test, TEST_BATCH, 1 / 16, "TEST")))
+    model.write_text(text_format.MessageToString(net))
     solver = out / "solver.prototxt"
     solver.write_text(f'net: "{model}"\ntest_iter: {TEST_ITER}\ntest_interval: 200\nbase_lr: 0.01\nmomentum: 0.9\n'
                       f'lr_policy: "fixed"\nmax_iter: 200\nsnapshot: 200\nsnapshot_prefix: "{out}/float"\n'
                       'display: 0\nsolver_mode: CPU\nrandom_seed: 3\n')
-    caffe_train(solver, out / "train.log")
+    digits_demo.caffe_train(solver, out / "train.log")
     return model, out / "float_iter_200.caffemodel"
 
 
@@ -215,7 +206,7 @@ def test_auto_calibration_of_an_lmdb_model_holds_float_and_fake_quant_nets_at_on
               str(TEST_ITER), timeout=300)
     history = json.loads((save_dir / "history.json").read_text())
     sensitivity = json.loads((save_dir / "sensitivity.json").read_text())
-    assert set(sensitivity) == {"conv1", "ip1", "ip2"} and all(np.isfinite(list(sensitivity.values()))), sensitivity
+    assert set(sensitivity) == {"conv1", "conv2", "ip1", "ip2"} and all(np.isfinite(list(sensitivity.values()))), sensitivity
     assert history["original_metric"] > 0.8, f"the float LMDB model did not learn: {history['original_metric']}"
     assert history["accepted_trial"] is not None, f"no trial passed: {history['trials']}"
     accepted = history["trials"][history["accepted_trial"]]

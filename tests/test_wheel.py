@@ -11,6 +11,8 @@ import zipfile
 import caffe
 import pytest
 
+from tests.test_caffe_build import PYTHON_LAYER_NET
+
 pytestmark = pytest.mark.caffe
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # What a build of the wheel needs from the source tree (built from a copy: no build/ in the tree).
@@ -64,12 +66,7 @@ def test_wheel_installed_in_a_fresh_venv_with_pycaffe_works(wheel, tmp_path):
                           "--no-deps", str(wheel)], capture_output=True, text=True)
     assert run.returncode == 0, f"pip install of the wheel failed:\n{run.stderr[-3000:]}"
     net = tmp_path / "py_layer.prototxt"
-    net.write_text("""layer { name: "data" type: "DummyData" top: "x"
-      dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 0.3 } } }
-    layer { name: "q" type: "Python" bottom: "x" top: "y"
-      python_param { module: "amct_retrain_layers.activation" layer: "ActivationULQ"
-                     param_str: '{"name": "q", "clip_min": -1.0, "clip_max": 1.0}' } }
-    """)
+    net.write_text(PYTHON_LAYER_NET)
     code = f"""
 import amct_retrain, amct_retrain_layers, caffe
 from amct_retrain import solver
