@@ -13,7 +13,7 @@ tree pycaffe was imported from (``<root>/python/caffe``), the same way for eithe
 
 What cannot be told (no source tree, no tool) is reported as possibly missing. :func:`report`
 logs, once per process tree, every fix the Caffe lacks, in plain words and with the workaround;
-``import amct_retrain`` calls it.
+importing :mod:`amct_retrain.caffe_proto` (the first use of Caffe's schema) calls it.
 """
 import functools
 import logging
@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 # Set once the report is made, so that the Caffe processes the toolkit starts (Python layers,
 # probes) do not repeat it.
 REPORTED_ENV = "AMCT_CAFFE_REPORTED"

@@ -9,6 +9,9 @@ schema lacks them, ``caffe_pb2`` is a module of the toolkit's own, built from th
 (every message, field and enum of its ``caffe.proto``, a fork's custom layers included) plus the
 deploy fields, in a descriptor pool of its own (so that it does not clash with pycaffe's module).
 Messages of either are the same on the wire and in text format.
+
+Importing this module (every Caffe-backed module does) makes the start-up report of
+:mod:`amct_retrain.caffe_build`: the project's Caffe fixes the Caffe in use lacks.
 """
 import types
 
@@ -16,6 +19,7 @@ from caffe.proto import caffe_pb2 as pycaffe_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
+from amct_retrain import caffe_build
 from amct_retrain.errors import AmctError
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -102,3 +106,6 @@ def with_deploy_fields(module: types.ModuleType) -> types.ModuleType:
 
 
 caffe_pb2 = pycaffe_pb2 if has_deploy_fields(pycaffe_pb2) else with_deploy_fields(pycaffe_pb2)
+
+# At start-up: say which of the project's Caffe fixes the Caffe in use lacks (a user's own Caffe).
+caffe_build.report()

@@ -7,10 +7,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import config as cfg
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.config import (
     QUANTIZABLE_RULES,
     ConfigError,
@@ -21,6 +21,8 @@ from amct_retrain.config import (
     load_retrain_config,
     quantizable_layers,
 )
+
+pytestmark = pytest.mark.caffe  # the config reads nets as Caffe's NetParameter (caffe_pb2)
 
 # conv1 -> relu1 -> pool1 (MAX) -> conv2 (depthwise) -> ip1 -> relu2 -> ip2, with the data
 # layer listed twice (TRAIN and TEST), as real train/val prototxts do.

@@ -6,9 +6,9 @@ import caffe
 import lmdb
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from tests.lmdb_data import data_layer, run_child, write_lmdb
 
 pytestmark = pytest.mark.caffe

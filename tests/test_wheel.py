@@ -47,7 +47,7 @@ def test_wheel_holds_every_module_the_layers_and_the_templates(wheel):
     assert "amct-retrain = amct_retrain.cli:main" in archive.read(f"{dist_info}/entry_points.txt").decode()
     metadata = email.parser.Parser().parsestr(archive.read(f"{dist_info}/METADATA").decode())
     requires = " ".join(metadata.get_all("Requires-Dist"))
-    for dependency in ("numpy", "protobuf", "pyyaml", "tensorboardX", "tqdm", 'onnx>=1.16; extra == "onnx"',
+    for dependency in ("matplotlib", "numpy", "protobuf", "pyyaml", "tensorboardX", "tqdm", 'onnx>=1.16; extra == "onnx"',
                        'onnxruntime>=1.18; extra == "onnx"'):
         assert dependency in requires, f"the wheel does not declare {dependency}: {requires}"
 
@@ -71,6 +71,8 @@ def test_wheel_installed_in_a_fresh_venv_with_pycaffe_works(wheel, tmp_path):
 import amct_retrain, amct_retrain_layers, caffe
 from amct_retrain import solver
 assert amct_retrain.__file__.startswith({str(site)!r}), amct_retrain.__file__
+import amct_retrain.analysis.runner as analysis  # a subpackage, from the wheel
+assert analysis.__file__.startswith({str(site)!r}) and amct_retrain.analyze is analysis.analyze, analysis.__file__
 assert amct_retrain_layers.__file__.startswith({str(site)!r}), amct_retrain_layers.__file__
 for template in ("retrain_sgd", "retrain_adam"):  # the templates, from the installed package data
     solver.create_solver("solver.prototxt", "retrain.prototxt", max_iter=10, test_iter=1, template=template)

@@ -11,6 +11,7 @@ CACHE="${AMCT_CACHE:-$HOME/.cache/amct_retrain}"
 APT_PACKAGES="build-essential libboost-system-dev libboost-thread-dev libboost-filesystem-dev
   libboost-regex-dev libboost-python-dev libprotobuf-dev protobuf-compiler libgoogle-glog-dev
   libgflags-dev libhdf5-dev libopenblas-dev liblmdb-dev python3 python3-dev python3-venv"
+APT_PACKAGES="$APT_PACKAGES chromium"  # the headless browser tests/test_analysis.py runs report.html in
 
 STEP=""
 step() { STEP="$1"; echo "[setup] $1"; }
@@ -114,5 +115,5 @@ if ! "$VENV/bin/python" -c "import caffe, sys; sys.exit('Python' not in caffe.la
 fi
 # Reports, in plain words and with the workaround, each of the project's Caffe fixes it lacks.
 "$VENV/bin/python" -c "import logging; logging.basicConfig(format='[setup] %(levelname)s: %(message)s'); \
-import amct_retrain, amct_retrain_layers"
+import amct_retrain_layers, amct_retrain.caffe_proto"
 echo "[setup] ready: $VENV (Caffe at $SRC)"

@@ -52,12 +52,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from amct_retrain import numerics, reference
+from amct_retrain import numerics, saved_models
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.fileio import atomic_write
 from amct_retrain.graph import model_io
@@ -224,10 +224,10 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         layer = layers[i]
         if layer.type == "Quant":
             triple = layers[i:i + 3]
-            if len(triple) < 3 or triple[1].type not in reference.QUANTIZED_TYPES or triple[2].type != "DeQuant":
+            if len(triple) < 3 or triple[1].type not in saved_models.QUANTIZED_TYPES or triple[2].type != "DeQuant":
                 raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
-                                 f"{'/'.join(reference.QUANTIZED_TYPES)} layer and a DeQuant layer")
-            reference.check_quantized_layer(triple[1], model_file)
+                                 f"{'/'.join(saved_models.QUANTIZED_TYPES)} layer and a DeQuant layer")
+            saved_models.check_quantized_layer(triple[1], model_file)
             units.append(_check_wiring(_QuantizedLayer(*triple), model_file))
             i += 3
             continue
@@ -237,7 +237,7 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         if layer.type not in DATA_TYPES | OUTPUT_TYPES and layer.type not in FLOAT_CONVERTERS:
             raise ModelError(f"{model_file}: layer '{layer.name}' has type '{layer.type}', which the ONNX export "
                              f"does not support (supported: {', '.join(sorted(FLOAT_CONVERTERS))}, "
-                             f"Quant/DeQuant around {'/'.join(reference.QUANTIZED_TYPES)}, data and loss layers)")
+                             f"Quant/DeQuant around {'/'.join(saved_models.QUANTIZED_TYPES)}, data and loss layers)")
         units.append(layer)
         i += 1
     return units
@@ -587,7 +587,7 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
     """The QDQ form of a Quant -> layer -> DeQuant triple (see the module docstring)."""
     layer = q.layer
     rule = QUANTIZABLE_RULES[layer.type]
-    ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
+    ints = saved_models.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
     # The output channels' weight axis: 0, or 1 for a Deconvolution (group 1, checked in _plan).
     axis = rule.channel_axis
     # An AVE Pooling has no weights: one deq per channel, the strict shape inference checks the count.
@@ -652,7 +652,7 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
 
 def _read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
     try:
-        return reference.read_deploy_blobs(weights_file)
+        return saved_models.read_deploy_blobs(weights_file)
     except DecodeError as err:
         raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
 

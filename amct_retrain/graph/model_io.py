@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf.message import DecodeError
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import parse_text_proto, read_text_file
 from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 
 def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
@@ -286,7 +286,7 @@ def caffemodel_bytes(name: str, params: Mapping[str, list[np.ndarray]]) -> bytes
 _PROBE = """
 import json, os, sys, tempfile
 import caffe
-from caffe.proto import caffe_pb2
+from caffe.proto import caffe_pb2  # pycaffe's own schema: the net goes to this Caffe's C++ parser
 from google.protobuf import text_format
 caffe.set_mode_cpu()
 # Shapes only: without fillers (constant 0) Caffe does not spend seconds drawing random weights.
