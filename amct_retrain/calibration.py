@@ -33,10 +33,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.config import (QUANTIZABLE_RULES, CalibrationConfig, ConfigError, LayerCalibrationConfig,
                                  create_quant_config, layers_by_name, load_calibration_config, quantizable_layers,
                                  shape_constraint_broken, without_shape_broken_layers)

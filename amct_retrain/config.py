@@ -55,10 +55,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from caffe.proto import caffe_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs, parse_text_proto, read_text_file
 from amct_retrain.graph.model_io import probe_net, read_prototxt
 from amct_retrain.layer_types import (QUANTIZABLE_RULES, TILING_CONSTRAINT, Constraint, QuantRule, layers_by_name,

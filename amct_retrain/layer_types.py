@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from caffe.proto import caffe_pb2
 
 from amct_retrain import numerics
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry, pool_windows_tile
 
 __all__ = ["Constraint", "ShapeConstraint", "QuantRule", "QUANTIZABLE_RULES", "TILING_CONSTRAINT",

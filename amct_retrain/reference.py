@@ -13,10 +13,10 @@ import struct
 import tempfile
 
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError

@@ -4,11 +4,11 @@ import logging
 import os
 
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io
 from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql

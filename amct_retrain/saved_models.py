@@ -7,9 +7,9 @@ weights, int32 bias and packed deq_scale of each quantized layer, checked.
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
 
 from amct_retrain import numerics
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.errors import ModelError
 from amct_retrain.graph import model_io
 from amct_retrain.layer_types import QUANTIZABLE_RULES, quantizable_layers

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain import numerics, record
 from amct_retrain.errors import ArgumentError, OutputPathError
 from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs

@@ -18,13 +18,13 @@ from typing import Any
 
 import caffe
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from google.protobuf.text_encoding import CEscape
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain import fileio, numerics, record, tensorboard
 from amct_retrain.config import ConfigError, read_config_json
 from amct_retrain.errors import ArgumentError, InputMissingError, SolverError  # noqa: F401 (re-exported)

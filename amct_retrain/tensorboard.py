@@ -194,7 +194,7 @@ def caffe_train_tests(cmdline: str = "/proc/self/cmdline") -> CaffeTrainTests | 
     ``test_initialization``). None in any other process (pycaffe), without a TEST phase, or
     with several test nets.
     """
-    from caffe.proto import caffe_pb2  # the layers' process has pycaffe
+    from amct_retrain.caffe_proto import caffe_pb2  # the layers' process has pycaffe
     from google.protobuf import text_format
 
     try:

@@ -10,7 +10,7 @@ import pathlib
 
 import caffe
 import numpy as np
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 
 

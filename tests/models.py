@@ -19,9 +19,9 @@ import caffe
 import numpy as np
 from caffe import layers as L
 from caffe import params as P
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
 
 QUANTIZABLE_TYPES = ("Convolution", "InnerProduct")

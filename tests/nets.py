@@ -3,9 +3,9 @@ import pathlib
 
 import caffe
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
 

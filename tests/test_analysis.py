@@ -10,14 +10,15 @@ import subprocess
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import cli, numerics, record, tensorboard
 from amct_retrain.analysis import metrics, report
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.saver import output_files
 from tests import analysis_check, nets
+from tests.lmdb_data import write_lmdb
 from tests.test_tensorboard import CAFFE
 
 # --------------------------------------------------------------------------- metrics (numpy only)
@@ -339,7 +340,7 @@ def test_report_images_decode_and_render(analysed, tmp_path):
 LMDB_NET = """name: "digits_lmdb"
 layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TRAIN }}
   transform_param {{ scale: 0.0625 mean_value: 4 mirror: true crop_size: 6 }}
-  data_param {{ source: "{train_source}" batch_size: 32 backend: LMDB }} }}
+  data_param {{ source: "{source}" batch_size: 32 backend: LMDB }} }}
 layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
   transform_param {{ scale: 0.0625 mean_value: 4 crop_size: 6 }}
   data_param {{ source: "{source}" batch_size: 50 backend: LMDB }} }}
@@ -362,24 +363,14 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip1" bottom: "label" top: 
 def _lmdb_model(tmp_path) -> dict:
     """Digits (uint8 8 x 8) in an LMDB read by TRAIN and TEST Data layers with transform_param, a
     Conv + BatchNorm + Scale; weights from fillers (through an Input twin, so that no net of this
-    process opens the LMDB), BatchNorm statistics set; calibrated in a child `caffe test`."""
-    import lmdb
+    process opens the LMDB), BatchNorm statistics set; calibrated in a child `caffe test`. Both Data
+    layers read one LMDB (the probes build both phases in one process)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    source = tmp_path / "digits_lmdb"
-    env = lmdb.open(str(source), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        for i, (image, label) in enumerate(zip(digits.images[:100], digits.target[:100])):
-            datum = caffe_pb2.Datum(channels=1, height=8, width=8, data=image.astype(np.uint8).tobytes(),
-                                    label=int(label))
-            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
-    env.close()
+    source = write_lmdb(tmp_path / "digits_lmdb", digits.images[:100, None].astype(np.uint8), digits.target[:100])
     model, twin, weights = tmp_path / "float.prototxt", tmp_path / "twin.prototxt", tmp_path / "float.caffemodel"
-    # A TRAIN source of its own: the probes of this Caffe build both phases in one process, and its
-    # data reader aborts when two nets read one LMDB.
-    shutil.copytree(source, tmp_path / "digits_train_lmdb")
-    model.write_text(LMDB_NET.format(source=source, train_source=tmp_path / "digits_train_lmdb") + LMDB_BODY)
+    model.write_text(LMDB_NET.format(source=source) + LMDB_BODY)
     twin.write_text(LMDB_INPUT + LMDB_BODY)
     net = caffe.Net(str(twin), caffe.TEST)
     rng = np.random.default_rng(5)

@@ -91,14 +91,18 @@ def test_schema_carries_deploy_fields_with_original_numbers():
     assert struct.unpack("b", again.quant_param.offset)[0] == -128
 
 
+# A net whose one layer is a toolkit's Python layer (amct_retrain_layers), fed a constant.
+PYTHON_LAYER_NET = """layer { name: "data" type: "DummyData" top: "x"
+  dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 0.3 } } }
+layer { name: "q" type: "Python" bottom: "x" top: "y"
+  python_param { module: "amct_retrain_layers.activation" layer: "ActivationULQ"
+                 param_str: '{"name": "q", "clip_min": -1.0, "clip_max": 1.0}' } }
+"""
+
+
 def test_caffe_wrapper_runs_python_layers_without_user_environment(tmp_path):
     model = tmp_path / "py.prototxt"
-    model.write_text("""layer { name: "data" type: "DummyData" top: "x"
-      dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "constant" value: 0.3 } } }
-    layer { name: "q" type: "Python" bottom: "x" top: "y"
-      python_param { module: "amct_retrain_layers.activation" layer: "ActivationULQ"
-                     param_str: '{"name": "q", "clip_min": -1.0, "clip_max": 1.0}' } }
-    """)
+    model.write_text(PYTHON_LAYER_NET)
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
     run = subprocess.run([CAFFE, "time", f"-model={model}", "-iterations=1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)

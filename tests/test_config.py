@@ -7,9 +7,9 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain import config as cfg
 from amct_retrain.errors import OutputPathError
 from amct_retrain.config import (

@@ -5,9 +5,9 @@ import logging
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import fuse
 from amct_retrain.graph.model_io import ModelError, caffemodel_bytes, read_prototxt
 

@@ -14,9 +14,9 @@ PACKAGE, LAYERS_PACKAGE = "amct_retrain", "amct_retrain_layers"  # layers/ insta
 # from its own row where the row is in PEERS, or, within API_ROW, another module's public API
 # (amct_retrain.__all__).
 ROWS: list[tuple[str, ...]] = [
-    ("errors",),
+    ("errors", "caffe_build"),
     ("fileio",),
-    ("numerics", "feeding"),
+    ("numerics", "feeding", "caffe_proto"),
     ("record", "tensorboard", "analysis.metrics", "analysis.plots"),
     ("analysis.report",),
     ("layer_specs", "graph.caffe_params"),

@@ -1,9 +1,9 @@
 """The per-type table: every quantizable type has the hooks the graph passes and the integer executor use."""
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.layer_types import QUANTIZABLE_RULES, shape_constraint_broken
 
 pytestmark = pytest.mark.caffe  # the table reads Caffe's LayerParameter (caffe_pb2)

@@ -77,8 +77,8 @@ def test_broken_v1_net_is_an_error_naming_the_file(tmp_path):
 
 def test_fast_caffemodel_reader_agrees_with_protobuf(tmp_path):
     import caffe
-    from caffe.proto import caffe_pb2
 
+    from amct_retrain.caffe_proto import caffe_pb2
     from amct_retrain.graph.model_io import CaffemodelParams, read_caffemodel
 
     model = tmp_path / "v1.prototxt"

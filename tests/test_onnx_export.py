@@ -8,10 +8,10 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
-from caffe.proto import caffe_pb2  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 
 from amct_retrain import numerics, record  # noqa: E402
+from amct_retrain.caffe_proto import caffe_pb2  # noqa: E402
 from amct_retrain.export.onnx import OPSET, export_onnx, recover_scales  # noqa: E402
 from amct_retrain.graph.model_io import ModelError  # noqa: E402
 from samples import digits_demo  # noqa: E402

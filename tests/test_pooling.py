@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.config import ConfigError
 from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql

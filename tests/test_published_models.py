@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import numerics, record
 from amct_retrain import solver as amct_solver
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError

@@ -4,9 +4,9 @@ import json
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 
 from amct_retrain import record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps, saved_model_parity
 from amct_retrain.saver import output_files

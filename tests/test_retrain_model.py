@@ -5,11 +5,11 @@ import json
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
 from tests import nets

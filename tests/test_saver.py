@@ -6,11 +6,11 @@ import struct
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph.model_io import ModelError, read_caffemodel
 from amct_retrain.saver import output_files
 from tests import nets

@@ -7,10 +7,10 @@ import sys
 import caffe
 import numpy as np
 import pytest
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record, solver, tensorboard
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph.model_io import read_caffemodel
 from amct_retrain.solver import SolverError
 from tests import nets

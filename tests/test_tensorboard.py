@@ -156,7 +156,7 @@ def test_caffe_train_layers_log_clips_scales_and_shift_n(tmp_path):
 
 
 def test_caffe_train_tests_reads_the_solver_and_the_resume_point_from_the_command_line(tmp_path):
-    from caffe.proto import caffe_pb2
+    from amct_retrain.caffe_proto import caffe_pb2
 
     solver_file = tmp_path / "solver.prototxt"
     solver_file.write_text("net: 'n.prototxt' test_iter: 9 test_interval: 10 max_iter: 30 test_initialization: false")

@@ -2,8 +2,8 @@
 train_val has it, Concat, LRN, Eltwise, MAX and AVE pooling, Dropout, and its Input-layer deploy
 twin) through the toolkit, in real Caffe: each field defect of issue 9 has its test here.
 
-One LMDB is read by one net at a time (see tests/user_model.py): every test works on its own copy
-(``user.copy_to``), and a test that holds two nets gives each its own copy.
+Every test works on its own copy of the prototxts and weights (``user.copy_to``); all nets read
+the same LMDBs, two at once where a test holds two nets (see tests/user_model.py).
 """
 import gc
 import json
@@ -73,15 +73,15 @@ def caffe_printed_outputs(log: str) -> dict[str, float]:
 
 
 def test_output_blob_evaluator_returns_the_mean_over_test_batches(user, tmp_path):
-    own, other = user.copy_to(tmp_path / "a"), user.copy_to(tmp_path / "b")
+    own = user.copy_to(tmp_path / "model")
     by_hand = test_accuracy_batches(own.train_val, own.weights, user_model.TEST_ITER)
     assert np.mean(by_hand) != by_hand[-1], f"the mean is the last batch's, the test cannot tell them: {by_hand}"
-    metric = OutputBlobEvaluator("accuracy", test_iter=user_model.TEST_ITER).evaluate(str(other.train_val),
-                                                                                      str(other.weights))
+    metric = OutputBlobEvaluator("accuracy", test_iter=user_model.TEST_ITER).evaluate(str(own.train_val),
+                                                                                      str(own.weights))
     assert metric == pytest.approx(np.mean(by_hand), abs=1e-6), \
         f"evaluate gave {metric}, the mean of the batches is {np.mean(by_hand)} (last batch {by_hand[-1]})"
     with pytest.raises(ModelError, match="no output blob 'acc'"):
-        OutputBlobEvaluator("acc").evaluate(str(other.train_val), str(other.weights))
+        OutputBlobEvaluator("acc").evaluate(str(own.train_val), str(own.weights))
 
 
 # --------------------------------------------------------------------------- 6. BatchNorm, TEST-phase nets

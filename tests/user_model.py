@@ -1,7 +1,7 @@
 """A Caffe user's own model, as a user brings it to the toolkit.
 
 ``train_val.prototxt``: LMDB ``Data`` layers for TRAIN and TEST (scikit-learn's digits, upscaled
-to 18 x 18, written as ``caffe_pb2.Datum`` records) with ``transform_param`` scale, mean_value,
+to 18 x 18, written with pycaffe's ``caffe.io.array_to_datum``) with ``transform_param`` scale, mean_value,
 mirror (TRAIN) and crop; Conv + BatchNorm + Scale with ``use_global_stats`` unset, as a
 train_val file has it (batch statistics in TRAIN, the stored ones in TEST); two branches joined
 by Concat; LRN; an Eltwise shortcut; MAX and AVE pooling; Dropout; InnerProduct; SoftmaxWithLoss
@@ -9,10 +9,9 @@ and a TEST-only Accuracy. ``deploy.prototxt`` is its twin fed by an ``Input`` la
 
 The float weights come from ``caffe train`` (the binary, in a child process).
 
-Two pycaffe nets in one process must not read one LMDB at the same time with the pinned Caffe
-(its shared data reader aborts, ``data_reader.cpp``): :meth:`UserModel.copy_to` gives a test its
-own copy of the LMDBs, so that each net a test holds reads its own. Once the Caffe build gives
-every net its own reader of a shared source, tests can use one copy for every net.
+The project's Caffe gives every net its own reader of a shared LMDB (tools/caffe/patch_caffe.py,
+tests/test_lmdb.py), so the LMDBs are written once and every net of every test reads them:
+:meth:`UserModel.copy_to` gives a test its own prototxts and weights, not its own LMDBs.
 """
 import os
 import pathlib
@@ -21,13 +20,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import lmdb
 import numpy as np
-from caffe.proto import caffe_pb2
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from amct_retrain.solver import create_solver
+from tests.lmdb_data import write_lmdb
 
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
 SIZE, CROP = 18, 16               # stored image side, the crop the nets see
@@ -92,17 +90,6 @@ def digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
-def write_lmdb(path: pathlib.Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """uint8 (N, C, H, W) images and their labels as an LMDB of ``caffe_pb2.Datum``, keys in order."""
-    env = lmdb.open(str(path), map_size=1 << 28)
-    with env.begin(write=True) as txn:
-        for i, (image, label) in enumerate(zip(images, labels)):
-            c, h, w = image.shape
-            datum = caffe_pb2.Datum(channels=c, height=h, width=w, data=image.tobytes(), label=int(label))
-            txn.put(f"{i:08d}".encode(), datum.SerializeToString())
-    env.close()
-
-
 def transformed(images: np.ndarray) -> np.ndarray:
     """What the TEST Data layer makes of ``images``: the centre crop, (x - mean) * scale, float32."""
     off = (SIZE - CROP) // 2
@@ -131,17 +118,13 @@ class UserModel:
     test_lmdb: pathlib.Path
 
     def copy_to(self, folder: pathlib.Path) -> "UserModel":
-        """The same model and weights under ``folder``, reading its own copies of the LMDBs."""
+        """The same model and weights under ``folder``, reading the same LMDBs."""
         folder.mkdir(parents=True, exist_ok=True)
-        train_lmdb, test_lmdb = folder / "train_lmdb", folder / "test_lmdb"
-        shutil.copytree(self.train_lmdb, train_lmdb)
-        shutil.copytree(self.test_lmdb, test_lmdb)
         train_val, deploy = folder / "train_val.prototxt", folder / "deploy.prototxt"
         weights = folder / "float.caffemodel"
-        train_val.write_text(train_val_text(train_lmdb, test_lmdb))
-        shutil.copyfile(self.deploy, deploy)
-        shutil.copyfile(self.weights, weights)
-        return UserModel(folder, train_val, deploy, weights, train_lmdb, test_lmdb)
+        for source, copy in ((self.train_val, train_val), (self.deploy, deploy), (self.weights, weights)):
+            shutil.copyfile(source, copy)
+        return UserModel(folder, train_val, deploy, weights, self.train_lmdb, self.test_lmdb)
 
 
 def build(folder: pathlib.Path, iters: int = FLOAT_ITERS) -> UserModel:

@@ -4,8 +4,8 @@ How the two nets get identical batches: the float net reads its own data layers 
 HDF5Data, DummyData, ...) or the inputs the user feeds; the fake-quant net is built with each
 of its data layers replaced by an Input layer, and each batch the float net's data layers
 produced is copied into it. Only one net ever opens a data source, so this works for every
-data layer type, LMDB included (two nets reading one LMDB in one process is what this Caffe
-cannot do), and for DummyData, whose random batches two nets would otherwise draw apart.
+data layer type (with a user's own Caffe too, whose Data layers may not share an LMDB between
+two nets), and for DummyData, whose random batches two nets would otherwise draw apart.
 
 Outputs are read right after the layer that writes them (an in-place ReLU later rewrites the
 blob); inputs right before the fake-quant layer reads them. For a layer whose BatchNorm and
@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from tqdm import tqdm
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain import numerics, tensorboard
 from amct_retrain.analysis import metrics
 from amct_retrain.errors import AnalysisError, ArgumentError, LayerParamError, ModelError, OutputPathError

@@ -53,11 +53,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
 from amct_retrain import numerics, saved_models
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph import model_io

@@ -1,7 +1,7 @@
 """Caffe layer parameters normalised the way Caffe itself reads them."""
 from dataclasses import dataclass
 
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ that version reads the observer's (identical) output instead.
 """
 from collections.abc import Mapping
 
-from caffe.proto import caffe_pb2
-
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.insert import with_phase_rules
 

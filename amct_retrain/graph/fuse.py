@@ -41,8 +41,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph.model_io import ModelError, may_run_in_phase  # noqa: F401 (re-exported)
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 

@@ -7,10 +7,9 @@ layer reads it before a later in-place write); each quantized layer keeps its ow
 """
 from collections.abc import Mapping, Sequence
 
-from caffe.proto import caffe_pb2
-
 import numpy as np
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.model_io import ModelError

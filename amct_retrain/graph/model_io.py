@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import parse_text_proto, read_text_file
 from amct_retrain.graph.caffe_params import weight_shape_mismatch
 from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
@@ -97,10 +97,14 @@ def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
 
 def caffe_tool(name: str) -> str:
     """Path of one of the built Caffe's command-line tools (``upgrade_net_proto_text``, ...)."""
-    import caffe  # the tools sit in the build tree beside pycaffe
+    from amct_retrain import caffe_build  # the tools sit in the build tree beside pycaffe
 
-    build = os.path.join(os.path.dirname(caffe.__file__), "..", "..", ".temp_release", "tools")
-    return os.path.normpath(os.path.join(build, f"{name}.bin"))
+    root = caffe_build.caffe_root()
+    path = caffe_build.caffe_tool(root, name)
+    if path is None:
+        raise ModelError(f"the Caffe at {root} has no command-line tool '{name}' in build/tools: build its tools "
+                         "(make all)")
+    return path
 
 
 def _upgraded(path: str) -> caffe_pb2.NetParameter:

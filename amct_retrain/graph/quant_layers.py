@@ -6,8 +6,7 @@ The layers' module paths, blob order and param_str keys are their specs
 import json
 from collections.abc import Mapping, Sequence
 
-from caffe.proto import caffe_pb2
-
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.layer_specs import (ACTIVATION_OBSERVER, ACTIVATION_ULQ, FAKE_QUANT_ACTIVATION, LAYERS_MODULE,
                                       REQUANTIZE, SHIFT_N_OBSERVER, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ,
                                       LayerSpec, param_name)

@@ -2,9 +2,8 @@
 import struct
 from collections.abc import Mapping
 
-from caffe.proto import caffe_pb2
-
 from amct_retrain import numerics
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 
 

@@ -1,8 +1,7 @@
 """Graph pass: the float net back out of a retrained (quantization-aware) net."""
 from dataclasses import dataclass
 
-from caffe.proto import caffe_pb2
-
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ

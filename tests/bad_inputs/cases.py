@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from caffe.proto import caffe_pb2
+from amct_retrain.caffe_proto import caffe_pb2
 from google.protobuf import text_format
 
 from tests import nets

@@ -14,11 +14,11 @@ import pathlib
 
 import caffe
 import numpy as np
-from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 import amct_retrain
 from amct_retrain import record
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
 from amct_retrain.graph.fuse import fuse_batchnorm, fuse_for_retraining
 from amct_retrain.graph.strip import find_quantized_layers, strip_quant_layers
