@@ -49,16 +49,14 @@ from caffe.proto import caffe_pb2 as pycaffe_pb2
 import amct_retrain
 from amct_retrain import caffe_build
 from amct_retrain.caffe_proto import caffe_pb2
+from amct_retrain.graph import model_io
 from amct_retrain.reference import saved_model_parity
-from google.protobuf import text_format
 from tests import nets
 
 tmp = pathlib.Path(sys.argv[1])
 files = nets.retrain_and_save(tmp, nets.FLOAT_NET % {"fc": 10}, "small", 4)
 deploy = caffe_pb2.NetParameter.FromString(open(files["deploy_weights"], "rb").read())
-# The Quant layers (no blobs) are in the deploy prototxt; the weights file holds the layers with blobs.
-model = text_format.Parse(open(files["deploy_model"]).read(), caffe_pb2.NetParameter())
-quant = [layer for layer in model.layer if layer.type == "Quant"]
+quant = [layer for layer in model_io.read_prototxt(files["deploy_model"]).layer if layer.type == "Quant"]
 print(json.dumps({
     "caffe_root": caffe_build.caffe_root(),
     "fixed": caffe_build.inspect().fixed,
