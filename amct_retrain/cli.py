@@ -78,8 +78,15 @@ def _caffe_log_in(path: str) -> Iterator[None]:
 def _train(args: argparse.Namespace) -> None:
     caffe_log = args.caffe_log or amct_solver.caffe_log_file(args.solver)
     LOG.info("Caffe's log: %s", caffe_log)
-    with _caffe_log_in(caffe_log):
-        snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
+    existed = os.path.exists(caffe_log)
+    try:
+        with _caffe_log_in(caffe_log):
+            snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
+    except BaseException:
+        # Refused before Caffe ran (a bad input): leave no empty log behind.
+        if not existed and os.path.exists(caffe_log) and os.path.getsize(caffe_log) == 0:
+            os.remove(caffe_log)
+        raise
     LOG.info("final snapshot: %s", snapshot)
 
 
