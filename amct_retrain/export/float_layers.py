@@ -238,7 +238,7 @@ def _eltwise(g: Graph, layer: caffe_pb2.LayerParameter, params: list[np.ndarray]
             raise ModelError(f"{g.where(layer)}: {len(p.coeff)} coeff values for {len(xs)} bottoms")
         coeffs = list(p.coeff) or [1.0] * len(xs)
         terms = [x if c == 1 else g.op("Mul", [x, g.const("coeff", np.float32(c))]) for x, c in zip(xs, coeffs)]
-        g.op("Sum", terms, out)
+        g.op("Add" if len(terms) == 2 else "Sum", terms, out)  # Add: what QDQ consumers quantize
     elif p.operation == _E.MAX:
         g.op("Max", xs, out)
     else:  # PROD: Mul is binary in ONNX

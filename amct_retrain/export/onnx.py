@@ -46,8 +46,8 @@ from amct_retrain import numerics, reference
 from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.export import float_layers as fl
 from amct_retrain.export.graph import (DATA_TYPES, IR_VERSION, OPSET, OUTPUT_TYPES, Graph, QuantizedLayer,
-                                       blob_count, data_tops, input_blobs, plan, resolve_input_shapes, test_phase_layers,
-                                       unit_name, unit_tops)
+                                       blob_count, data_tops, input_blobs, plan, resolve_input_shapes,
+                                       test_phase_layers, unit_name, unit_tops)
 from amct_retrain.fileio import atomic_write
 from amct_retrain.graph import model_io
 from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
@@ -196,7 +196,7 @@ def _read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]
 
 def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str | os.PathLike,
                 onnx_file: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                mode: str = "exact") -> None:
+                mode: str = "standard") -> None:
     """Write the deploy model (``*_deploy_model.prototxt`` + ``*_deploy_weights.caffemodel``) as an
     opset-21 ONNX model that onnxruntime runs on the CPU, with a symbolic batch axis.
 
@@ -228,12 +228,14 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
 
     final_writers = {top: unit_name(u) for u in units for top in unit_tops(u)}
     g = Graph(model_file, set(inputs) | set(final_writers), final_writers)
+    finish: Callable[[Graph], None] = lambda g: None
     if mode == "exact":
         convert_quantized: QuantizedConverter = _exact_quantized
     else:
-        from amct_retrain.export import standard
+        from amct_retrain.export.standard import Standard  # it builds on this module's factors
 
-        convert_quantized = standard.Standard(units, deploy, weights_file).convert
+        standard = Standard()
+        convert_quantized, finish = standard.convert, standard.finish
     for name in net.input:
         g.add_input(name, shapes[name])
     for unit in units:
@@ -248,6 +250,7 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
             g.scope = unit.name
             params = [model_io.blob_to_array(b, weights_file, unit.name) for b in deploy.get(unit.name, [])]
             fl.FLOAT_CONVERTERS[unit.type](g, unit, params)
+    finish(g)
 
     graph = helper.make_graph(g.nodes, net.name or "caffe_net", g.inputs, g.output_infos(), g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
