@@ -77,3 +77,14 @@ def assert_exact_on_random_activations(deploy_model: str, deploy_weights: str, o
             f"(first at {np.argwhere(differ)[0]}: onnx {got[differ][0]!r}, numerics {expected[differ][0]!r})")
         compared[layer.name] = x.size
     return compared
+
+
+def fed_like_caffe(fake, session: ort.InferenceSession, blob: str, batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """(onnx, Caffe) values of ``blob`` over ``batches`` forwards of the Caffe net ``fake``, whose
+    DummyData draws a new ``data`` batch every forward, each fed to the ONNX session too."""
+    got, expected = [], []
+    for _ in range(batches):
+        fake.forward()
+        got.append(session.run([blob], {"data": fake.blobs["data"].data})[0])
+        expected.append(fake.blobs[blob].data.copy())
+    return np.concatenate(got), np.concatenate(expected)

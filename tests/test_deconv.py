@@ -128,12 +128,7 @@ def test_exact_onnx_export_runs_the_quantized_deconvolution_like_the_fake_quant_
 
     fake = caffe.Net(seg["fake_quant_model"], caffe.TEST, weights=seg["fake_quant_weights"])
     session = onnx_checks.session(seg["onnx"])
-    got, expected = [], []
-    for _ in range(8):  # DummyData draws a new batch every forward
-        fake.forward()
-        got.append(session.run(["deconv"], {"data": fake.blobs["data"].data})[0])
-        expected.append(fake.blobs["deconv"].data.copy())
-    got, expected = np.concatenate(got), np.concatenate(expected)
+    got, expected = onnx_checks.fed_like_caffe(fake, session, "deconv", 8)
     assert got.shape == expected.shape, f"onnx output {got.shape}, fake-quant {expected.shape}"
     same = got.view(np.int32) == expected.view(np.int32)
     assert same.all(), f"{np.mean(~same):.2%} of {got.size} outputs differ from the fake-quant model"

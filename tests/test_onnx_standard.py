@@ -15,7 +15,7 @@ from amct_retrain import record
 from amct_retrain.export import export_onnx
 from amct_retrain.export.standard import INT16_TO_8_BITS
 from amct_retrain.reference import output_steps
-from tests import models, nets
+from tests import models, nets, onnx_checks
 
 pytestmark = pytest.mark.caffe
 
@@ -78,6 +78,10 @@ def test_standard_demo_runs_on_integer_kernels(demo, tmp_path):
     assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points), "activations not uint8"
     # The record's offset_d -128 (ReLU outputs, and the demo's non-negative images) is zero point 0.
     assert {int(onnx.numpy_helper.to_array(z)) for z in zero_points} == {0}, zero_points
+    weights = {name: inits[f"{name}/weights"].data_type for name in ("conv1", "conv2", "ip1", "ip2")}
+    assert weights == {"conv1": onnx.TensorProto.UINT8, "conv2": onnx.TensorProto.INT8,
+                       "ip1": onnx.TensorProto.INT8, "ip2": onnx.TensorProto.INT8}, \
+        f"weight types {weights}: uint8 (exact u8 x u8 products) only where the graph input is quantized"
     ops = optimized_ops(onnx_file, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 2 and not ops["Conv"] and not ops["Gemm"], \
         f"onnxruntime does not run every quantized layer on integer kernels: {dict(ops)}"
@@ -100,18 +104,13 @@ def test_standard_resnet_style_keeps_the_shortcut_sums_quantized(resnet_style, t
     onnx_file = tmp_path / "standard.onnx"
     export_onnx(resnet_style["deploy_model"], resnet_style["deploy_weights"], onnx_file)
     ops = optimized_ops(onnx_file, tmp_path)
-    # 12 convolutions: the stem's output feeds a MaxPool read by two quantizers of different
-    # scales, and the last sum feeds the float global pooling, so those two stay float.
+    # 12 convolutions: the last sum feeds the float global pooling, so it and the two
+    # convolutions it adds stay float.
     assert ops["QLinearConv"] == 10 and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1, dict(ops)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     caffe.set_random_seed(11)  # the DummyData batches
     fake = caffe.Net(resnet_style["fake_quant_model"], caffe.TEST, weights=resnet_style["fake_quant_weights"])
-    got, expected = [], []
-    for _ in range(30):  # DummyData draws a new batch every forward
-        fake.forward()
-        got.append(session.run(["fc10"], {"data": fake.blobs["data"].data})[0])
-        expected.append(fake.blobs["fc10"].data.copy())
-    got, expected = np.concatenate(got), np.concatenate(expected)
+    got, expected = onnx_checks.fed_like_caffe(fake, session, "fc10", 30)
     step = output_steps(record.read_record(resnet_style["record"])["fc10"])
     f = fidelity(got, expected, step)
     # Random inputs to a barely trained net give close logits (top-1 agreement 0.94 to 1.0

@@ -80,6 +80,10 @@ class Graph:
         self._tensors[blob] = blob
         self._ranks[blob] = len(shape)
 
+    def is_input(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a graph input."""
+        return tensor in self._input_names
+
     def read(self, blob: str, layer: caffe_pb2.LayerParameter) -> str:
         """The tensor that holds ``blob`` now."""
         if blob not in self._tensors:
