@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 
 from amct_retrain import calibration, numerics, record
+from amct_retrain.errors import ModelError
 from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
-from amct_retrain.retrain import existing_record, skip_fusion_entries
-from amct_retrain.saver import output_files
+from amct_retrain.record import existing_record, skip_fusion_entries
+from amct_retrain.saved_models import output_files
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 # Every trial saves both models: the accepted one is published as it is, without re-calibrating
 # (a second calibration on other batches could give other factors than the ones evaluated).
@@ -100,10 +101,12 @@ class OutputBlobEvaluator(AutoCalibrationEvaluatorBase):
         import caffe
 
         net = caffe.Net(model_file, caffe.TEST, weights=weights_file)
-        outputs = [net.forward() for _ in range(self.test_iter)]
-        if self.metric_blob not in outputs[0]:
-            raise ValueError(f"{model_file}: has no output blob '{self.metric_blob}' (outputs: {sorted(outputs[0])})")
-        return float(np.mean([float(o[self.metric_blob].ravel()[0]) for o in outputs]))
+        if self.metric_blob not in net.outputs:
+            raise ModelError(f"{model_file}: has no output blob '{self.metric_blob}' (outputs: {sorted(net.outputs)})")
+        # net.forward() returns views of the output blobs, which the next forward overwrites:
+        # each batch's metric is read before the next batch runs.
+        metrics = [float(net.forward()[self.metric_blob].ravel()[0]) for _ in range(self.test_iter)]
+        return float(np.mean(metrics))
 
 
 class SensitivityBase(abc.ABC):

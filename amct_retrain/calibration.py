@@ -27,7 +27,6 @@ included), or with factors that do not fit the layer is an error naming the laye
 Beside the record, ``<record>.forward_passes.json`` counts the TEST passes each layer's
 calibration saw, so that ``save_model`` can say how many ran when too few did.
 """
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -41,7 +40,7 @@ from amct_retrain import numerics, record
 from amct_retrain.config import (QUANTIZABLE_RULES, CalibrationConfig, ConfigError, LayerCalibrationConfig,
                                  create_quant_config, layers_by_name, load_calibration_config, quantizable_layers,
                                  shape_constraint_broken, without_shape_broken_layers)
-from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
+from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.calibrate import insert_calibration_layers
@@ -49,62 +48,16 @@ from amct_retrain.graph.fuse import FusedGroup, fuse_batchnorm, may_run_in_phase
 from amct_retrain.graph.insert import (activation_quantizer_owners, check_quantizable, fixed_weight_scale,
                                        weight_channel_axis)
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.retrain import check_outputs_are_not_inputs, existing_record, skip_fusion_entries
+from amct_retrain.record import (existing_record, forward_passes_file, forward_passes_text, read_forward_passes,
+                                 skip_fusion_entries)
 from amct_retrain.saver import SAVE_TYPES, ExportLayer, LayerFactors, write_quantized_models
 
 __all__ = ["create_quant_config", "init", "quantize_model", "save_model", "convert_model", "CalibrationGraph",
-           "activation_factors", "forward_passes_file", "read_forward_passes", "note_forward_passes"]
+           "forward_passes_file", "read_forward_passes"]
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 FACTOR_FIELDS = ("scale_d", "offset_d", "scale_w", "offset_w", "shift_bit")
 NOT_FLOAT_TYPES = ("Quant", "DeQuant", "AntiQuant")
-
-
-# --------------------------------------------------------------------------- what the observers compute
-
-
-def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
-                       symmetric: bool) -> tuple[np.float32, int]:
-    """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
-    one IFMR search (:func:`~amct_retrain.numerics.ifmr_search` with the arguments ``ifmr``) over
-    all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
-    offset_d is 0."""
-    clip_min, clip_max = numerics.ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
-    if symmetric:
-        bound = max(-clip_min, clip_max)
-        clip_min, clip_max = -bound, bound
-    return numerics.scale_offset_from_range(clip_min, clip_max)
-
-
-def forward_passes_file(record_file: str) -> str:
-    """The record's sidecar JSON, ``{layer: TEST forward passes its calibration saw}``."""
-    return f"{record_file}.forward_passes.json"
-
-
-def _forward_passes_text(counts: Mapping[str, int]) -> str:
-    return json.dumps(dict(counts), indent=1, sort_keys=True) + "\n"
-
-
-def read_forward_passes(record_file: str) -> dict[str, int]:
-    """The counts of :func:`forward_passes_file` (empty if the file does not exist)."""
-    path = forward_passes_file(record_file)
-    if not os.path.exists(path):
-        return {}
-    try:
-        counts = json.loads(read_text_file(path, "forward-pass file", ModelError))
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: not a forward-pass file (invalid JSON: {err})") from None
-    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
-        raise ModelError(f"{path}: not a forward-pass file ({{layer: count}} expected)")
-    return counts
-
-
-def note_forward_passes(record_file: str, layers: Iterable[str], count: int) -> None:
-    """Record that the calibration of ``layers`` has seen ``count`` TEST forward passes."""
-    counts = read_forward_passes(record_file)
-    counts.update(dict.fromkeys(layers, count))
-    # Read-modify-write without a lock: only the observers of one net write it, one after another.
-    atomic_write(forward_passes_file(record_file), _forward_passes_text(counts))
 
 
 # --------------------------------------------------------------------------- the model
@@ -205,7 +158,7 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
         raise ModelError(f"{record_file}: skip_fusion entry of layer '{unknown[0]}', which {model_file} lacks")
     with staged_outputs() as out:
         out.write(record_file, record.format_record(skip_fusion))
-        out.write(forward_passes_file(record_file), _forward_passes_text({}))
+        out.write(forward_passes_file(record_file), forward_passes_text({}))
     LOG.info("calibration of %d layer(s) over %d batch(es) set up; record file %s",
              len(config.layers), config.batch_num, record_file)
     return CalibrationGraph(os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file), record_file,
@@ -275,13 +228,14 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
     for name in _required_layers(fused.net):
         records.setdefault(name, record.SingleLayerRecord())  # no factors: kept in float
     config = graph.config
-    modified = insert_calibration_layers(fused.net, layers, owners, graph.record_file, config.batch_num,
+    ifmr = {name: layer_config.ifmr.ifmr_kwargs() for name, layer_config in layers.items()}
+    modified = insert_calibration_layers(fused.net, ifmr, owners, graph.record_file, config.batch_num,
                                          config.activation_offset)
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
         out.write(modified_weights_file, model_io.caffemodel_chunks(modified.name, fused.params))
         out.write(graph.record_file, record.format_record(records))
-        out.write(forward_passes_file(graph.record_file), _forward_passes_text(dict.fromkeys(layers, 0)))
+        out.write(forward_passes_file(graph.record_file), forward_passes_text(dict.fromkeys(layers, 0)))
     graph.calibrated = Calibrated(fused, layers)
     LOG.info("calibration model with %d quantized layer(s) written to %s and %s: run it %d time(s) in the TEST "
              "phase, then save_model", len(layers), modified_model_file, modified_weights_file, config.batch_num)

@@ -60,8 +60,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
-from amct_retrain.graph.caffe_params import pool_geometry, pool_windows_tile
 from amct_retrain.graph.model_io import read_prototxt
+from amct_retrain.layer_types import (QUANTIZABLE_RULES, TILING_CONSTRAINT, Constraint, QuantRule, layers_by_name,
+                                      quantizable_layers, rule_for, shape_constraint_broken)
 from amct_retrain.errors import ConfigError  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -112,156 +113,6 @@ def _err(path: str, message: str, layer: str | None = None, key: str | None = No
 
 
 # --------------------------------------------------------------------------- backend rules
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """One requirement a layer of a quantizable type must meet to be quantized.
-
-    ``text`` is what the user reads when it is broken, so it states the requirement
-    (e.g. ``"inner_product_param.transpose must be false"``).
-    """
-
-    text: str
-    check: Callable[[caffe_pb2.LayerParameter], bool]  # True when the layer meets it
-
-
-@dataclass(frozen=True)
-class QuantRule:
-    """How the backend quantizes one Caffe layer type.
-
-    ``applies`` selects the layers of the type the rule is about at all; the others
-    are plain float layers, silently (a later MAX Pooling must not warn like a
-    broken AVE Pooling).  ``constraints`` are checked on the selected layers; a
-    broken one leaves the layer in float with a warning, or is an error if the user
-    named the layer.  ``channel_axis`` is the weight axis of the output channels
-    (None: no weights).
-    """
-
-    layer_type: str
-    constraints: tuple[Constraint, ...] = ()
-    has_weights: bool = True
-    channel_wise_allowed: bool = False
-    channel_wise_default: bool = False
-    channel_axis: int | None = None
-    applies: Callable[[caffe_pb2.LayerParameter], bool] | None = None
-
-
-def _conv_filter_is_4d(layer: caffe_pb2.LayerParameter) -> bool:
-    # Caffe's filter has 2 + num_spatial_axes dims.  A 2-D net gives at most two
-    # values per spatial field; three kernel/pad/stride/dilation values mean an N-D
-    # (3-D) convolution.  A single kernel_size on a 5-D input cannot be told apart
-    # from the prototxt alone; shape checks belong to the graph passes.
-    p = layer.convolution_param
-    return all(len(field) <= 2 for field in (p.kernel_size, p.pad, p.stride, p.dilation))
-
-
-_FILTER_4D = Constraint("filter is not 4-D (only 2-D convolutions are quantizable)", _conv_filter_is_4d)
-
-QUANTIZABLE_RULES: dict[str, QuantRule] = {
-    "Convolution": QuantRule(
-        layer_type="Convolution",
-        constraints=(_FILTER_4D,),
-        channel_wise_allowed=True,
-        channel_wise_default=True,
-        channel_axis=0,
-    ),
-    # Weights (C_in, C_out/group, kh, kw): the output channels are axis 1.  The constraints are
-    # the target's (contract section 4); with groups, axis 1 would hold only C_out/group channels.
-    "Deconvolution": QuantRule(
-        layer_type="Deconvolution",
-        constraints=(
-            Constraint("convolution_param.group must be 1", lambda l: l.convolution_param.group == 1),
-            Constraint("convolution_param.dilation must be 1",
-                       lambda l: all(d == 1 for d in l.convolution_param.dilation)),
-            _FILTER_4D,
-        ),
-        channel_wise_allowed=True,
-        channel_wise_default=True,
-        channel_axis=1,
-    ),
-    # No weights: the integer layer sums the int8 codes of each window and the 1/n of the average
-    # moves into deq (scale_w = [1/n]). That is exact only when every window holds n inputs: no
-    # padding, no global pooling (its window is the whole input, unknown here), and windows that
-    # tile the input (checked on the input shape by the model builders, TILING_CONSTRAINT).
-    # MAX pooling is not quantized at all, silently (``applies``).
-    "Pooling": QuantRule(
-        layer_type="Pooling",
-        constraints=(
-            Constraint("pooling_param.global_pooling must be false", lambda l: not l.pooling_param.global_pooling),
-            Constraint("pooling_param.pad must be 0", lambda l: pool_geometry(l).pad == (0, 0)),
-        ),
-        has_weights=False,
-        applies=lambda l: l.pooling_param.pool == caffe_pb2.PoolingParameter.AVE,
-    ),
-    "InnerProduct": QuantRule(
-        layer_type="InnerProduct",
-        constraints=(
-            Constraint("inner_product_param.transpose must be false", lambda l: not l.inner_product_param.transpose),
-            Constraint("inner_product_param.axis must be 1", lambda l: l.inner_product_param.axis == 1),
-        ),
-        channel_wise_allowed=False,
-        channel_wise_default=False,
-        channel_axis=0,
-    ),
-}
-"""Quantizable Caffe layer types -> their :class:`QuantRule`.  Add an entry to support a type."""
-
-TILING_CONSTRAINT = ("the pooling windows must tile the input exactly "
-                     "((H - kernel_h) % stride_h == 0 and (W - kernel_w) % stride_w == 0)")
-"""The constraint of a quantized AVE Pooling that needs the input shape (see the Pooling rule)."""
-
-
-def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape) -> str | None:
-    """The broken constraint of a quantizable ``layer`` that only its input shape (N, C, H, W)
-    shows, else None: a Pooling whose windows do not tile the input."""
-    if layer.type == "Pooling" and not pool_windows_tile(layer, tuple(bottom_shape)[2:]):
-        return f"{TILING_CONSTRAINT}, input {tuple(bottom_shape)[2:]}"
-    return None
-
-
-def layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
-    """Layer name -> layer, in net order. A net may list one name several times under different
-    include{phase} rules (TRAIN and TEST data layers); the first definition stands for the name."""
-    layers: dict[str, caffe_pb2.LayerParameter] = {}
-    for layer in net.layer:
-        if layer.name and layer.name not in layers:
-            layers[layer.name] = layer
-    return layers
-
-
-def _rule_for(layer: caffe_pb2.LayerParameter) -> QuantRule | None:
-    rule = QUANTIZABLE_RULES.get(layer.type)
-    if rule is None or (rule.applies is not None and not rule.applies(layer)):
-        return None
-    return rule
-
-
-def _broken_constraints(layer: caffe_pb2.LayerParameter, rule: QuantRule) -> str | None:
-    broken = [c.text for c in rule.constraints if not c.check(layer)]
-    return "; ".join(broken) if broken else None
-
-
-def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str, str]]:
-    """Find the layers the backend can quantize.
-
-    Returns ``(names, broken)``: ``names`` are the quantizable layer names in net
-    order, each once; ``broken`` maps each layer of a quantizable type that breaks
-    a constraint to the broken constraint(s) as text.  The caller decides whether a
-    broken layer is a warning (found automatically) or an error (named by the user).
-    """
-    names: list[str] = []
-    broken: dict[str, str] = {}
-    for name, layer in layers_by_name(net).items():
-        rule = _rule_for(layer)
-        if rule is None:
-            continue
-        why = _broken_constraints(layer, rule)
-        if why is None:
-            names.append(name)
-        else:
-            broken[name] = why
-    return names, broken
 
 
 def without_shape_broken_layers(layers: Mapping[str, Any], net: caffe_pb2.NetParameter,
@@ -561,7 +412,7 @@ def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model
         for i, name in enumerate(getattr(spec, field)):
             if name not in by_name:
                 raise _err(path, f"model {model_path} has no layer named {name!r}", name, f"{field}[{i}]")
-            if _rule_for(by_name[name]) is None:
+            if rule_for(by_name[name]) is None:
                 logger.warning("%s: %s lists layer %r of type %s, which is not quantizable anyway",
                                path, field, name, by_name[name].type)
             skipped.add(name)
@@ -596,7 +447,7 @@ def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model
         if name in layer_overrides:
             raise _err(path, "layer is overridden more than once", name, f"{key}.layer_name")
         layer = by_name[name]
-        rule = _rule_for(layer)
+        rule = rule_for(layer)
         if rule is None:
             raise _err(path, f"layer of type {layer.type} is not quantizable "
                        f"(quantizable: {', '.join(QUANTIZABLE_RULES)})", name, f"{key}.layer_name")
@@ -1068,7 +919,7 @@ def _check_algo(path: str, name: str, cfg: Mapping[str, Any], key: str, field: s
 def _enabled_rule(path: str, name: str, layer: caffe_pb2.LayerParameter, broken: str | None,
                   enable_key: str) -> QuantRule:
     """The rule of an enabled layer; an error if it is not quantizable or breaks a constraint."""
-    rule = _rule_for(layer)
+    rule = rule_for(layer)
     if rule is None:
         raise _err(path, f"layer of type {layer.type} is not quantizable "
                    f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set {enable_key} false or remove it",

@@ -32,3 +32,12 @@ class NumericsError(AmctError):
 
 class LayerParamError(AmctError):
     """A quant layer's param_str is invalid."""
+
+
+class DataError(AmctError):
+    """The data a net ran on cannot give factors: every batch a quantized layer saw was constant
+    (a net fed by Input layers that nobody fed computes on zeros)."""
+
+
+class AnalysisError(AmctError):
+    """Bad arguments to the per-layer analysis (iterations, the inputs fed to an Input net)."""

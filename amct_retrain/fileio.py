@@ -106,6 +106,14 @@ def read_text_file(path: str, what: str, error: type[Exception]) -> str:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from None
 
 
+def check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """Refuse an output path that is an existing input file ({role: path} each)."""
+    for out_role, out_path in outputs.items():
+        for in_role, in_path in inputs.items():
+            if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(out_path, in_path):
+                raise ValueError(f"{out_role} '{out_path}' is the {in_role}: inputs are never overwritten")
+
+
 def parse_text_proto(path: str, text: str, msg: Message, error: type[Exception]) -> None:
     """Parse protobuf text into ``msg``; a syntax error raises ``error`` as FILE:LINE:COL: message."""
     try:

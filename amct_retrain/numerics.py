@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Optional
 
 import numpy as np
@@ -40,16 +40,17 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
-    "check_finite", "errors_named", "average_pool_scale", "window_sums",
+    "check_finite", "errors_named", "average_pool_scale", "window_sums", "conv_accumulate", "deconv_accumulate",
+    "conv_output_hw",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
-    "fake_quantize_activation",
+    "fake_quantize_activation", "activation_grid_bounds", "output_steps",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
     "ulq_forward", "ulq_backward", "fraction_clipped",
-    "ifmr_search",
+    "ifmr_search", "activation_factors",
     "arq_scale", "arq_quantize", "arq_fake_quantize",
     "quantize_bias", "deq_scales",
     "accumulate_shift_errors", "choose_shift_bits", "search_shift_bits",
-    "requantize", "requantized_output", "unify_global_conv_scales",
+    "requantize", "requantized_output", "is_global_conv", "unify_global_conv_scales",
     "pack_deq_scale", "unpack_deq_scale",
 ]
 
@@ -379,6 +380,15 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     return k
 
 
+def activation_grid_bounds(scale_d: npt.ArrayLike, offset_d: npt.ArrayLike) -> tuple[np.float32, np.float32]:
+    """The ends of the int8 activation grid of ``(scale_d, offset_d)``, as the float32 values
+    ``fake_quantize_activation`` outputs there: ``(-128 - offset_d) * scale_d`` and
+    ``(127 - offset_d) * scale_d``. An input outside them is clipped."""
+    s = _positive_scale(scale_d, "scale_d")
+    off = _offset_int8(offset_d)
+    return np.float32(INT8_MIN - off) * s, np.float32(INT8_MAX - off) * s
+
+
 # --------------------------------------------------------------------------- ULQ
 
 
@@ -661,6 +671,19 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     return float(lo), float(hi)
 
 
+def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
+                       symmetric: bool) -> tuple[np.float32, int]:
+    """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
+    one IFMR search (:func:`ifmr_search` with the arguments ``ifmr``) over
+    all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
+    offset_d is 0."""
+    clip_min, clip_max = ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
+    if symmetric:
+        bound = max(-clip_min, clip_max)
+        clip_min, clip_max = -bound, bound
+    return scale_offset_from_range(clip_min, clip_max)
+
+
 # --------------------------------------------------------------------------- ARQ weights
 
 
@@ -811,6 +834,57 @@ def window_sums(x: npt.ArrayLike, kernel: tuple[int, int], stride: tuple[int, in
     """
     windows = sliding_window_view(np.asarray(x, np.float64), tuple(kernel), axis=(2, 3))
     return windows[:, :, ::stride[0], ::stride[1]].sum(axis=(4, 5))
+
+
+def conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
+    """Integer convolution of x (N, C, H, W) by w (M, C/group, KH, KW), both integer-valued
+    float64, geometry ``g`` (a ``ConvGeometry.__dict__``): im2col + one matmul per group. float64
+    sums of int8 x int9 products are exact far beyond any real layer's size, so BLAS gives the
+    int32 accumulator exactly."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
+    group = g["group"]
+    n, c = x.shape[:2]
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero in integer terms: x - offset = 0
+    windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # (N, C, OH, OW, KH, KW)
+    oh, ow = windows.shape[2:4]
+    m = w.shape[0]
+    out = np.empty((n, m, oh, ow))
+    cg, mg = c // group, m // group
+    for gi in range(group):
+        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+        kernel = w[gi * mg:(gi + 1) * mg].reshape(mg, -1)
+        out[:, gi * mg:(gi + 1) * mg] = (cols @ kernel.T).reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+    return out
+
+
+def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
+    """Integer transposed convolution (Caffe's Deconvolution, group 1) of x (N, C, H, W) by
+    w (C, M, KH, KW), both integer-valued float64, as Caffe computes it: one matmul gives every
+    input pixel's contribution to every kernel tap, col2im adds each tap's contributions into
+    the output at stride steps, and the pad is cropped from both borders. Exact as in
+    :func:`conv_accumulate`: integer float64 sums."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
+    n, c, h, wd = x.shape
+    m = w.shape[1]
+    taps = (x.transpose(0, 2, 3, 1).reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, m, kh, kw)
+    taps = taps.transpose(0, 3, 4, 5, 1, 2)                    # (N, M, KH, KW, H, W)
+    full = np.zeros((n, m, sh * (h - 1) + dh * (kh - 1) + 1, sw * (wd - 1) + dw * (kw - 1) + 1))
+    for i in range(kh):
+        for j in range(kw):
+            full[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (wd - 1) + 1:sw] += taps[:, :, i, j]
+    return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
+
+
+def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]:
+    """Caffe's output height and width of a Convolution, or of a Deconvolution (``transposed``),
+    of ``geometry`` (a ``ConvGeometry.__dict__``, as the layers receive it in param_str)."""
+    out = []
+    for size, pad, k, d, stride in zip(in_hw, geometry["pad"], geometry["kernel"], geometry["dilation"],
+                                       geometry["stride"]):
+        extent = (k - 1) * d + 1
+        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
+    return out
 
 
 def deq_scales(scale_d: npt.ArrayLike, scale_w: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -978,6 +1052,21 @@ def requantized_output(acc: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.A
     if not np.isfinite(mult).all():
         raise NumericsError("requantized_output: deq * 2^N overflows float32")
     return t.astype(np.float32) * mult.reshape(_channel_shape(t.ndim, ax, c))
+
+
+def is_global_conv(output_shape: tuple[int, ...], scale_count: int) -> bool:
+    """Whether a layer with output ``output_shape`` and ``scale_count`` weight scales is a "global
+    conv": per-channel scales and a (N, C, 1, 1) output, where the deploy model gives every channel
+    the largest deq (:func:`unify_global_conv_scales`). The channel count is not looked at."""
+    return len(output_shape) == 4 and tuple(output_shape[2:]) == (1, 1) and scale_count > 1
+
+
+def output_steps(deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """float64 (C,): a quantized layer's output quantization step per channel, ``deq * 2^N``
+    (what one unit of the int16 requantised output is worth); ``deq`` of length 1 broadcasts."""
+    n = np.asarray(shift_bits, np.int64).reshape(-1)
+    d = _per_channel(np.asarray(deq, np.float32).reshape(-1), n.size, "deq").astype(np.float64)
+    return np.ldexp(d, n)
 
 
 def unify_global_conv_scales(scale_d: npt.ArrayLike,

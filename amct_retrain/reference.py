@@ -11,97 +11,19 @@ import json
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
-from amct_retrain.config import QUANTIZABLE_RULES, quantizable_layers
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
-
-INTEGER_TYPE = ("integer", "IntegerLayer")
-QUANTIZED_TYPES = ("Convolution", "Deconvolution", "InnerProduct", "Pooling")
-
-
-@dataclass(frozen=True)
-class IntegerParams:
-    """The integers of one quantized layer of a deploy model, validated."""
-    weights: np.ndarray | None  # int8, the layer's weight shape; None for a layer without weights
-    bias: np.ndarray          # int64 (C,), zeros when the layer has no bias
-    deq: np.ndarray           # float32 (C,)
-    shift_bit: np.ndarray     # int64 (C,), 1..16
-
-
-def integer_params(deploy: dict[str, list[caffe_pb2.BlobProto]], layer: str, dequant: str,
-                   weights_file: str, with_weights: bool = True) -> IntegerParams:
-    """Read and check the int8 weights, int32 bias and packed deq_scale of ``layer``; with
-    ``with_weights`` false (AVE Pooling), the layer must have no blobs and only deq_scale is read."""
-    where = f"{weights_file}: layer '{layer}'"
-    blobs = deploy.get(layer)
-    weights = None
-    if not with_weights:
-        if blobs:
-            raise ModelError(f"{where}: has {len(blobs)} blob(s), but a quantized layer of its type has no weights")
-        blobs = []
-    elif not blobs or not blobs[0].int8_data:
-        raise ModelError(f"{where}: no int8 weights (blob 0 int8_data)")
-    else:
-        shape = tuple(blobs[0].shape.dim)
-        if len(blobs[0].int8_data) != int(np.prod(shape)):
-            raise ModelError(f"{where}: {len(blobs[0].int8_data)} int8 weights for shape {shape}")
-        weights = np.frombuffer(blobs[0].int8_data, np.int8).reshape(shape)
-    packed = deploy.get(dequant)
-    if not packed or not packed[0].uint64_data:
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}' of '{layer}' has no deq_scale (uint64_data)")
-    try:
-        deq, shift_bit, _ = numerics.unpack_deq_scale(np.array(packed[0].uint64_data, np.uint64))
-    except numerics.NumericsError as err:
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': {err}") from None
-    channels = deq.size
-    if not (np.all(np.isfinite(deq)) and np.all(deq > 0)):
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': deq_scale does not unpack to "
-                         f"positive finite scales: {deq[~(np.isfinite(deq) & (deq > 0))][:4]}")
-    if np.any(shift_bit < 1) or np.any(shift_bit > 16):
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': shift_bit outside 1..16: {shift_bit}")
-    bias = np.zeros(channels, np.int64)
-    if len(blobs) > 1:
-        if len(blobs[1].int32_data) != channels:
-            raise ModelError(f"{where}: {len(blobs[1].int32_data)} int32 bias values for {channels} channels")
-        bias = np.array(blobs[1].int32_data, np.int64)
-    return IntegerParams(weights, bias, deq, shift_bit.astype(np.int64))
-
-
-def check_quantized_layer(layer: caffe_pb2.LayerParameter, source: str) -> None:
-    """Refuse a deploy model's quantized layer that breaks a constraint of its type (a grouped
-    Deconvolution, a transposed InnerProduct, ...): the integer arithmetic here and in the ONNX
-    export is written for the layers the quantization rules admit, and nothing else.
-    ``source`` names the deploy file in the message."""
-    _, broken = quantizable_layers(caffe_pb2.NetParameter(layer=[layer]))
-    if layer.name in broken:
-        raise ModelError(f"{source}: quantized layer '{layer.name}' ({layer.type}) cannot be "
-                         f"quantized: {broken[layer.name]}")
-
-
-def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
-    """Every layer's raw blobs of a deploy caffemodel (int8/int32/uint64 fields kept)."""
-    try:
-        with open(weights_file, "rb") as f:
-            net = caffe_pb2.NetParameter.FromString(f.read())
-    except OSError as err:
-        raise ModelError(f"{weights_file}: cannot read the deploy weights: {err.strerror}") from None
-    return {layer.name: list(layer.blobs) for layer in net.layer}
-
-
-def _geometry(layer: caffe_pb2.LayerParameter) -> dict | None:
-    """The window geometry the IntegerLayer of ``layer`` needs (None: InnerProduct, no windows)."""
-    if layer.type == "InnerProduct":
-        return None
-    return (pool_geometry(layer) if layer.type == "Pooling" else conv_geometry(layer)).__dict__
+from amct_retrain.layer_specs import INTEGER_LAYER
+from amct_retrain.layer_types import QUANTIZABLE_RULES
+from amct_retrain.saved_models import (QUANTIZED_TYPES, check_quantized_layer, integer_params, output_files,
+                                       read_deploy_blobs)
 
 
 def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
@@ -124,9 +46,10 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
                              f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
         layer, dequant = layers[i + 1], layers[i + 2]
         check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
-        integer_params(deploy, layer.name, dequant.name, weights_file, QUANTIZABLE_RULES[layer.type].has_weights)
-        geometry = _geometry(layer)
-        integer = ql.python_layer(f"{layer.name}_integer", INTEGER_TYPE, quant.bottom[0], dequant.top[0], {
+        rule = QUANTIZABLE_RULES[layer.type]
+        integer_params(deploy, layer.name, dequant.name, weights_file, rule.has_weights)
+        geometry = rule.geometry(layer)
+        integer = ql.python_layer(f"{layer.name}_integer", INTEGER_LAYER, quant.bottom[0], dequant.top[0], {
             "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
             "weights_file": os.path.abspath(weights_file),
             "quant_scale": float(quant.quant_param.scale),
@@ -140,8 +63,8 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
 
 def output_steps(rec: record.SingleLayerRecord) -> np.ndarray:
     """float64 (C,): a quantized layer's output quantization step per channel, deq * 2^N."""
-    deq = numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)).astype(np.float64)
-    return np.broadcast_to(deq, (len(rec.shift_bit),)) * np.ldexp(1.0, np.asarray(rec.shift_bit, np.int64))
+    return numerics.output_steps(numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)),
+                                 rec.shift_bit)
 
 
 def parity_in_output_steps(fake, reference, quant_info: dict,
@@ -171,8 +94,6 @@ def saved_model_parity(save_path: str, record_file: str) -> dict[str, float]:
     calibration's ``save_model``) wrote under ``save_path``, on one batch of the fake-quant
     model's own TEST data layers."""
     import caffe
-
-    from amct_retrain.saver import output_files  # the saver's file names
 
     files = output_files(save_path)
     fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])

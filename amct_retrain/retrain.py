@@ -9,22 +9,16 @@ from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io
 from amct_retrain import numerics, record
-from amct_retrain.fileio import staged_outputs
+from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import fuse_for_retraining
 from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, has_weights,
                                        insert_quant_layers, weight_channel_axis)
+from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
+from amct_retrain.record import existing_record, skip_fusion_entries
 
-LOG = logging.getLogger("amct_retrain")
-
-
-def check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
-    """Refuse an output path that is an existing input file ({role: path} each)."""
-    for out_role, out_path in outputs.items():
-        for in_role, in_path in inputs.items():
-            if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(out_path, in_path):
-                raise ValueError(f"{out_role} '{out_path}' is the {in_role}: inputs are never overwritten")
+LOG = logging.getLogger(__name__)
 
 
 def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantizer_owners: dict[str, str],
@@ -41,8 +35,9 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         clip_min, clip_max = layer_config.clip_min, layer_config.clip_max
         clip_states[name] = np.array((1.0, clip_min, clip_max) if clip_min is not None else (0.0, 0.0, 0.0),
                                      np.float32)
-        out[ql.ulq_layer_name(name)] = [np.array([clip_max or 0.0], np.float32),
-                                        np.array([clip_min or 0.0], np.float32), clip_states[name]]
+        out[ql.ulq_layer_name(name)] = ACTIVATION_ULQ.ordered({"clip_max": np.array([clip_max or 0.0], np.float32),
+                                                               "clip_min": np.array([clip_min or 0.0], np.float32),
+                                                               "clip_state": clip_states[name]})
     for name, layer_config in retrain_config.layers.items():
         if not has_weights(layer_config.layer_type):
             continue  # AVE Pooling: nothing to quantize but its input
@@ -52,21 +47,11 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         scale_w = numerics.arq_scale(weights, axis)
         fake_quant = numerics.arq_fake_quantize(weights, scale_w, axis)
         out[name] = [fake_quant, *rest]
-        out[ql.arq_layer_name(name)] = [fake_quant, weights]
+        arq = {"fake_quant_weights": fake_quant, "master_weights": weights, "scale_w": scale_w}
         if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):
-            out[ql.arq_layer_name(name)].append(clip_states[quantizer_owners[name]])  # shared with its ULQ
-        out[ql.arq_layer_name(name)].append(scale_w)  # its last blob, shared with ShiftNSearch
+            arq["clip_state"] = clip_states[quantizer_owners[name]]  # shared with its ULQ
+        out[ql.arq_layer_name(name)] = WEIGHT_ARQ.ordered(arq)
     return out
-
-
-def existing_record(record_file: str) -> dict[str, record.SingleLayerRecord]:
-    """The entries of the record file if it exists, else none."""
-    return record.read_record(record_file) if os.path.exists(record_file) else {}
-
-
-def skip_fusion_entries(records: dict[str, record.SingleLayerRecord]) -> dict[str, record.SingleLayerRecord]:
-    """The ``skip_fusion`` entries of a record, alone: kept when the record is emptied, and honoured."""
-    return {name: record.SingleLayerRecord(skip_fusion=True) for name, rec in records.items() if rec.skip_fusion}
 
 
 def _clips_from_calibration(net: caffe_pb2.NetParameter, retrain_config: retrain_config_io.RetrainConfig,

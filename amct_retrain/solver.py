@@ -11,21 +11,23 @@ import logging
 import math
 import os
 import string
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import caffe
+import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from google.protobuf.text_encoding import CEscape
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from amct_retrain import fileio, numerics, record, tensorboard
-from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError, read_caffemodel
-from amct_retrain_layers.weight import MASTER_WEIGHTS
+from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, WEIGHT_ARQ, LayerSpec
 from amct_retrain.errors import SolverError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ _HERE = Path(__file__).resolve().parent
 TEMPLATE_DIRS = (_HERE / "solver_templates",         # installed as package data
                  _HERE.parent / "solver_templates")  # a source checkout (editable install)
 DEFAULT_TEMPLATE = "retrain_sgd"
+FINAL_TEST_NOTE = ("these TEST outputs are the quantization-aware net's: its ShiftNSearch layers measure shift-N "
+                   "without requantizing, so the saved fake-quant model (which requantizes) may score slightly "
+                   "otherwise; measure that model after saving it")
 DEFAULT_LOG_EVERY = 10
 """Iterations between two logs of the training scalars when the solver's ``display`` is 0."""
 
@@ -289,11 +294,11 @@ def create_solver(solver_file: str | os.PathLike, model_file: str | os.PathLike,
 # --------------------------------------------------------------------------- training
 
 
-def _toolkit_layers(net: caffe.Net, kind: tuple[str, str]) -> Iterator[tuple[str, Any, dict]]:
-    """(name, Python layer object, parsed param_str) of every layer of ``kind`` (quant_layers.*_TYPE)."""
-    module, cls = f"{ql.LAYERS_MODULE}.{kind[0]}", kind[1]
+def _toolkit_layers(net: caffe.Net, spec: LayerSpec) -> Iterator[tuple[str, Any, dict]]:
+    """(name, Python layer object, parsed param_str) of every ``spec`` layer of ``net``."""
     for name, layer in zip(net._layer_names, net.layers):
-        if layer.type == "Python" and (type(layer).__module__, type(layer).__name__) == (module, cls):
+        if layer.type == "Python" and (type(layer).__module__, type(layer).__name__) == (spec.python_module,
+                                                                                         spec.layer_class):
             yield name, layer, json.loads(layer.param_str)
 
 
@@ -313,31 +318,35 @@ class _RunLog:
     def __init__(self, solver: caffe._caffe.Solver, param: caffe_pb2.SolverParameter, log_dir: str) -> None:
         self.solver, self.param, self.writer = solver, param, tensorboard.get_writer(log_dir)
         self.ulq = [(name, layer, solver.net.bottom_names[name][0])
-                    for name, layer, p in _toolkit_layers(solver.net, ql.ULQ_TYPE) if not p.get("log_dir")]
+                    for name, layer, p in _toolkit_layers(solver.net, ACTIVATION_ULQ) if not p.get("log_dir")]
         self.arq = [(name, p.get("channel_axis"))
-                    for name, _, p in _toolkit_layers(solver.net, ql.ARQ_TYPE) if not p.get("log_dir")]
+                    for name, _, p in _toolkit_layers(solver.net, WEIGHT_ARQ) if not p.get("log_dir")]
         # Shift-N is searched by the test nets' layers; one entry per layer name.
         self.shift_n = {name: p for net in solver.test_nets
-                        for name, _, p in _toolkit_layers(net, ql.SHIFT_N_TYPE) if not p.get("log_dir")}
+                        for name, _, p in _toolkit_layers(net, SHIFT_N_SEARCH) if not p.get("log_dir")}
 
     def train_step(self, iteration: int, outputs: dict[str, float]) -> None:
         """Loss, lr and the quant layers' clips and weight scales after ``iteration``."""
         net = self.solver.net
         scalars = {**outputs, "train/lr": learning_rate(self.param, iteration)}
+        histograms = {}
         for name, layer, bottom in self.ulq:
             # layer.clips: the sanitised pair this batch was quantized with (the solver has
             # updated the clip blobs since).
             scalars.update(tensorboard.ulq_scalars(name, net.blobs[bottom].data, layer.clips))
+            histograms.update(tensorboard.ulq_histograms(name, net.blobs[bottom].data))
         for name, axis in self.arq:
-            master = net.params[name][MASTER_WEIGHTS].data
+            master = net.params[name][WEIGHT_ARQ.blob("master_weights")].data
             scalars.update(tensorboard.arq_scalars(name, numerics.arq_scale(master, axis)))
+            histograms.update(tensorboard.arq_histograms(name, master))
         self.writer.add_scalars(scalars, iteration)
+        if histograms:
+            self.writer.add_histograms(histograms, iteration)
 
-    def test_step(self, iteration: int) -> None:
-        """The outputs of Caffe's TEST at ``iteration`` and the shift-N it wrote to the record."""
-        scalars = {}
-        for i, net in enumerate(self.solver.test_nets):
-            scalars.update(_output_scalars(net, f"test{i or ''}"))
+    def test_step(self, iteration: int, outputs: dict[str, float]) -> None:
+        """The TEST outputs at ``iteration`` (``test/<blob>``: the means over test_iter batches)
+        and the shift-N the TEST wrote to the record."""
+        scalars = dict(outputs)
         records = {f: record.read_record(f) for f in {p["record_file"] for p in self.shift_n.values()}
                    if os.path.isfile(f)}
         for name, p in self.shift_n.items():
@@ -345,6 +354,57 @@ class _RunLog:
             if entry is not None and entry.shift_bit:
                 scalars.update(tensorboard.shift_n_scalars(name, entry.shift_bit))
         self.writer.add_scalars(scalars, iteration)
+
+
+def _test_net_outputs(net: caffe.Net, test_iter: int) -> dict[str, np.ndarray]:
+    """Each output blob of ``net`` summed over ``test_iter`` forward passes and divided by
+    test_iter, element by element, in float32 as Caffe's ``Solver::Test`` does (so the values are
+    the ones ``caffe train`` prints as "Test net output")."""
+    sums: dict[str, np.ndarray] = {}
+    for _ in range(test_iter):
+        for name, value in net.forward().items():  # views, overwritten by the next forward
+            sums[name] = value.astype(np.float32) if name not in sums else sums[name] + value
+    return {name: total / np.float32(test_iter) for name, total in sums.items()}
+
+
+def run_test(solver: caffe._caffe.Solver, param: caffe_pb2.SolverParameter) -> dict[str, float]:
+    """Caffe's TEST of every test net, as ``Solver::TestAll`` runs it: the test net shares the
+    train net's weights, runs ``test_iter`` batches (the ShiftNSearch layers search shift-N and
+    write the record), and each output is the mean over those batches.
+
+    Returns:
+        ``{"test/<blob>": mean}`` (``test1/<blob>`` for a second test net) of the single-value
+        outputs; every output is logged at INFO as Caffe prints it.
+    """
+    scalars = {}
+    for i, (net, test_iter) in enumerate(zip(solver.test_nets, param.test_iter)):
+        net.share_with(solver.net)
+        for name, mean in _test_net_outputs(net, test_iter).items():
+            LOG.info("TEST net #%d at iteration %d, mean of %d batches: %s = %s", i, solver.iter, test_iter, name,
+                     " ".join(f"{v:.6g}" for v in mean.ravel()))
+            if mean.size == 1:
+                scalars[f"test{i or ''}/{name}"] = float(mean.ravel()[0])
+    return scalars
+
+
+def _solver_without_caffe_tests(param: caffe_pb2.SolverParameter) -> caffe._caffe.Solver:
+    """A pycaffe solver of ``param`` whose own TESTs never run (a test_interval past max_iter):
+    train() runs them (:func:`run_test`), because pycaffe does not hand out Caffe's means."""
+    quiet = caffe_pb2.SolverParameter()
+    quiet.CopyFrom(param)
+    quiet.test_interval = param.max_iter + 1
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+        f.write(text_format.MessageToString(quiet))
+    try:
+        return caffe.get_solver(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def caffe_log_file(solver_file: str | os.PathLike) -> str:
+    """``caffe_train.log`` in the folder of the solver's ``snapshot_prefix`` (beside the snapshots)."""
+    param = _read_solver(solver_file)
+    return os.path.join(os.path.dirname(os.path.abspath(param.snapshot_prefix)), "caffe_train.log")
 
 
 def _snapshot_file(param: caffe_pb2.SolverParameter, iteration: int) -> str:
@@ -385,7 +445,7 @@ def _check_test_iter(param: caffe_pb2.SolverParameter, solver: caffe._caffe.Solv
     """Each test net's test_iter covers the batch_num of its ShiftNSearch layers."""
     issues = []
     for test_iter, net in zip(param.test_iter, solver.test_nets):
-        for name, _, p in _toolkit_layers(net, ql.SHIFT_N_TYPE):
+        for name, _, p in _toolkit_layers(net, SHIFT_N_SEARCH):
             if p.get("batch_num", 1) > test_iter:
                 issues.append(_issue(param, "test_iter", f"must be >= batch_num ({p['batch_num']}) of "
                                                          f"ShiftNSearch layer '{name}'"))
@@ -405,10 +465,16 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
 
     * every ``display`` iterations (10 when display is 0): ``train/<output>`` (the loss of that
       iteration), ``train/lr``, and per quant layer ``<ulq>/clip_min``, ``clip_max``,
-      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``;
-    * after each TEST: ``test/<output>`` (``test1/...`` for a second test net) as the test
-      net holds it after Caffe's TEST, i.e. of its last batch (Caffe averages the test_iter
-      batches only in its log), and ``<shift_n>/shift_bit_mean`` from the record file.
+      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``, and the
+      histograms ``<ulq>/input_activations`` and ``<arq>/master_weights``;
+    * after each TEST: ``test/<output>`` (``test1/...`` for a second test net), the mean over
+      the test_iter batches (the number ``caffe train`` prints), and
+      ``<shift_n>/shift_bit_mean`` from the record file.
+
+    The TESTs run at Caffe's points (every ``test_interval`` iterations and after the final
+    snapshot) as Caffe runs them (:func:`run_test`); each one's outputs are logged at INFO. They
+    are the quantization-aware net's outputs: its ShiftNSearch layers measure shift-N without
+    requantizing, so the saved fake-quant model (which requantizes) may score slightly otherwise.
 
     The solver mode (CPU/GPU) is the process's (``caffe.set_mode_*``), not the solver's.
 
@@ -438,7 +504,10 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
     if weights_file is not None and not os.path.isfile(weights_file):
         raise FileNotFoundError(f"weights file {weights_file} not found")
 
-    solver = caffe.get_solver(os.fspath(solver_file))
+    if param.eval_type != "classification":
+        raise SolverError(_issue(param, "eval_type", "train() runs Caffe's classification TEST only; "
+                                                     "use caffe train for another eval_type"))
+    solver = _solver_without_caffe_tests(param)
     _raise_if(_check_test_iter(param, solver), solver_file)
     if snapshot is not None:
         solver.restore(os.fspath(snapshot))
@@ -449,23 +518,30 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
     log_every = param.display or DEFAULT_LOG_EVERY
     LOG.info("training %s from iteration %d to %d", solver_file, solver.iter, param.max_iter)
 
-    with tqdm(total=param.max_iter, initial=solver.iter, unit="iter", desc="retrain") as bar:
+    # The TESTs' log lines go above the bar, not through it.
+    with logging_redirect_tqdm(), tqdm(total=param.max_iter, initial=solver.iter, unit="iter",
+                                       desc="retrain") as bar:
         while solver.iter < param.max_iter:
             iteration = solver.iter
-            # Caffe's TEST at `iteration`, if it is a test point, runs first inside step().
+            if iteration > 0 and iteration % param.test_interval == 0:  # Caffe's TEST point, before the step
+                outputs = run_test(solver, param)
+                if run_log is not None:
+                    run_log.test_step(iteration, outputs)
             solver.step(1)
-            if run_log is not None and iteration > 0 and iteration % param.test_interval == 0:
-                run_log.test_step(iteration)
             if iteration % log_every == 0:
                 outputs = _output_scalars(solver.net, "train")
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in outputs.items()}, refresh=False)
                 if run_log is not None:
                     run_log.train_step(iteration, outputs)
             bar.update(1)
-    # Nothing is left to step: Solve() only ends the run (snapshot if none at max_iter, last TEST).
+    # Nothing is left to step: Solve() only ends the run (a snapshot if none at max_iter); then
+    # the last TEST, after the snapshot as in Caffe.
     solver.solve()
-    if run_log is not None and param.max_iter % param.test_interval == 0:
-        run_log.test_step(param.max_iter)
+    if param.max_iter % param.test_interval == 0:
+        outputs = run_test(solver, param)
+        LOG.info("%s", FINAL_TEST_NOTE)
+        if run_log is not None:
+            run_log.test_step(param.max_iter, outputs)
     final = _snapshot_file(param, param.max_iter)
     LOG.info("retrained weights: %s", final)
     return final

@@ -10,26 +10,14 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import calibration, numerics, record
-from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
+from amct_retrain import numerics, record
+from amct_retrain.errors import LayerParamError
+from amct_retrain.feeding import check_fed
+from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
 
-LOG = logging.getLogger("amct_retrain.layers")
+LOG = logging.getLogger("amct_retrain.layers")  # not __name__ (amct_retrain_layers.*): under the package logger
 TEST = 1
 IFMR_KEYS = ("min_percentile", "max_percentile", "search_start", "search_end", "search_step")
-ACTIVATION_PARAMS = {
-    "name": Key((str,), required=True),
-    "layers": Key((list,), required=True),  # the quantized layers it serves (they share scale_d)
-    "record_file": Key((str,), required=True),
-    "batch_num": Key((int,), default=1),
-    "ifmr": Key((dict,), required=True),  # numerics.ifmr_search's keyword arguments
-    "symmetric": Key((bool,), default=False),
-}
-SHIFT_N_PARAMS = {
-    "name": Key((str,), required=True),
-    "quantized_layer": Key((str,), required=True),
-    "record_file": Key((str,), required=True),
-    "batch_num": Key((int,), default=1),
-}
 
 
 class _Observer(caffe.Layer):
@@ -77,7 +65,7 @@ class ActivationObserver(_Observer):
     for the saver's message when calibration ran too few passes."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, ACTIVATION_PARAMS, "ActivationObserver")
+        p = ACTIVATION_OBSERVER.parse(self.param_str)
         self._configure(p, "ActivationObserver")
         where = f"ActivationObserver layer '{self.layer_name}'"
         if not p["layers"] or not all(isinstance(name, str) for name in p["layers"]):
@@ -90,10 +78,12 @@ class ActivationObserver(_Observer):
         self.ifmr, self.symmetric = p["ifmr"], p["symmetric"]
 
     def seen(self, count: int) -> None:
-        calibration.note_forward_passes(self.record_file, self.served, count)
+        record.note_forward_passes(self.record_file, self.served, count)
 
     def complete(self, batches: list[np.ndarray]) -> None:
-        scale_d, offset_d = calibration.activation_factors(batches, self.ifmr, self.symmetric)
+        check_fed(batches, f"calibration of layer(s) {', '.join(self.served)} (ActivationObserver "
+                           f"'{self.layer_name}')", "calibration")
+        scale_d, offset_d = numerics.activation_factors(batches, self.ifmr, self.symmetric)
         for layer in self.served:
             record.update_layer_record(self.record_file, layer, scale_d=scale_d, offset_d=offset_d)
         LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,
@@ -108,7 +98,7 @@ class ShiftNObserver(_Observer):
     scale_w (contract section 3), written back with the shift_bit."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, SHIFT_N_PARAMS, "ShiftNObserver")
+        p = SHIFT_N_OBSERVER.parse(self.param_str)
         self._configure(p, "ShiftNObserver")
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
 
@@ -120,7 +110,7 @@ class ShiftNObserver(_Observer):
                              "in the same TEST pass and quantize_model must have written its scale_w")
         scale_d, scale_w = np.float32(rec.scale_d), np.asarray(rec.scale_w, np.float32)
         y = batches[0]
-        global_conv = y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1
+        global_conv = numerics.is_global_conv(y.shape, len(scale_w))
         if global_conv:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))

@@ -3,18 +3,8 @@ import caffe
 import numpy as np
 
 from amct_retrain import numerics
-from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
-
-QUANT_PARAMS = {
-    "name": Key((str,), required=True),
-    "scale_d": Key(NUMBER, required=True),
-    "offset_d": Key((int,), required=True),
-}
-REQUANT_PARAMS = {
-    "name": Key((str,), required=True),
-    "deq": Key((list,), required=True),
-    "shift_bit": Key((list,), required=True),
-}
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import FAKE_QUANT_ACTIVATION, REQUANTIZE
 
 
 class FakeQuantActivation(caffe.Layer):
@@ -22,7 +12,7 @@ class FakeQuantActivation(caffe.Layer):
     model's Quant layer feeds the integer layer, seen in float. Not in place."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, QUANT_PARAMS, "FakeQuantActivation")
+        p = FAKE_QUANT_ACTIVATION.parse(self.param_str)
         self.layer_name, self.scale_d, self.offset_d = p["name"], np.float32(p["scale_d"]), p["offset_d"]
 
     def reshape(self, bottom, top):
@@ -43,7 +33,7 @@ class Requantize(caffe.Layer):
     the value the deploy model's DeQuant layer produces."""
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, REQUANT_PARAMS, "Requantize")
+        p = REQUANTIZE.parse(self.param_str)
         self.layer_name = p["name"]
         self.deq = np.asarray(p["deq"], np.float32)
         self.shift_bit = np.asarray(p["shift_bit"], np.int64)

@@ -5,24 +5,12 @@ import caffe
 import numpy as np
 
 from amct_retrain import numerics, record, tensorboard
-from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, SHIFT_N_SEARCH
 
-LOG = logging.getLogger("amct_retrain.layers")
-PARAMS = {
-    "name": Key((str,), required=True),
-    "quantized_layer": Key((str,), required=True),
-    "activation_quantizer": Key((str,), required=True),  # the ActivationULQ whose clip state it shares
-    "fused": Key((dict, type(None))),  # for the saver's quant info: BatchNorm/Scale folded into the layer
-    "record_file": Key((str,), required=True),
-    "batch_num": Key((int,), default=1),
-    "weight_shape": Key((list, type(None))),
-    "scale_w": Key((list, type(None))),  # a layer without weights (AVE Pooling): its fixed scale_w
-    "channel_axis": Key((int, type(None))),
-    "log_dir": Key((str, type(None))),
-}
+LOG = logging.getLogger("amct_retrain.layers")  # not __name__ (amct_retrain_layers.*): under the package logger
 # Shared (by param name) with the ActivationULQ and WeightARQ layers that own them.
-CLIP_STATE, WEIGHT_SCALE = 0, 1
-LAST_MIN, LAST_MAX = 1, 2  # ActivationULQ's clip_state: [ready, min, max] of its last forward
+CLIP_STATE, WEIGHT_SCALE = (SHIFT_N_SEARCH.blob(name, {"scale_w"}) for name in ("clip_state", "scale_w"))
 TEST = 1
 
 
@@ -40,7 +28,7 @@ class ShiftNSearch(caffe.Layer):
     """
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, PARAMS, "ShiftNSearch")
+        p = SHIFT_N_SEARCH.parse(self.param_str)
         self.layer_name = p["name"]
         if p["batch_num"] < 1:
             raise LayerParamError(f"ShiftNSearch layer '{self.layer_name}': param_str key 'batch_num' "
@@ -102,6 +90,6 @@ class ShiftNSearch(caffe.Layer):
         if self.fixed_scale_w is not None:
             return scale_d, offset_d, self.fixed_scale_w
         scale_w = self.blobs[WEIGHT_SCALE].data.copy()  # what WeightARQ used in this forward pass
-        if y.ndim == 4 and y.shape[2:] == (1, 1) and len(scale_w) > 1:
+        if numerics.is_global_conv(y.shape, len(scale_w)):
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         return scale_d, offset_d, scale_w

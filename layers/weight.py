@@ -2,22 +2,12 @@
 import caffe
 
 from amct_retrain import numerics, tensorboard
-from amct_retrain.graph.caffe_params import conv_output_hw
-from amct_retrain_layers.params import Key, LayerParamError, parse_param_str
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, WEIGHT_ARQ
 
-PARAMS = {
-    "name": Key((str,), required=True),
-    "weight_shape": Key((list,), required=True),
-    "channel_axis": Key((int, type(None))),
-    "log_dir": Key((str, type(None))),
-    "log_every": Key((int,), default=tensorboard.LAYER_LOG_EVERY),
-    # A per-channel Convolution: the ActivationULQ whose clip state (blob 2) it shares, and the
-    # convolution's geometry, to tell a 1 x 1 output ("global conv") from the input shape.
-    "activation_quantizer": Key((str, type(None))),
-    "conv": Key((dict, type(None))),
-}
-FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS, CLIP_STATE = 0, 1, 2
-LAST_MIN, LAST_MAX = 1, 2  # ActivationULQ's clip_state: [ready, min, max] of its last forward
+# With the optional clip_state (a per-channel Convolution): scale_w comes after it.
+FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS, CLIP_STATE = (WEIGHT_ARQ.blob(name, {"clip_state"})
+                                                  for name in ("fake_quant_weights", "master_weights", "clip_state"))
 TRAIN = 0
 
 
@@ -30,7 +20,8 @@ class WeightARQ(caffe.Layer):
     Forward writes ARQ(master) into blob 0; backward moves blob 0's diff into the master's
     diff (straight-through) and zeroes blob 0's diff so the solver leaves blob 0 alone.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the
-    min/mean/max weight scale to TensorBoard (step: the call's index).
+    min/mean/max weight scale and a histogram of the master weights to TensorBoard (step: the
+    call's index).
 
     With ``activation_quantizer`` and ``conv`` in param_str (a per-channel Convolution), blob 2
     is that quantizer's clip state (shared): when the convolution's output is 1 x 1 (a "global
@@ -40,7 +31,7 @@ class WeightARQ(caffe.Layer):
     """
 
     def setup(self, bottom, top):
-        p = parse_param_str(self.param_str, PARAMS, "WeightARQ")
+        p = WEIGHT_ARQ.parse(self.param_str)
         self.layer_name, self.channel_axis = p["name"], p["channel_axis"]
         shape = p["weight_shape"]
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
@@ -54,7 +45,9 @@ class WeightARQ(caffe.Layer):
         self.blobs.add_blob(*shape)
         self.blobs.add_blob(*shape)
         self.conv = None
+        present = set()
         if p["activation_quantizer"] is not None:
+            present.add("clip_state")
             self.conv = p["conv"]
             if not (isinstance(self.conv, dict) and {"kernel", "stride", "pad", "dilation"} <= set(self.conv)):
                 raise LayerParamError(f"WeightARQ layer '{self.layer_name}': param_str key 'conv' must hold the "
@@ -63,7 +56,8 @@ class WeightARQ(caffe.Layer):
         # Last blob: the scale_w this forward used, shared (not learnt) with ShiftNSearch, which
         # would otherwise share the master weights and make every snapshot hold them twice.
         self.blobs.add_blob(shape[self.channel_axis] if self.channel_axis is not None else 1)
-        self.global_conv = False
+        self.scale_w_blob = WEIGHT_ARQ.blob("scale_w", present)
+        self.output_shape = ()  # the convolution's output shape (with conv), to tell a global conv
         self.in_place = None
         self.log = tensorboard.layer_log(p, "WeightARQ")
 
@@ -73,22 +67,23 @@ class WeightARQ(caffe.Layer):
             top[i].reshape(*bottom[i].data.shape)
         self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
         in_shape = bottom[0].data.shape
-        self.global_conv = (self.conv is not None and len(in_shape) == 4
-                            and conv_output_hw(in_shape[2:], self.conv) == [1, 1])
+        self.output_shape = ((*in_shape[:2], *numerics.conv_output_hw(in_shape[2:], self.conv))
+                             if self.conv is not None and len(in_shape) == 4 else ())
 
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
         with numerics.errors_named(f"WeightARQ layer '{self.layer_name}' (master weights)"):
             scale_w = numerics.arq_scale(master, self.channel_axis)
-            if self.global_conv and scale_w.size > 1:
+            if numerics.is_global_conv(self.output_shape, scale_w.size):
                 # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
                 state = self.blobs[CLIP_STATE].data
                 scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
                 scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
             self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
-        self.blobs[len(self.blobs) - 1].data[...] = scale_w
+        self.blobs[self.scale_w_blob].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
+            self.log.write_histograms(tensorboard.arq_histograms(self.layer_name, master))
         if not self.in_place:
             for i in range(len(bottom)):
                 top[i].data[...] = bottom[i].data

@@ -7,10 +7,13 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
 
 BATCH, IN_SHAPE, CONV_OUT, IP_OUT = 8, (3, 6, 6), 4, 5
 CONV_WEIGHT_SHAPE = (CONV_OUT, IN_SHAPE[0], 3, 3)
 IP_WEIGHT_SHAPE = (IP_OUT, CONV_OUT * 4 * 4)
+CLIP_MAX, CLIP_MIN, CLIP_STATE = (ACTIVATION_ULQ.blob(blob) for blob in ("clip_max", "clip_min", "clip_state"))
+MASTER_WEIGHTS = WEIGHT_ARQ.blob("master_weights")  # the same with or without WeightARQ's optional clip_state
 
 
 def _layer(text: str) -> caffe_pb2.LayerParameter:
@@ -66,7 +69,7 @@ def init_weights(model_file: pathlib.Path, weights_file: pathlib.Path, seed: int
     rng = np.random.default_rng(seed)
     net = caffe.Net(str(model_file), caffe.TRAIN)
     for arq, shape in (("conv1_arq", CONV_WEIGHT_SHAPE), ("ip1_arq", IP_WEIGHT_SHAPE)):
-        net.params[arq][1].data[...] = rng.normal(0, 0.3, shape).astype(np.float32)
+        net.params[arq][MASTER_WEIGHTS].data[...] = rng.normal(0, 0.3, shape).astype(np.float32)
     for layer in ("conv1", "ip1"):
         net.params[layer][1].data[...] = rng.normal(0, 0.1, net.params[layer][1].data.shape)
     net.save(str(weights_file))

@@ -12,6 +12,7 @@ from amct_retrain import calibration, numerics, record
 from amct_retrain.config import ConfigError, load_calibration_config
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError, read_caffemodel, read_prototxt
+from amct_retrain.layer_specs import ACTIVATION_OBSERVER
 from amct_retrain.reference import saved_model_parity
 from amct_retrain.saver import output_files
 from samples import calibration_demo
@@ -240,7 +241,7 @@ def test_bn_scale_conv_and_fc_bn_scale_are_fused_in_calibration(fusion_model, tm
         scale = np.abs(expected[name]).max()
         assert np.abs(fused[name] - expected[name]).max() <= 1e-5 * scale, \
             f"{name}: the fused calibration model does not compute the float model"
-    observers = [layer for layer in layers if ql.python_layer_class(layer) == ql.ACTIVATION_OBSERVER_TYPE[1]]
+    observers = [layer for layer in layers if ACTIVATION_OBSERVER.is_layer(layer)]
     assert [ql.layer_params(o)["layers"] for o in observers] == [["conv1"], ["conv2", "conv3"], ["fc"]], \
         f"conv2 and conv3 read one blob and must share an observer: {[o.name for o in observers]}"
     records = record.read_record(record_file)

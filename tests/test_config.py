@@ -22,6 +22,8 @@ from amct_retrain.config import (
     quantizable_layers,
 )
 
+pytestmark = pytest.mark.caffe  # the config reads nets as Caffe's NetParameter (caffe_pb2)
+
 # conv1 -> relu1 -> pool1 (MAX) -> conv2 (depthwise) -> ip1 -> relu2 -> ip2, with the data
 # layer listed twice (TRAIN and TEST), as real train/val prototxts do.
 NET = """

@@ -16,9 +16,9 @@ from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.reference import ReferenceExecutor, read_deploy_blobs, saved_model_parity
-from amct_retrain.graph.caffe_params import conv_output_hw
-from amct_retrain_layers.integer import _deconv_accumulate
+from amct_retrain.numerics import conv_output_hw
 from tests import nets, onnx_checks
+from tests.nets import MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 
@@ -66,7 +66,7 @@ def test_retrain_model_quantizes_deconvolution_weights_on_axis_1(seg):
         assert params["channel_axis"] == 1 and params["weight_shape"] == list(DECONV_WEIGHT_SHAPE), \
             f"{inserted}: channel_axis {params['channel_axis']}, weight_shape {params['weight_shape']}"
     net = caffe.Net(str(seg["retrain_model"]), caffe.TEST, weights=str(seg["snapshot"]))
-    master = net.params[ql.arq_layer_name("deconv")][1].data
+    master = net.params[ql.arq_layer_name("deconv")][MASTER_WEIGHTS].data
     net.forward()
     expected = numerics.arq_fake_quantize(master, numerics.arq_scale(master, 1), 1)
     assert np.array_equal(net.params["deconv"][0].data, expected), \
@@ -75,7 +75,7 @@ def test_retrain_model_quantizes_deconvolution_weights_on_axis_1(seg):
 
 def test_record_has_one_scale_and_shift_per_output_channel(seg):
     rec = record.read_record(seg["record"])["deconv"]
-    master = caffe.Net(str(seg["retrain_model"]), caffe.TEST, weights=str(seg["snapshot"])).params["deconv_arq"][1].data
+    master = caffe.Net(str(seg["retrain_model"]), caffe.TEST, weights=str(seg["snapshot"])).params["deconv_arq"][MASTER_WEIGHTS].data
     scale_w = np.asarray(rec.scale_w, np.float32)
     assert scale_w.shape == (CLASSES,) and np.array_equal(scale_w, numerics.arq_scale(master, 1)), \
         f"scale_w {scale_w} must be ARQ per output channel (axis 1, C_out = {CLASSES})"
@@ -218,7 +218,7 @@ def test_integer_transposed_convolution_is_caffes_deconvolution(tmp_path, geomet
     expected = net.forward()["y"]
     layer = text_format.Parse(model.read_text(), caffe_pb2.NetParameter()).layer[0]
     g = conv_geometry(layer).__dict__
-    got = _deconv_accumulate(x, w, g)
+    got = numerics.deconv_accumulate(x, w, g)
     assert list(got.shape[2:]) == conv_output_hw(x.shape[2:], g, transposed=True) == list(expected.shape[2:]), \
         f"{geometry}: output {got.shape}, Caffe's {expected.shape}"
     assert np.array_equal(got, expected), f"{geometry}: largest difference {np.abs(got - expected).max()}"

@@ -3,14 +3,16 @@ import json
 
 import pytest
 
-from amct_retrain_layers.params import NUMBER, Key, LayerParamError, parse_param_str
+from amct_retrain.errors import LayerParamError
+from amct_retrain.layer_specs import ALL_SPECS, NUMBER, WEIGHT_ARQ, Key, LayerSpec
 
-SCHEMA = {"name": Key((str,), required=True), "clip_max": Key(NUMBER + (type(None),)),
-          "fixed_min": Key((bool,), default=False), "batch_num": Key((int,), default=1)}
+SPEC = LayerSpec("activation", "ActivationULQ", {
+    "name": Key((str,), required=True), "clip_max": Key(NUMBER + (type(None),)),
+    "fixed_min": Key((bool,), default=False), "batch_num": Key((int,), default=1)})
 
 
 def test_defaults_are_filled():
-    assert parse_param_str('{"name": "q"}', SCHEMA, "T") == \
+    assert SPEC.parse('{"name": "q"}') == \
         {"name": "q", "clip_max": None, "fixed_min": False, "batch_num": 1}
 
 
@@ -23,7 +25,7 @@ def test_defaults_are_filled():
 ])
 def test_bad_params_name_layer_and_key(params, fragment):
     with pytest.raises(LayerParamError) as err:
-        parse_param_str(json.dumps(params), SCHEMA, "ActivationULQ")
+        SPEC.parse(json.dumps(params))
     assert fragment in str(err.value), f"message {err.value!r} lacks {fragment!r}"
     if "name" in params:
         assert "ActivationULQ layer 'q'" in str(err.value), f"message {err.value!r} does not name the layer"
@@ -31,4 +33,22 @@ def test_bad_params_name_layer_and_key(params, fragment):
 
 def test_invalid_json_is_reported_with_the_text():
     with pytest.raises(LayerParamError, match="not valid JSON"):
-        parse_param_str("{name: q}", SCHEMA, "ActivationULQ")
+        SPEC.parse("{name: q}")
+
+
+def test_blobs_are_found_by_name_with_optional_blobs_only_when_present():
+    assert WEIGHT_ARQ.blob_names() == ("fake_quant_weights", "master_weights", "scale_w")
+    assert WEIGHT_ARQ.blob("scale_w") == 2 and WEIGHT_ARQ.blob("scale_w", {"clip_state"}) == 3
+    assert WEIGHT_ARQ.ordered({"scale_w": 3, "master_weights": 2, "fake_quant_weights": 1}) == [1, 2, 3]
+    with pytest.raises(ValueError, match="expected"):
+        WEIGHT_ARQ.ordered({"scale_w": 3, "master_weights": 2})  # a blob missing
+
+
+@pytest.mark.caffe  # imports the layers, hence pycaffe
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=lambda s: s.layer_class)
+def test_every_spec_names_its_layer_class_in_its_module(spec):
+    import importlib
+
+    layer_class = getattr(importlib.import_module(spec.python_module), spec.layer_class, None)
+    assert layer_class is not None, f"{spec.python_module} has no {spec.layer_class}"
+    assert "name" in spec.keys and spec.keys["name"].required, f"{spec.layer_class}: every spec needs a required name"

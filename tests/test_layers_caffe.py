@@ -9,6 +9,7 @@ import pytest
 
 from amct_retrain import numerics, record
 from tests import nets
+from tests.nets import CLIP_MAX, CLIP_MIN, CLIP_STATE, MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 VENV_BIN = os.path.join(os.path.dirname(sys.executable))
@@ -30,29 +31,37 @@ def _ulq_backward_literal(x, g, cmin, cmax):
     return np.where(inside, g, 0.0), dmin, dmax
 
 
+def weighted_net(model_file, phase):
+    """A net of ``model_file`` with master weights filled (a net without weights computes zeros
+    after conv1, and a quantizer refuses an input that is constant: an unfed net)."""
+    weights_file = model_file.with_suffix(".caffemodel")
+    nets.init_weights(model_file, weights_file)
+    return caffe.Net(str(model_file), phase, weights=str(weights_file))
+
+
 def test_activation_forward_is_numerics_bit_for_bit(tmp_path):
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.5, 2.0)),
                                 tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     net.forward()
     x, y = net.blobs["data"].data, net.blobs["data_q"].data
     expected = numerics.ulq_forward(x, -1.5, 2.0)
     assert y.dtype == expected.dtype == np.float32
     assert np.array_equal(y, expected), f"ULQ output differs from numerics at {np.sum(y != expected)} elements"
-    assert float(net.params["conv1_ulq"][2].data[0]) == 1.0, "configured clips must mark the layer ready"
+    assert float(net.params["conv1_ulq"][CLIP_STATE].data[0]) == 1.0, "configured clips must mark the layer ready"
 
 
 def test_ifmr_initialises_clips_on_first_batch(model):
     model_file, weights_file, _ = model
     net = caffe.Net(str(model_file), str(weights_file), caffe.TRAIN)
-    assert net.params["conv1_ulq"][2].data[0] == 0.0, "no clips configured: the layer must wait for IFMR"
+    assert net.params["conv1_ulq"][CLIP_STATE].data[0] == 0.0, "no clips configured: the layer must wait for IFMR"
     net.forward()
     x = net.blobs["data"].data
     clip_min, clip_max = numerics.ifmr_search(x)
-    got = (net.params["conv1_ulq"][1].data[0], net.params["conv1_ulq"][0].data[0])
+    got = (net.params["conv1_ulq"][CLIP_MIN].data[0], net.params["conv1_ulq"][CLIP_MAX].data[0])
     assert got == (np.float32(clip_min), np.float32(clip_max)), f"clips {got} != IFMR {(clip_min, clip_max)}"
     net.forward()  # a second batch must not re-initialise
-    assert (net.params["conv1_ulq"][1].data[0], net.params["conv1_ulq"][0].data[0]) == got
+    assert (net.params["conv1_ulq"][CLIP_MIN].data[0], net.params["conv1_ulq"][CLIP_MAX].data[0]) == got
 
 
 def test_clip_and_input_gradients_follow_the_contract(model):
@@ -70,7 +79,7 @@ def test_clip_and_input_gradients_follow_the_contract(model):
         g = net.blobs[top].diff
         x = net.blobs[bottom].data
         gx, dmin, dmax = _ulq_backward_literal(x, g, clip_min, clip_max)
-        got_max, got_min = net.params[ulq][0].diff[0], net.params[ulq][1].diff[0]
+        got_max, got_min = net.params[ulq][CLIP_MAX].diff[0], net.params[ulq][CLIP_MIN].diff[0]
         assert np.isclose(got_max, dmax, rtol=1e-5, atol=1e-6), f"{ulq}: d clip_max {got_max} != contract {dmax}"
         if ulq == "ip1_ulq":  # fixed_min: the lower clip is pinned, so it gets no gradient
             assert got_min == 0.0, f"{ulq}: fixed_min layer got d clip_min {got_min}"
@@ -85,7 +94,7 @@ def test_clip_and_input_gradients_follow_the_contract(model):
 
 def _check_trained(net, initial, tag):
     for arq, axis in (("conv1_arq", 0), ("ip1_arq", None)):
-        master = net.params[arq][1].data
+        master = net.params[arq][MASTER_WEIGHTS].data
         assert not np.array_equal(master, initial[arq]), f"{tag}: {arq} master weights did not move"
         layer = arq.replace("_arq", "")
         scale = numerics.arq_scale(master, axis)
@@ -93,16 +102,16 @@ def _check_trained(net, initial, tag):
         assert np.array_equal(net.params[layer][0].data, expected), \
             f"{tag}: {layer} weights are not ARQ(master) on the int8 grid of the current scales"
     for ulq in ("conv1_ulq", "ip1_ulq"):
-        clips = (net.params[ulq][1].data[0], net.params[ulq][0].data[0])
+        clips = (net.params[ulq][CLIP_MIN].data[0], net.params[ulq][CLIP_MAX].data[0])
         assert clips[1] != initial[ulq][1], f"{tag}: {ulq} clip_max did not change: {clips}"
 
 
 def _initial_state(model_file, weights_file):
     net = caffe.Net(str(model_file), str(weights_file), caffe.TRAIN)
     net.forward()  # IFMR initialisation, as the first training batch does
-    return {"conv1_arq": net.params["conv1_arq"][1].data.copy(), "ip1_arq": net.params["ip1_arq"][1].data.copy(),
-            "conv1_ulq": (net.params["conv1_ulq"][1].data[0], net.params["conv1_ulq"][0].data[0]),
-            "ip1_ulq": (net.params["ip1_ulq"][1].data[0], net.params["ip1_ulq"][0].data[0])}
+    return {"conv1_arq": net.params["conv1_arq"][MASTER_WEIGHTS].data.copy(), "ip1_arq": net.params["ip1_arq"][MASTER_WEIGHTS].data.copy(),
+            "conv1_ulq": (net.params["conv1_ulq"][CLIP_MIN].data[0], net.params["conv1_ulq"][CLIP_MAX].data[0]),
+            "ip1_ulq": (net.params["ip1_ulq"][CLIP_MIN].data[0], net.params["ip1_ulq"][CLIP_MAX].data[0])}
 
 
 def test_pycaffe_solver_trains_snapshots_and_test_writes_record(model, tmp_path):
@@ -130,7 +139,7 @@ def test_pycaffe_solver_trains_snapshots_and_test_writes_record(model, tmp_path)
     assert len(records["conv1"].shift_bit) == nets.CONV_OUT and len(records["ip1"].shift_bit) == nets.IP_OUT
     assert all(record.layer_record_complete(r) for r in records.values()), records
     assert len(records["conv1"].scale_w) == nets.CONV_OUT and len(records["ip1"].scale_w) == 1
-    ip_scale_w = numerics.arq_scale(net.params["ip1_arq"][1].data, None)
+    ip_scale_w = numerics.arq_scale(net.params["ip1_arq"][MASTER_WEIGHTS].data, None)
     assert np.float32(records["ip1"].scale_w[0]) == ip_scale_w[0], "record scale_w is not the final ARQ scale"
     assert records["ip1"].offset_d == -128, "fixed_min layer must have offset_d -128"
 
@@ -146,7 +155,7 @@ def test_caffe_binary_trains_quant_layers_and_test_writes_record(model, tmp_path
     assert "Finetuning from" in run.stderr, "caffe train ignored -weights"
     snapshot = tmp_path / "snap_iter_20.caffemodel"
     net = caffe.Net(str(model_file), str(snapshot), caffe.TRAIN)
-    assert net.params["conv1_ulq"][2].data[0] == 1.0, "snapshot lost the clips-ready flag"
+    assert net.params["conv1_ulq"][CLIP_STATE].data[0] == 1.0, "snapshot lost the clips-ready flag"
     net.forward()
     _check_trained(net, initial, "caffe train")
     assert set(record.read_record(record_file)) == {"conv1", "ip1"}, "caffe train's TEST wrote no record"
@@ -162,7 +171,7 @@ def _clean_env():
 def test_nan_input_stops_with_error_naming_layer(tmp_path):
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)),
                                 tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     net.forward()
     net.blobs["data"].data[0, 0, 0, 0] = np.nan
     with pytest.raises(numerics.NonFiniteError, match="conv1_ulq"):
@@ -202,7 +211,7 @@ def test_all_zero_weight_channel_gets_scale_one_not_nan(tmp_path):
     net = caffe.Net(str(model_file), caffe.TEST)
     master = np.random.default_rng(1).normal(0, 0.3, nets.CONV_WEIGHT_SHAPE).astype(np.float32)
     master[2] = 0
-    net.params["conv1_arq"][1].data[...] = master
+    net.params["conv1_arq"][MASTER_WEIGHTS].data[...] = master
     net.forward()
     assert numerics.arq_scale(master, 0)[2] == 1.0, "all-zero channel must get scale_w 1"
     weights = net.params["conv1"][0].data
@@ -216,7 +225,7 @@ def test_shift_n_waits_for_batch_num_batches_and_keeps_other_entries(tmp_path):
     model_file = nets.write_net(nets.quant_net(record_file, batch_num=2, conv_clips=(-1.0, 1.0)),
                                 tmp_path / "m.prototxt")
     net = caffe.Net(str(model_file), caffe.TEST)
-    net.params["conv1_arq"][1].data[...] = 0.1
+    net.params["conv1_arq"][MASTER_WEIGHTS].data[...] = 0.1
     net.forward()
     assert set(record.read_record(record_file)) == {"other_layer"}, "searched before batch_num batches"
     net.forward()
@@ -228,7 +237,7 @@ def test_shift_n_waits_for_batch_num_batches_and_keeps_other_entries(tmp_path):
 def test_shift_n_does_nothing_in_train_phase(tmp_path):
     record_file = tmp_path / "record.txt"
     model_file = nets.write_net(nets.quant_net(record_file, conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
-    caffe.Net(str(model_file), caffe.TRAIN).forward()
+    weighted_net(model_file, caffe.TRAIN).forward()
     assert not record_file.exists(), "the TRAIN phase must not search shift-N"
 
 
@@ -236,7 +245,7 @@ def test_nan_master_weights_stop_with_error_naming_layer(tmp_path):
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)),
                                 tmp_path / "m.prototxt")
     net = caffe.Net(str(model_file), caffe.TEST)
-    net.params["conv1_arq"][1].data[0, 0, 0, 0] = np.inf
+    net.params["conv1_arq"][MASTER_WEIGHTS].data[0, 0, 0, 0] = np.inf
     with pytest.raises(numerics.NonFiniteError, match="conv1_arq"):
         net.forward()
 
@@ -245,12 +254,12 @@ def test_invalid_clips_fall_back_to_last_valid_pair_shared_through_the_blob(tmp_
     """A solver update that makes clip_min > 0 must not break the TEST net (which shares the
     TRAIN net's blobs but not its Python objects): the last valid pair lives in a blob."""
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
-    train = caffe.Net(str(model_file), caffe.TRAIN)
+    train = weighted_net(model_file, caffe.TRAIN)
     train.forward()
-    train.params["conv1_ulq"][1].data[0] = 0.25  # invalid: the range must contain 0
+    train.params["conv1_ulq"][CLIP_MIN].data[0] = 0.25  # invalid: the range must contain 0
     test = caffe.Net(str(model_file), caffe.TEST)
     test.share_with(train)
     test.forward()
     expected = numerics.ulq_forward(test.blobs["data"].data, -1.0, 1.0)
     assert np.array_equal(test.blobs["data_q"].data, expected), "TEST net did not fall back to the last valid clips"
-    assert list(train.params["conv1_ulq"][2].data) == [1.0, -1.0, 1.0], "clip state lost the last valid pair"
+    assert list(train.params["conv1_ulq"][CLIP_STATE].data) == [1.0, -1.0, 1.0], "clip state lost the last valid pair"

@@ -555,3 +555,9 @@ def test_errors_named_prefixes_the_caller_and_keeps_the_error_type():
     with pytest.raises(nq.NonFiniteError, match=r"^layer .x.: ulq_forward input: .*NaN"):
         with nq.errors_named("layer 'x'"):
             nq.ulq_forward(np.array([np.nan], np.float32), -1.0, 1.0)
+
+
+@pytest.mark.parametrize("shape, scales, expected", [
+    ((2, 8, 1, 1), 8, True), ((2, 8, 1, 1), 1, False), ((2, 8, 2, 1), 8, False), ((2, 8), 8, False), ((), 8, False)])
+def test_a_global_conv_has_a_1x1_output_and_per_channel_scales(shape, scales, expected):
+    assert nq.is_global_conv(shape, scales) is expected, f"output {shape} with {scales} scales"

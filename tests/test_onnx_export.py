@@ -13,7 +13,8 @@ from google.protobuf import text_format  # noqa: E402
 
 from amct_retrain import numerics, record  # noqa: E402
 from amct_retrain.export.graph import OPSET  # noqa: E402
-from amct_retrain.export.onnx import export_onnx, recover_scales  # noqa: E402
+from amct_retrain.export.onnx import export_onnx  # noqa: E402
+from amct_retrain.export.quantized import recover_scales  # noqa: E402
 from amct_retrain.graph.model_io import ModelError  # noqa: E402
 from tests import nets, onnx_checks  # noqa: E402
 

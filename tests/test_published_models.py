@@ -31,7 +31,9 @@ from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
 from amct_retrain.saver import output_files
-from tests import models
+from amct_retrain.layer_specs import SHIFT_N_SEARCH
+from tests import analysis_check, models
+from tests.nets import CLIP_MAX, CLIP_MIN, CLIP_STATE, MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 
@@ -157,12 +159,12 @@ def test_modified_model_runs_forward_and_backward_in_caffe(qat):
     assert all(np.all(np.isfinite(v)) for v in outputs.values()), f"{qat['name']}: non-finite outputs {outputs}"
     net.backward()
     no_gradient = [n for n in models.quantizable_layer_names(qat["float_net"])
-                   if not net.params[ql.arq_layer_name(n)][1].diff.any()]
+                   if not net.params[ql.arq_layer_name(n)][MASTER_WEIGHTS].diff.any()]
     assert not no_gradient, f"{qat['name']}: no gradient reached the master weights of {no_gradient}"
     ulqs = [n for n in net._layer_names if n.endswith("_ulq")]
-    no_clip_gradient = [u for u in ulqs if not (net.params[u][0].diff.any() or net.params[u][1].diff.any())]
+    no_clip_gradient = [u for u in ulqs if not (net.params[u][CLIP_MAX].diff.any() or net.params[u][CLIP_MIN].diff.any())]
     assert ulqs and not no_clip_gradient, f"{qat['name']}: no gradient reached the clips of {no_clip_gradient}"
-    not_ready = [u for u in ulqs if net.params[u][2].data[0] != 1]
+    not_ready = [u for u in ulqs if net.params[u][CLIP_STATE].data[0] != 1]
     assert not not_ready, f"{qat['name']}: IFMR did not initialise the clips of {not_ready}"
 
 
@@ -184,7 +186,7 @@ def _redirected_record(qat) -> pathlib.Path:
     running it here leaves the record of the solver's final TEST as it is."""
     net = _net(qat["modified"])
     for layer in net.layer:
-        if ql.python_layer_class(layer) == ql.SHIFT_N_TYPE[1]:
+        if SHIFT_N_SEARCH.is_layer(layer):
             params = ql.layer_params(layer)
             params["record_file"] = str(qat["tmp"] / "scratch_record.txt")
             layer.python_param.param_str = json.dumps(params, sort_keys=True)
@@ -204,7 +206,7 @@ def test_fake_quant_model_reproduces_the_retrained_model_within_one_output_step(
     models.set_inputs(fake, qat["test_inputs"])
     names = list(trained._layer_names)
     ulq_of = {ql.layer_params(layer)["quantized_layer"]: ql.layer_params(layer)["activation_quantizer"]
-              for layer in _net(qat["modified"]).layer if ql.python_layer_class(layer) == ql.SHIFT_N_TYPE[1]}
+              for layer in _net(qat["modified"]).layer if SHIFT_N_SEARCH.is_layer(layer)}
     info = _quant_info(qat)
     worst, saturated, start = {}, {}, None
     for name in sorted(info, key=lambda n: names.index(ql.shift_n_layer_name(n))):
@@ -299,7 +301,7 @@ def test_train_only_layers_in_phase_rules_net(qat):
     for name in qat["case"].train_only:
         assert name in names and f"{name}_quant_layer" not in names, f"{qat['name']}: {name} must stay, in float"
         assert not deploy_blobs[name][0].int8_data, f"{qat['name']}: {name} has int8 weights in the deploy model"
-        assert np.array_equal(fake_weights[name][0], snapshot[ql.arq_layer_name(name)][1]), \
+        assert np.array_equal(fake_weights[name][0], snapshot[ql.arq_layer_name(name)][MASTER_WEIGHTS]), \
             f"{qat['name']}: {name} must keep its retrained float (master) weights"
     fake = caffe.Net(qat["fake_quant_model"], caffe.TEST, weights=qat["fake_quant_weights"])
     out = fake.forward()
@@ -315,7 +317,7 @@ def test_global_conv_trains_and_deploys_on_one_unified_weight_scale(qat):
     assert len(rec.scale_w) == 10 and len(set(rec.scale_w)) == 1, f"fc7: scale_w not unified: {list(rec.scale_w)}"
     trained = caffe.Net(str(_redirected_record(qat)), caffe.TEST, weights=str(qat["snapshot"]))
     trained.forward()
-    master, weights = trained.params["fc7_arq"][1].data, trained.params["fc7"][0].data
+    master, weights = trained.params["fc7_arq"][MASTER_WEIGHTS].data, trained.params["fc7"][0].data
     expected = numerics.arq_fake_quantize(master, np.asarray(rec.scale_w, np.float32), 0)
     assert np.array_equal(weights, expected), "fc7: the retrained net's weights are not on the unified int8 grid"
 
@@ -325,7 +327,7 @@ def test_layers_reading_one_blob_share_one_activation_quantizer(qat):
     """Inception branches, ResNet projection + main branch, concatenated branches: one quantizer
     (one scale_d / offset_d) per blob they read."""
     owners = {ql.layer_params(layer)["quantized_layer"]: ql.layer_params(layer)["activation_quantizer"]
-              for layer in _net(qat["modified"]).layer if ql.python_layer_class(layer) == ql.SHIFT_N_TYPE[1]}
+              for layer in _net(qat["modified"]).layer if SHIFT_N_SEARCH.is_layer(layer)}
     records = record.read_record(qat["record"])
     for group in qat["case"].shared:
         assert len({owners[n] for n in group}) == 1, \
@@ -354,3 +356,19 @@ def test_a_test_only_quantized_layer_is_an_error_naming_it_at_save(tmp_path):
         amct_retrain.save_quant_retrain_model(files[1], str(tmp_path / "retrained_iter_1.caffemodel"), "Both",
                                               str(tmp_path / "result" / "model"), files[3])
     assert "skip_layers" in str(err.value), f"the error does not say what to do: {err.value}"
+
+
+def test_analysis_equals_an_independent_numpy_computation(qat, tmp_path):
+    """analyze() on the float and the saved fake-quant model: per layer, the cosine, SQNR, output
+    steps and clipped shares that plain numpy computes from both models' blobs on the same
+    batches (Input nets fed, data layers read once; DummyData replayed from one seed)."""
+    batches = [qat["test_inputs"]] if qat["test_inputs"] else [None, None]
+    files = [str(qat[k]) for k in ("model", "weights", "fake_quant_model", "fake_quant_weights")]
+    caffe.set_random_seed(0)
+    analysis = amct_retrain.analyze(*files, len(batches), str(tmp_path / "analysis"),
+                                    inputs=batches if qat["test_inputs"] else None)
+    caffe.set_random_seed(0)
+    kept = analysis_check.layer_blobs(*files, qat["quant_info"], batches)
+    analysis_check.assert_analysis_matches(analysis, analysis_check.expected_metrics(kept, qat["fake_quant_model"]),
+                                           qat["name"])
+    assert (tmp_path / "analysis" / "report.html").stat().st_size > 0

@@ -13,7 +13,7 @@ from amct_retrain import numerics, record
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
 from tests import nets
-from tests.nets import QUANTIZED, float_model
+from tests.nets import CLIP_STATE, MASTER_WEIGHTS, QUANTIZED, float_model
 
 pytestmark = pytest.mark.caffe
 
@@ -50,23 +50,23 @@ def test_modified_model_wraps_each_layer_and_trains_in_caffe(prepared):
             f"{layer} is not wrapped by ULQ, ARQ and shift-N: {names}"
     assert p["record"].exists() and p["record"].read_text() == "", "the record file must start empty"
     arq = net_param.layer[names.index("conv1_arq")]
-    assert (arq.param[1].lr_mult, arq.param[1].decay_mult) == (2, 0.5), "conv1's lr/decay must move to its master weights"
+    assert (arq.param[MASTER_WEIGHTS].lr_mult, arq.param[MASTER_WEIGHTS].decay_mult) == (2, 0.5), "conv1's lr/decay must move to its master weights"
 
     floats = caffe.Net(str(p["model"]), caffe.TEST, weights=str(p["weights"]))
     net = caffe.Net(str(p["modified_model"]), caffe.TRAIN, weights=str(p["modified_weights"]))
     for layer in QUANTIZED:
         w = floats.params[layer][0].data
-        assert np.array_equal(net.params[f"{layer}_arq"][1].data, w), f"{layer}: master weights != float weights"
+        assert np.array_equal(net.params[f"{layer}_arq"][MASTER_WEIGHTS].data, w), f"{layer}: master weights != float weights"
         axis = None if layer == "fc" else 0
         expected = numerics.arq_fake_quantize(w, numerics.arq_scale(w, axis), axis)
         assert np.array_equal(net.params[layer][0].data, expected), f"{layer}: weights are not ARQ(float)"
         if len(floats.params[layer]) > 1:
             assert np.array_equal(net.params[layer][1].data, floats.params[layer][1].data), f"{layer}: bias changed"
-        assert net.params[f"{layer}_ulq"][2].data[0] == 0, f"{layer}: no clips configured, IFMR must run"
+        assert net.params[f"{layer}_ulq"][CLIP_STATE].data[0] == 0, f"{layer}: no clips configured, IFMR must run"
     net.forward()
     net.backward()
-    assert net.params["conv1_arq"][1].diff.any(), "no gradient reached conv1's master weights"
-    assert all(net.params[f"{layer}_ulq"][2].data[0] == 1 for layer in QUANTIZED), "IFMR did not initialise clips"
+    assert net.params["conv1_arq"][MASTER_WEIGHTS].diff.any(), "no gradient reached conv1's master weights"
+    assert all(net.params[f"{layer}_ulq"][CLIP_STATE].data[0] == 1 for layer in QUANTIZED), "IFMR did not initialise clips"
 
 
 def test_weights_of_another_model_are_an_error_naming_layer_and_shapes(prepared, tmp_path):
@@ -204,7 +204,7 @@ def test_conv_batchnorm_scale_is_folded_before_retraining(tmp_path):
     gamma = floats.params["scale1"][0].data / np.sqrt(floats.params["bn1"][1].data + 1e-5)
     expected_w = floats.params["conv1"][0].data * gamma[:, None, None, None]
     expected_b = floats.params["scale1"][1].data - floats.params["bn1"][0].data * gamma
-    assert np.allclose(net.params["conv1_arq"][1].data, expected_w, rtol=1e-6), "folded weights are not w*gamma/sigma"
+    assert np.allclose(net.params["conv1_arq"][MASTER_WEIGHTS].data, expected_w, rtol=1e-6), "folded weights are not w*gamma/sigma"
     assert np.allclose(net.params["conv1"][1].data, expected_b, rtol=1e-5, atol=1e-6), "folded bias is wrong"
 
 

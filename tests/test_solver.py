@@ -14,6 +14,7 @@ from amct_retrain import numerics, record, solver, tensorboard
 from amct_retrain.graph.model_io import read_caffemodel
 from amct_retrain.solver import SolverError
 from tests import nets
+from tests.nets import CLIP_STATE, MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
 CAFFE = os.path.join(os.path.dirname(sys.executable), "caffe")
@@ -218,6 +219,9 @@ def test_train_logs_loss_lr_clips_and_shift_n(tmp_path, model):
         assert steps.get(tag) == [0, 5, 10, 15], f"{tag}: logged at {steps.get(tag)}, want every display (5)"
     for tag in ("test/loss", "conv1_shift_n/shift_bit_mean", "ip1_shift_n/shift_bit_mean"):
         assert steps.get(tag) == [10, 20], f"{tag}: logged at {steps.get(tag)}, want after each TEST (10, 20)"
+    histograms = tensorboard.read_histograms(log_dir)
+    for tag in ("conv1_ulq/input_activations", "ip1_ulq/input_activations", "conv1_arq/master_weights"):
+        assert [s for s, _ in histograms.get(tag, [])] == [0, 5, 10, 15], f"histogram {tag}: want every display (5)"
     param = read_param(solver_file)
     assert all(v == np.float32(solver.learning_rate(param, s)) for s, v in scalars["train/lr"]), "lr values"
     records = record.read_record(record_file)
@@ -225,7 +229,7 @@ def test_train_logs_loss_lr_clips_and_shift_n(tmp_path, model):
         "the final shift-N logged is not the record's"
     # Fine-tuning started from weights_file: its weight scales, not the fillers' (the master
     # weights have no filler: all zeros, scale 1), moved by one small update at step 0.
-    initial = numerics.arq_scale(read_caffemodel(weights_file)["conv1_arq"][1], 0)
+    initial = numerics.arq_scale(read_caffemodel(weights_file)["conv1_arq"][MASTER_WEIGHTS], 0)
     logged = scalars["conv1_arq/scale_w_max"][0][1]
     assert np.isclose(logged, initial.max(), rtol=0.05), \
         f"step-0 scale {logged} is not from the weights ({initial.max()})"
@@ -262,7 +266,7 @@ def test_train_resumes_from_solverstate_with_clips_and_master_weights(tmp_path, 
     for name in ("conv1_ulq", "ip1_ulq", "conv1_arq", "ip1_arq"):
         for i, (got, want) in enumerate(zip(at_resume["blobs"][name], saved[name])):
             assert np.array_equal(got, want), f"{name} blob {i} at the resume point differs from the snapshot"
-    assert at_resume["blobs"]["conv1_ulq"][2][0] == 1.0, "the resumed clips must not wait for IFMR again"
+    assert at_resume["blobs"]["conv1_ulq"][CLIP_STATE][0] == 1.0, "the resumed clips must not wait for IFMR again"
     tensorboard.close_all()
     loss_steps = [s for s, _ in tensorboard.read_scalars(tmp_path / "tb")["train/loss"]]
     assert loss_steps[0] == 10, f"the resumed run logged from step {loss_steps[0]}, not 10"

@@ -14,6 +14,7 @@ from caffe.proto import caffe_pb2
 from amct_retrain.export.graph import Graph, blob_count
 from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 Converter = Callable[[Graph, caffe_pb2.LayerParameter, list[np.ndarray]], None]
 
@@ -33,7 +34,7 @@ def check_weight_shape(g: Graph, layer: caffe_pb2.LayerParameter, shape: Sequenc
     else:
         geo = conv_geometry(layer)
         p = layer.convolution_param
-        c = 0 if layer.type == "Convolution" else 1
+        c = QUANTIZABLE_RULES[layer.type].channel_axis  # 1 for a Deconvolution's (C, num_output/group, ...)
         per_group = p.num_output if c == 0 else p.num_output // geo.group
         ok = len(shape) == 4 and shape[c] == per_group and shape[2:] == geo.kernel
         expected = (f"(num_output {per_group}, C/group, {geo.kernel[0]}, {geo.kernel[1]})" if c == 0 else
@@ -80,8 +81,8 @@ def output_rank(g: Graph, layer: caffe_pb2.LayerParameter, x: str) -> int:
 
 
 def bias_term(layer: caffe_pb2.LayerParameter) -> bool:
-    p = layer.inner_product_param if layer.type == "InnerProduct" else layer.convolution_param
-    return p.bias_term
+    """Whether a Convolution / Deconvolution / InnerProduct layer has a bias blob."""
+    return QUANTIZABLE_RULES[layer.type].weight_param(layer).bias_term
 
 
 def _float_linear(g: Graph, layer: caffe_pb2.LayerParameter, params: list[np.ndarray]) -> None:

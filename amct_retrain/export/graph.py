@@ -11,7 +11,7 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from onnx import TensorProto, helper, numpy_helper
 
-from amct_retrain import reference
+from amct_retrain import saved_models
 from amct_retrain.graph import model_io
 from amct_retrain.graph.model_io import ModelError
 
@@ -180,10 +180,10 @@ def plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str, float_type
         layer = layers[i]
         if layer.type == "Quant":
             triple = layers[i:i + 3]
-            if len(triple) < 3 or triple[1].type not in reference.QUANTIZED_TYPES or triple[2].type != "DeQuant":
+            if len(triple) < 3 or triple[1].type not in saved_models.QUANTIZED_TYPES or triple[2].type != "DeQuant":
                 raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
-                                 f"{'/'.join(reference.QUANTIZED_TYPES)} layer and a DeQuant layer")
-            reference.check_quantized_layer(triple[1], model_file)
+                                 f"{'/'.join(saved_models.QUANTIZED_TYPES)} layer and a DeQuant layer")
+            saved_models.check_quantized_layer(triple[1], model_file)
             units.append(_check_wiring(QuantizedLayer(*triple), model_file))
             i += 3
             continue
@@ -193,7 +193,7 @@ def plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str, float_type
         if layer.type not in DATA_TYPES | OUTPUT_TYPES and layer.type not in float_types:
             raise ModelError(f"{model_file}: layer '{layer.name}' has type '{layer.type}', which the ONNX export "
                              f"does not support (supported: {', '.join(sorted(float_types))}, "
-                             f"Quant/DeQuant around {'/'.join(reference.QUANTIZED_TYPES)}, data and loss layers)")
+                             f"Quant/DeQuant around {'/'.join(saved_models.QUANTIZED_TYPES)}, data and loss layers)")
         units.append(layer)
         i += 1
     return units

@@ -33,7 +33,6 @@ layer reads.
 """
 import logging
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -42,12 +41,13 @@ from caffe.proto import caffe_pb2
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
 
-from amct_retrain import numerics, reference
-from amct_retrain.config import QUANTIZABLE_RULES
+from amct_retrain import numerics, saved_models
 from amct_retrain.export import float_layers as fl
 from amct_retrain.export.graph import (DATA_TYPES, IR_VERSION, OPSET, OUTPUT_TYPES, Graph, QuantizedLayer,
-                                       blob_count, data_tops, input_blobs, plan, resolve_input_shapes,
-                                       test_phase_layers, unit_name, unit_tops)
+                                       data_tops, input_blobs, plan, resolve_input_shapes, test_phase_layers,
+                                       unit_name, unit_tops)
+from amct_retrain.export.quantized import quantized_params
+from amct_retrain.export.standard import Standard
 from amct_retrain.fileio import atomic_write
 from amct_retrain.graph import model_io
 from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
@@ -56,53 +56,6 @@ from amct_retrain.graph.model_io import ModelError
 LOG = logging.getLogger(__name__)
 
 MODES = ("standard", "exact")
-
-
-def recover_scales(quant_scale: float, deq: np.ndarray) -> tuple[np.float32, np.ndarray]:
-    """``(scale_d, scale_w)`` of a quantized layer for QuantizeLinear / weight DequantizeLinear.
-
-    Args:
-        quant_scale: the Quant layer's ``quant_param.scale``, float32(1/scale_d), the multiplier
-            the codes are made with.
-        deq: float32 (C,) unpacked deq_scale, float32(scale_d * scale_w[c]).
-
-    Returns:
-        scale_d (np.float32): the float32 nearest 1/quant_scale;
-        scale_w (float32 (C,)): ``deq / scale_d``, or the float32 within two ulps of it for
-        which ``numerics.deq_scales(scale_d, scale_w) == deq`` where there is one, so that the
-        bias scale is the input scale times the weight scale, as QDQ consumers assume.
-    """
-    scale_d = np.float32(numerics.quant_multiplier(quant_scale))  # float32(1/x), rounded once, either way
-    scale_w = (deq / scale_d).astype(np.float32)
-    matched = numerics.deq_scales(scale_d, scale_w) == deq
-    up = down = scale_w
-    for _ in range(2):
-        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
-        for candidate in (up, down):
-            hit = ~matched & (numerics.deq_scales(scale_d, candidate) == deq)
-            scale_w = np.where(hit, candidate, scale_w)
-            matched |= hit
-    return scale_d, scale_w
-
-
-def quantized_params(g: Graph, q: QuantizedLayer, deploy: Mapping[str, list[caffe_pb2.BlobProto]],
-                     weights_file: str) -> tuple[reference.IntegerParams, float, int]:
-    """The checked integers of a triple, its Quant multiplier and its int8 offset."""
-    layer = q.layer
-    rule = QUANTIZABLE_RULES[layer.type]
-    ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
-    if rule.has_weights:
-        blob_count(g, layer, deploy[layer.name], 1 + fl.bias_term(layer))
-        fl.check_weight_shape(g, layer, ints.weights.shape)
-        channels = ints.weights.shape[rule.channel_axis]
-        if ints.deq.size != channels:
-            raise ModelError(f"{weights_file}: DeQuant layer '{q.dequant.name}' holds {ints.deq.size} deq_scale "
-                             f"values for the {channels} output channels of '{layer.name}'")
-    quant_scale = q.quant.quant_param.scale
-    if not (np.isfinite(quant_scale) and quant_scale > 0) or len(q.quant.quant_param.offset) != 1:
-        raise ModelError(f"{g.where(q.quant)}: quant_param needs a positive finite scale and a one-byte offset, "
-                         f"got scale {quant_scale!r}, offset {q.quant.quant_param.offset!r}")
-    return ints, quant_scale, struct.unpack("b", q.quant.quant_param.offset)[0]
 
 
 def _channel_const(g: Graph, hint: str, values: np.ndarray, rank: int) -> str:
@@ -189,7 +142,7 @@ QuantizedConverter = Callable[[Graph, QuantizedLayer, Mapping[str, list[caffe_pb
 
 def _read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
     try:
-        return reference.read_deploy_blobs(weights_file)
+        return saved_models.read_deploy_blobs(weights_file)
     except DecodeError as err:
         raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
 
@@ -232,8 +185,6 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
     if mode == "exact":
         convert_quantized: QuantizedConverter = _exact_quantized
     else:
-        from amct_retrain.export.standard import Standard  # it builds on this module's factors
-
         standard = Standard()
         convert_quantized, finish = standard.convert, standard.finish
     for name in net.input:

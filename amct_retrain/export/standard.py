@@ -47,10 +47,10 @@ import onnx
 from caffe.proto import caffe_pb2
 from onnx import numpy_helper
 
-from amct_retrain.config import QUANTIZABLE_RULES
 from amct_retrain.export import float_layers as fl
 from amct_retrain.export.graph import Graph, QuantizedLayer
-from amct_retrain.export.onnx import quantized_params, recover_scales
+from amct_retrain.export.quantized import quantized_params, recover_scales
+from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 #: uint8 = int8 code + 128: the record's offset_d as a uint8 zero point.
 UINT8_SHIFT = 128

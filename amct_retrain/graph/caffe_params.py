@@ -36,17 +36,6 @@ def conv_geometry(layer: caffe_pb2.LayerParameter) -> ConvGeometry:
     )
 
 
-def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]:
-    """Caffe's output height and width of a Convolution, or of a Deconvolution (``transposed``),
-    of ``geometry`` (a ``ConvGeometry.__dict__``, as the layers receive it in param_str)."""
-    out = []
-    for size, pad, k, d, stride in zip(in_hw, geometry["pad"], geometry["kernel"], geometry["dilation"],
-                                       geometry["stride"]):
-        extent = (k - 1) * d + 1
-        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
-    return out
-
-
 @dataclass(frozen=True)
 class PoolGeometry:
     """2-D pooling geometry as Caffe reads ``pooling_param``: (height, width) pairs."""

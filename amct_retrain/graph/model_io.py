@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from amct_retrain.fileio import parse_text_proto, read_text_file
 from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
 
-LOG = logging.getLogger("amct_retrain")
+LOG = logging.getLogger(__name__)
 
 
 def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:

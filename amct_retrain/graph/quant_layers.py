@@ -1,17 +1,18 @@
 """LayerParameter builders for the fake-quant Python layers that the toolkit inserts.
 
-One place knows the layers' module paths, blob order, param names and param_str keys,
-so the model builder, the saver and the tests cannot disagree about them.
+The layers' module paths, blob order and param_str keys are their specs
+(:mod:`amct_retrain.layer_specs`); these builders write layers that follow them.
 """
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from caffe.proto import caffe_pb2
 
-LAYERS_MODULE = "amct_retrain_layers"
-ULQ_TYPE = ("activation", "ActivationULQ")
-ARQ_TYPE = ("weight", "WeightARQ")
-SHIFT_N_TYPE = ("shift_n", "ShiftNSearch")
+from amct_retrain.layer_specs import (ACTIVATION_OBSERVER, ACTIVATION_ULQ, FAKE_QUANT_ACTIVATION, LAYERS_MODULE,
+                                      REQUANTIZE, SHIFT_N_OBSERVER, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ,
+                                      LayerSpec, param_name)
+
+TEST_OUTPUT_LOG_NAME = "amct_test_output_log"
 
 
 def ulq_layer_name(quantized_layer: str) -> str:
@@ -29,58 +30,47 @@ def shift_n_layer_name(quantized_layer: str) -> str:
     return f"{quantized_layer}_shift_n"
 
 
-def clip_param_names(ulq_name: str) -> tuple[str, str, str]:
-    """Param names of an ActivationULQ layer's (clip_max, clip_min, clip_state) blobs."""
-    return f"{ulq_name}/clip_max", f"{ulq_name}/clip_min", f"{ulq_name}/clip_state"
-
-
-def weight_param_names(arq_name: str) -> tuple[str, str]:
-    """Param names of a WeightARQ layer's (fake-quant weights, master weights) blobs."""
-    return f"{arq_name}/fake_quant_weights", f"{arq_name}/master_weights"
-
-
-def weight_scale_param_name(arq_name: str) -> str:
-    """Param name of a WeightARQ layer's last blob: the scale_w of its last forward."""
-    return f"{arq_name}/scale_w"
-
-
-def python_layer(name: str, module_class: tuple[str, str], bottom: str, top: str,
-                  params: dict, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
-    layer = caffe_pb2.LayerParameter(name=name, type="Python", bottom=[bottom], top=[top])
-    layer.python_param.module = f"{LAYERS_MODULE}.{module_class[0]}"
-    layer.python_param.layer = module_class[1]
+def python_layer(name: str, spec: LayerSpec, bottom: str, top: str,
+                 params: dict, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
+    """A ``spec`` layer named ``name``; ``params``: its param_str keys but name and log_dir."""
     # log_dir only when given: the param_str of a layer that does not log stays as it was.
-    log_key = {"log_dir": log_dir} if log_dir else {}
-    layer.python_param.param_str = json.dumps({"name": name, **params, **log_key}, sort_keys=True)
+    params = {"name": name, **params, **({"log_dir": log_dir} if log_dir else {})}
+    unknown = set(params) - set(spec.keys)
+    if unknown:
+        raise ValueError(f"{spec.layer_class} '{name}': param_str keys {sorted(unknown)} are not in its spec")
+    layer = caffe_pb2.LayerParameter(name=name, type="Python", bottom=[bottom], top=[top])
+    layer.python_param.module = spec.python_module
+    layer.python_param.layer = spec.layer_class
+    layer.python_param.param_str = json.dumps(params, sort_keys=True)
     return layer
 
 
-def _param(layer: caffe_pb2.LayerParameter, name: str = "", lr_mult: float | None = None,
-           decay_mult: float | None = None) -> None:
-    spec = layer.param.add()
-    if name:
-        spec.name = name
-    if lr_mult is not None:
-        spec.lr_mult = lr_mult
-    if decay_mult is not None:
-        spec.decay_mult = decay_mult
+def _add_params(layer: caffe_pb2.LayerParameter, spec: LayerSpec, owners: Mapping[str, str],
+                multipliers: Mapping[str, tuple[float, float]]) -> None:
+    """One ``param`` per blob of ``spec`` in blob order: the blobs in ``owners`` (blob -> owning
+    layer) exist and are named ``<owner>/<blob>``; ``multipliers``: blob -> (lr_mult, decay_mult),
+    unset for the others."""
+    for blob in spec.blob_names(owners.keys()):
+        param = layer.param.add(name=param_name(owners[blob], blob))
+        if blob in multipliers:
+            param.lr_mult, param.decay_mult = multipliers[blob]
 
 
 def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
               clip_max: float | None = None, fixed_min: bool = False,
-              clip_lr_mult: float = 1.0, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
+              clip_lr_mult: float = 1.0, log_dir: str | None = None,
+              batch_num: int = 1) -> caffe_pb2.LayerParameter:
     """ActivationULQ from ``bottom`` to a new blob ``top`` (never in place: its backward needs x).
 
     The clips learn with ``clip_lr_mult`` and no weight decay (decay would shrink the range
     for no reason); the third blob, the clip state (ready flag, last valid pair), never learns.
     With ``log_dir``, the layer logs its clips to TensorBoard there while training.
     """
-    layer = python_layer(name, ULQ_TYPE, bottom, top,
-                          {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min}, log_dir)
-    clip_max_name, clip_min_name, clip_state_name = clip_param_names(name)
-    _param(layer, clip_max_name, clip_lr_mult, 0.0)
-    _param(layer, clip_min_name, clip_lr_mult, 0.0)
-    _param(layer, clip_state_name, 0.0, 0.0)
+    layer = python_layer(name, ACTIVATION_ULQ, bottom, top,
+                         {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min,
+                          "batch_num": batch_num}, log_dir)
+    _add_params(layer, ACTIVATION_ULQ, dict.fromkeys(ACTIVATION_ULQ.blobs, name),
+                {"clip_max": (clip_lr_mult, 0.0), "clip_min": (clip_lr_mult, 0.0), "clip_state": (0.0, 0.0)})
     return layer
 
 
@@ -102,13 +92,13 @@ def arq_layer(name: str, blob: str, weight_shape: Sequence[int], channel_axis: i
     params = {"weight_shape": list(weight_shape), "channel_axis": channel_axis}
     if activation_quantizer is not None:
         params.update(activation_quantizer=activation_quantizer, conv=conv)
-    layer = python_layer(name, ARQ_TYPE, blob, blob, params, log_dir)
-    fake_quant_name, master_name = weight_param_names(name)
-    _param(layer, fake_quant_name, 1.0, 0.0)
-    _param(layer, master_name, master_lr_mult, master_decay_mult)
+    layer = python_layer(name, WEIGHT_ARQ, blob, blob, params, log_dir)
+    owners = dict.fromkeys(("fake_quant_weights", "master_weights", "scale_w"), name)
     if activation_quantizer is not None:
-        _param(layer, clip_param_names(activation_quantizer)[2])
-    _param(layer, weight_scale_param_name(name), 0.0, 0.0)
+        owners["clip_state"] = activation_quantizer
+    _add_params(layer, WEIGHT_ARQ, owners, {"fake_quant_weights": (1.0, 0.0),
+                                            "master_weights": (master_lr_mult, master_decay_mult),
+                                            "scale_w": (0.0, 0.0)})
     return layer
 
 
@@ -117,7 +107,7 @@ def share_fake_quant_weights(quantized: caffe_pb2.LayerParameter, arq_name: str)
     if not quantized.param:
         quantized.param.add()
     spec = quantized.param[0]
-    spec.name = weight_param_names(arq_name)[0]
+    spec.name = param_name(arq_name, "fake_quant_weights")
     spec.lr_mult, spec.decay_mult = 1.0, 0.0
 
 
@@ -140,15 +130,9 @@ def shift_n_layer(name: str, blob: str, quantized_layer: str, ulq_name: str, arq
         params["scale_w"] = [float(v) for v in scale_w]
     else:
         params["weight_shape"] = list(weight_shape)
-    layer = python_layer(name, SHIFT_N_TYPE, blob, blob, params, log_dir)
-    shared = clip_param_names(ulq_name)[2:] + (() if fixed else (weight_scale_param_name(arq_name),))
-    for param_name in shared:
-        _param(layer, param_name)
+    layer = python_layer(name, SHIFT_N_SEARCH, blob, blob, params, log_dir)
+    _add_params(layer, SHIFT_N_SEARCH, {"clip_state": ulq_name, **({} if fixed else {"scale_w": arq_name})}, {})
     return layer
-
-
-ACTIVATION_OBSERVER_TYPE = ("calibration", "ActivationObserver")
-SHIFT_N_OBSERVER_TYPE = ("calibration", "ShiftNObserver")
 
 
 def activation_observer_name(owner: str) -> str:
@@ -166,7 +150,7 @@ def activation_observer_layer(name: str, blob: str, served: Sequence[str], recor
     """ActivationObserver in place on ``blob``, the float input of the quantized layers ``served``:
     after ``batch_num`` TEST batches it writes their scale_d / offset_d (IFMR with the
     :func:`~amct_retrain.numerics.ifmr_search` arguments ``ifmr``; ``symmetric``: offset_d 0)."""
-    return python_layer(name, ACTIVATION_OBSERVER_TYPE, blob, blob, {
+    return python_layer(name, ACTIVATION_OBSERVER, blob, blob, {
         "layers": list(served), "record_file": record_file, "batch_num": batch_num, "ifmr": ifmr,
         "symmetric": symmetric})
 
@@ -175,26 +159,37 @@ def shift_n_observer_layer(name: str, blob: str, quantized_layer: str, record_fi
                            batch_num: int) -> caffe_pb2.LayerParameter:
     """ShiftNObserver in place on ``blob``, ``quantized_layer``'s output: after ``batch_num`` TEST
     batches it writes the layer's shift_bit (and a global conv's unified scale_w)."""
-    return python_layer(name, SHIFT_N_OBSERVER_TYPE, blob, blob, {
+    return python_layer(name, SHIFT_N_OBSERVER, blob, blob, {
         "quantized_layer": quantized_layer, "record_file": record_file, "batch_num": batch_num})
-
-
-FAKE_QUANT_TYPE = ("fixed", "FakeQuantActivation")
-REQUANT_TYPE = ("fixed", "Requantize")
 
 
 def fake_quant_activation_layer(name: str, bottom: str, top: str, scale_d: float,
                                 offset_d: int) -> caffe_pb2.LayerParameter:
     """The saved fake-quant model's fixed activation quantizer (not in place)."""
-    return python_layer(name, FAKE_QUANT_TYPE, bottom, top,
-                         {"scale_d": float(scale_d), "offset_d": int(offset_d)})
+    return python_layer(name, FAKE_QUANT_ACTIVATION, bottom, top,
+                        {"scale_d": float(scale_d), "offset_d": int(offset_d)})
 
 
 def requantize_layer(name: str, blob: str, deq: Sequence[float],
                      shift_bit: Sequence[int]) -> caffe_pb2.LayerParameter:
     """The saved fake-quant model's int16 requantisation, in place on the layer's output."""
-    return python_layer(name, REQUANT_TYPE, blob, blob,
-                         {"deq": [float(d) for d in deq], "shift_bit": [int(n) for n in shift_bit]})
+    return python_layer(name, REQUANTIZE, blob, blob,
+                        {"deq": [float(d) for d in deq], "shift_bit": [int(n) for n in shift_bit]})
+
+
+def test_output_log_layer(name: str, outputs: Mapping[str, float], log_dir: str) -> caffe_pb2.LayerParameter:
+    """TestOutputLog in place on the TEST net's ``outputs`` (blob -> loss weight), TEST phase only.
+
+    Its tops keep the loss weights the blobs' producers gave them: Caffe takes a blob's loss
+    weight from its last writer, and prints and sums the outputs with it."""
+    names = list(outputs)
+    layer = python_layer(name, TEST_OUTPUT_LOG, names[0], names[0], {"outputs": names}, log_dir)
+    layer.bottom[:] = names
+    layer.top[:] = names
+    if any(outputs.values()):
+        layer.loss_weight.extend(outputs.values())
+    layer.include.add(phase=caffe_pb2.TEST)
+    return layer
 
 
 def python_layer_class(layer: caffe_pb2.LayerParameter) -> str | None:

@@ -5,8 +5,9 @@ from caffe.proto import caffe_pb2
 
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ
 
-RETRAIN_CLASSES = {ql.ULQ_TYPE[1], ql.ARQ_TYPE[1], ql.SHIFT_N_TYPE[1]}
+RETRAIN_SPECS = (ACTIVATION_ULQ, WEIGHT_ARQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG)
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
     by_name = {layer.name: layer for layer in net.layer}
     found: dict[str, QuantizedLayer] = {}
     for layer in net.layer:
-        if ql.python_layer_class(layer) != ql.SHIFT_N_TYPE[1]:
+        if not SHIFT_N_SEARCH.is_layer(layer):
             continue
-        p = ql.layer_params(layer)
+        p = SHIFT_N_SEARCH.parse(layer.python_param.param_str)
         name = p["quantized_layer"]
         ulq = by_name.get(p["activation_quantizer"])
         fixed_scale_w = p.get("scale_w")
@@ -43,7 +44,8 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
         if ulq is None or name not in by_name or (needs_arq and ql.arq_layer_name(name) not in by_name):
             raise ModelError(f"{model_file}: layer '{name}' lacks its ActivationULQ / WeightARQ / "
                              "quantized layer: not a model made by create_quant_retrain_model")
-        found[name] = QuantizedLayer(name, ulq.name, ulq.bottom[0], p["channel_axis"], ql.layer_params(ulq)["fixed_min"],
+        fixed_min = ACTIVATION_ULQ.parse(ulq.python_param.param_str)["fixed_min"]
+        found[name] = QuantizedLayer(name, ulq.name, ulq.bottom[0], p["channel_axis"], fixed_min,
                                      p["record_file"], p["batch_num"], p.get("fused"),
                                      None if needs_arq else tuple(fixed_scale_w))
     if not found:
@@ -60,7 +62,7 @@ def strip_quant_layers(net: caffe_pb2.NetParameter,
     out.CopyFrom(net)
     del out.layer[:]
     for layer in net.layer:
-        if ql.python_layer_class(layer) in RETRAIN_CLASSES:
+        if any(spec.is_layer(layer) for spec in RETRAIN_SPECS):
             continue
         restored = out.layer.add()
         restored.CopyFrom(layer)
@@ -68,7 +70,7 @@ def strip_quant_layers(net: caffe_pb2.NetParameter,
             restored.bottom[0] = quantized[layer.name].input_blob
             if not quantized[layer.name].has_weights:
                 continue
-            master_spec = by_name[ql.arq_layer_name(layer.name)].param[1]
+            master_spec = by_name[ql.arq_layer_name(layer.name)].param[WEIGHT_ARQ.blob("master_weights")]
             restored.param[0].CopyFrom(caffe_pb2.ParamSpec(lr_mult=master_spec.lr_mult,
                                                            decay_mult=master_spec.decay_mult))
     return out

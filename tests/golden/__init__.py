@@ -1,0 +1,1 @@
+"""Golden files: the expected output of every graph pass, and models saved by today's toolkit."""
