@@ -117,8 +117,8 @@ def _reference(args: argparse.Namespace) -> None:
 def _export_onnx(args: argparse.Namespace) -> None:
     from amct_retrain.export import export_onnx
 
-    export_onnx(args.model, args.weights, args.output)
-    LOG.info("QDQ ONNX model written to %s", args.output)
+    export_onnx(args.model, args.weights, args.output, mode=args.mode)
+    LOG.info("%s ONNX model written to %s", args.mode, args.output)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -249,10 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=1, help="batches to run from the data layers (default %(default)s)")
     p.set_defaults(run=_reference)
 
-    p = steps.add_parser("export-onnx", help="write a deploy model as a QuantizeLinear/DequantizeLinear ONNX model")
+    p = steps.add_parser("export-onnx", help="write a deploy model as an ONNX model (onnxruntime)")
     _model_arguments(p, "deploy prototxt (model_deploy_model.prototxt)",
                      "deploy caffemodel (model_deploy_weights.caffemodel)")
     p.add_argument("--output", required=True, help="ONNX file to write")
+    p.add_argument("--mode", choices=("standard", "exact"), default="standard",
+                   help="standard: QDQ that onnxruntime runs with integer kernels (fast); exact: the deploy "
+                        "model's integer arithmetic bit for bit (default %(default)s)")
     p.set_defaults(run=_export_onnx)
 
     p = steps.add_parser("calibrate", help="post-training calibration: factors from a few TEST batches, then "

@@ -6,8 +6,8 @@ readers and model builders check them), whether it has weights and on which axis
 channels lie, the message holding its ``bias_term`` / ``axis`` (the BatchNorm fusions), its window
 geometry (what the integer executor receives in param_str), the fixed scale_w of a type without
 weights, whether its per-channel scales may need the "global conv" unification during retraining,
-and the integer executor's hooks (accumulator and output size). The ONNX exporter still switches on
-the type names itself.
+and the integer executor's hooks (accumulator and output size). The ONNX exporter reads the weights'
+channel axis and parameter message here; its exact integer converter still switches on the type names.
 """
 from __future__ import annotations
 

@@ -1,12 +1,21 @@
-"""Inference latency, in one run: the float model in Caffe, the float model exported to ONNX
-and the INT8 (QDQ) model in onnxruntime, as milliseconds per batch and ratios.
+"""INT8 inference in onnxruntime, in one run: the float model exported to ONNX, the standard
+INT8 export (QDQ that onnxruntime fuses into integer kernels), the exact INT8 export (the
+deploy model's integer arithmetic bit for bit), and onnxruntime's own ``quantize_static`` of the
+same float ONNX model with uint8 and with int8 activations (QDQ, per-channel int8 weights,
+MinMax calibration on the same inputs); milliseconds per batch and ratios to float, with the op
+counts of the graph onnxruntime optimizes each model into.
 
-Nets: the digits demo's LeNet (450 test images in one batch) and ResNet-50 (bench/scale.py;
-batch 1, 224x224x3, BatchNorm folded, factors from one TEST pass on random data).
+Nets: ResNet-50 (bench/scale.py; 224x224x3, BatchNorm folded, factors from one TEST pass on
+random data) at batch 1 and 8, and the digits demo's LeNet (its 450 test images in one batch).
+Sessions: CPU, ``intra_op_num_threads`` 2, all graph optimizations. Every round runs each model
+once, in turn (interleaved rounds), so that a slow spell of a shared machine hits all of them;
+the table shows the fastest round of each and the median of the per-round ratios to float.
 
-    .venv/bin/python bench/int8_inference.py [--repeats 20]
+    .venv/bin/python bench/int8_inference.py [--rounds 7]
 """
 import argparse
+import collections
+import logging
 import os
 import pathlib
 import sys
@@ -14,68 +23,130 @@ import tempfile
 import time
 
 os.environ.setdefault("GLOG_minloglevel", "2")
-import caffe  # noqa: E402
+import h5py  # noqa: E402
 import numpy as np  # noqa: E402
-import onnxruntime  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnxruntime import quantization  # noqa: E402
+from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from amct_retrain.export import export_onnx  # noqa: E402
 from bench.scale import float_resnet50, quantize_resnet50  # noqa: E402
 from samples import digits_demo  # noqa: E402
 
-
-def best_ms(run, repeats: int) -> float:
-    """The fastest of ``repeats`` calls (after one warm-up), in milliseconds."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1000
+THREADS = 2
+#: Op types shown in the op-count column (the rest are summed as "other").
+SHOWN_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearConcat", "Conv", "FusedConv", "Gemm",
+             "ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear")
 
 
-def latencies(float_model: str, float_weights: str, deploy_prefix: str, out: pathlib.Path,
-              repeats: int) -> tuple[float, float, float]:
-    net = caffe.Net(float_model, caffe.TEST, weights=float_weights)
-    net.forward()
-    x = net.blobs["data"].data.copy()
-    first = list(net._layer_names)[1]
-    caffe_ms = best_ms(lambda: net.forward(start=first), repeats)
-    onnx_ms = []
-    for tag, model, weights in (("float", float_model, float_weights),
-                                ("int8", f"{deploy_prefix}_deploy_model.prototxt",
-                                 f"{deploy_prefix}_deploy_weights.caffemodel")):
-        onnx_file = str(out / f"{pathlib.Path(deploy_prefix).name}_{tag}.onnx")
-        export_onnx(model, weights, onnx_file)
-        session = onnxruntime.InferenceSession(onnx_file)
-        feed = {session.get_inputs()[0].name: x.astype(np.float32)}
-        onnx_ms.append(best_ms(lambda: session.run(None, feed), repeats))
-    return caffe_ms, onnx_ms[0], onnx_ms[1]
+class _Feeds(quantization.CalibrationDataReader):
+    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+        self._feeds = iter([{name: b} for b in batches])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def onnx_models(out: pathlib.Path, tag: str, float_model: str, float_weights: str, deploy_prefix: str,
+                calibration: list[np.ndarray]) -> dict[str, pathlib.Path]:
+    """The five ONNX models of one net, by column name."""
+    files = {name: out / f"{tag}_{name.replace(' ', '_')}.onnx" for name in (
+        "float", "standard INT8", "exact INT8", "ORT static u8", "ORT static s8")}
+    export_onnx(float_model, float_weights, files["float"])
+    deploy = (f"{deploy_prefix}_deploy_model.prototxt", f"{deploy_prefix}_deploy_weights.caffemodel")
+    export_onnx(*deploy, files["standard INT8"], mode="standard")
+    export_onnx(*deploy, files["exact INT8"], mode="exact")
+    name = onnx.load(str(files["float"])).graph.input[0].name
+    # onnxruntime's recommended pre-processing first: it folds the BatchNorm layers into the
+    # convolutions, as the deploy model has them.
+    prepared = out / f"{tag}_float_prepared.onnx"
+    quant_pre_process(str(files["float"]), str(prepared), skip_symbolic_shape=True)
+    for column, activations in (("ORT static u8", quantization.QuantType.QUInt8),
+                                ("ORT static s8", quantization.QuantType.QInt8)):
+        quantization.quantize_static(str(prepared), str(files[column]), _Feeds(name, calibration),
+                                     quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                     activation_type=activations, weight_type=quantization.QuantType.QInt8)
+    return files
+
+
+def session(onnx_file: pathlib.Path, optimized: pathlib.Path | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # the NCHWc warning when the optimized graph is saved
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+
+
+def op_counts(onnx_file: pathlib.Path) -> str:
+    optimized = onnx_file.with_suffix(".optimized.onnx")
+    session(onnx_file, optimized)
+    counts = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    shown = [f"{op} {counts.pop(op)}" for op in SHOWN_OPS if op in counts]
+    return ", ".join(shown + [f"other {sum(counts.values())}"])
+
+
+def interleaved_ms(files: dict[str, pathlib.Path], x: np.ndarray, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per batch of each model, one run per model per round (after a warm-up)."""
+    sessions = {name: session(f) for name, f in files.items()}
+    feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+    for name, s in sessions.items():
+        s.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per model (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default %(default)s)")
     args = parser.parse_args()
-    caffe.set_mode_cpu()
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's per-tensor warnings
+    load_before = os.getloadavg()
+    rng = np.random.default_rng(0)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
         digits_demo.run(out / "digits")
+        with h5py.File(out / "digits" / "test.h5") as f:
+            digits = f["data"][...].astype(np.float32)
         resnet_model, resnet_weights, _ = float_resnet50(out)
         _, _, resnet_prefix = quantize_resnet50(out, resnet_model, resnet_weights)
-        rows = {
-            "digits LeNet, batch 450": latencies(
-                str(out / "digits" / "float.prototxt"), str(out / "digits" / "float_iter_600.caffemodel"),
-                str(out / "digits" / "result" / "digits"), out, args.repeats),
-            "ResNet-50, batch 1": latencies(str(resnet_model), str(resnet_weights), resnet_prefix, out,
-                                            args.repeats),
+        images = [rng.normal(size=(1, 3, 224, 224)).astype(np.float32) for _ in range(4)]
+        nets = {
+            "ResNet-50": onnx_models(out, "resnet50", str(resnet_model), str(resnet_weights), resnet_prefix,
+                                     images),
+            "digits LeNet": onnx_models(out, "digits", str(out / "digits" / "float.prototxt"),
+                                        str(out / "digits" / "float_iter_600.caffemodel"),
+                                        str(out / "digits" / "result" / "digits"), [digits]),
         }
-    print(f"{'net':<28}{'Caffe float':>12}{'ORT float':>11}{'ORT INT8':>10}"
-          f"{'ORT float/Caffe':>17}{'ORT INT8/ORT float':>20}   (ms per batch)")
-    for name, (caffe_ms, float_ms, int8_ms) in rows.items():
-        print(f"{name:<28}{caffe_ms:>12.2f}{float_ms:>11.2f}{int8_ms:>10.2f}"
-              f"{float_ms / caffe_ms:>17.3f}{int8_ms / float_ms:>20.3f}")
+        ops = {(net, name): op_counts(f) for net, files in nets.items() for name, f in files.items()}
+        for net, batch, x in (("ResNet-50", 1, images[0]),
+                              ("ResNet-50", 8, rng.normal(size=(8, 3, 224, 224)).astype(np.float32)),
+                              ("digits LeNet", len(digits), digits)):
+            times = interleaved_ms(nets[net], x, args.rounds)
+            ratios = {name: float(np.median(np.array(t) / np.array(times["float"]))) for name, t in times.items()}
+            rows.append((f"{net}, batch {batch}", {name: min(t) for name, t in times.items()}, ratios))
+    load_after = os.getloadavg()
+    columns = list(rows[0][1])
+    print(f"onnxruntime {ort.__version__}, {THREADS} threads, {args.rounds} interleaved rounds; load average "
+          f"(1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
+    print(f"{'ms per batch (fastest round)':<28}" + "".join(f"{c:>16}" for c in columns))
+    for label, best, _ in rows:
+        print(f"{label:<28}" + "".join(f"{best[c]:>16.1f}" for c in columns))
+    print(f"{'ratio to float (median)':<28}")
+    for label, _, ratios in rows:
+        print(f"{label:<28}" + "".join(f"{ratios[c]:>16.3f}" for c in columns))
+    print("op counts of the graphs onnxruntime optimizes the models into:")
+    for (net, name), counts in ops.items():
+        print(f"  {net:<14}{name:<15}{counts}")
 
 
 if __name__ == "__main__":

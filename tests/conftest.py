@@ -80,3 +80,20 @@ def retrained(tmp_path_factory):
     save_path = str(tmp / "result" / "model")
     amct_retrain.save_quant_retrain_model(str(files["model"]), str(snapshot), "Both", save_path, str(files["record"]))
     return {"tmp": tmp, "snapshot": snapshot, "save_path": save_path, **files, **output_files(save_path)}
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The digits demo (float training, QAT, saved models) and its deploy model's exact ONNX export."""
+    from amct_retrain.export import export_onnx
+    from samples import digits_demo
+
+    out = tmp_path_factory.mktemp("digits")
+    accuracies = digits_demo.run(out, float_iters=300, retrain_iters=100)
+    prefix = out / "result" / "digits"
+    files = {"out": out, "accuracies": accuracies, "onnx": out / "digits.onnx", "record": out / "record.txt",
+             "deploy_model": f"{prefix}_deploy_model.prototxt", "deploy_weights": f"{prefix}_deploy_weights.caffemodel",
+             "fake_quant_model": f"{prefix}_fake_quant_model.prototxt",
+             "fake_quant_weights": f"{prefix}_fake_quant_weights.caffemodel"}
+    export_onnx(files["deploy_model"], files["deploy_weights"], files["onnx"], mode="exact")
+    return files

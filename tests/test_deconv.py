@@ -5,7 +5,6 @@ import logging
 import caffe
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
 
@@ -16,9 +15,9 @@ from amct_retrain.config import ConfigError
 from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
-from amct_retrain.reference import ReferenceExecutor, output_steps, read_deploy_blobs, saved_model_parity
+from amct_retrain.reference import ReferenceExecutor, read_deploy_blobs, saved_model_parity
 from amct_retrain.numerics import conv_output_hw
-from tests import nets
+from tests import nets, onnx_checks
 from tests.nets import MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
@@ -118,39 +117,24 @@ def test_integer_executor_matches_fake_quant_within_one_step(seg):
     assert shape == (BATCH, CLASSES, HW, HW), f"integer Deconvolution output shape {shape}"
 
 
-def test_onnx_export_runs_a_quantized_conv_transpose_like_the_fake_quant_model(seg):
-    export_onnx(seg["deploy_model"], seg["deploy_weights"], seg["onnx"])
+def test_exact_onnx_export_runs_the_quantized_deconvolution_like_the_fake_quant_model(seg):
+    export_onnx(seg["deploy_model"], seg["deploy_weights"], seg["onnx"], mode="exact")
     model = onnx.load(str(seg["onnx"]))
-    producers = {n.output[0]: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
-    (deconv,) = [n for n in model.graph.node if n.op_type == "ConvTranspose"]
-    weights = producers[deconv.input[1]]
-    axis = {a.name: a.i for a in weights.attribute}.get("axis")
-    assert weights.op_type == "DequantizeLinear" and axis == 1, \
-        f"ConvTranspose weights come from {weights.op_type} on axis {axis}, not DequantizeLinear on axis 1"
-    assert inits[weights.input[0]].data_type == onnx.TensorProto.INT8, "ConvTranspose weights are not int8"
-    assert list(inits[weights.input[1]].dims) == [CLASSES], \
-        f"weight scales {list(inits[weights.input[1]].dims)}: one per output channel"
-    assert producers[deconv.input[2]].op_type == "DequantizeLinear" and \
-        inits[producers[deconv.input[2]].input[0]].data_type == onnx.TensorProto.INT32, "bias is not int32 -> DQ"
-    ops = nets.ops_after(model, deconv.output[0])
-    assert ops == ["Div", "Round", "QuantizeLinear", "DequantizeLinear"], \
-        f"ConvTranspose output goes through {ops}, not the shift-N requantisation"
+    (deconv,) = [n for n in model.graph.node if n.name.startswith("deconv/ConvInteger")]
+    flipped = inits[deconv.input[1]]
+    assert flipped.data_type == onnx.TensorProto.INT8 and flipped.dims[0] == CLASSES, \
+        f"the Deconvolution's ConvInteger weights: type {flipped.data_type}, shape {list(flipped.dims)}"
 
     fake = caffe.Net(seg["fake_quant_model"], caffe.TEST, weights=seg["fake_quant_weights"])
-    session = ort.InferenceSession(str(seg["onnx"]), providers=["CPUExecutionProvider"])
-    got, expected = [], []
-    for _ in range(8):  # DummyData draws a new batch every forward
-        fake.forward()
-        got.append(session.run(["deconv"], {"data": fake.blobs["data"].data})[0])
-        expected.append(fake.blobs["deconv"].data.copy())
-    got, expected = np.concatenate(got), np.concatenate(expected)
+    session = onnx_checks.session(seg["onnx"])
+    got, expected = onnx_checks.fed_like_caffe(fake, session, "deconv", 8)
     assert got.shape == expected.shape, f"onnx output {got.shape}, fake-quant {expected.shape}"
-    diff = np.abs(got.astype(np.float64) - expected)
-    step = output_steps(record.read_record(seg["record"])["deconv"]).reshape(1, -1, 1, 1)
-    report = (f"{diff.size} outputs: largest |onnx - fake-quant| {diff.max():.6g} = {(diff / step).max():.3g} "
-              f"output steps, {np.mean(diff == 0):.2%} bit-identical")
-    assert np.mean(diff == 0) >= 0.99, report
+    same = got.view(np.int32) == expected.view(np.int32)
+    assert same.all(), f"{np.mean(~same):.2%} of {got.size} outputs differ from the fake-quant model"
+    compared = onnx_checks.assert_exact_on_random_activations(seg["deploy_model"], seg["deploy_weights"],
+                                                              seg["onnx"])
+    assert set(compared) == {"conv1", "deconv"}, f"layers compared: {compared}"
 
 
 def _grouped_deploy_model(seg, tmp_path):

@@ -20,7 +20,7 @@ def test_digits_retrained_int8_within_one_point_of_float(tmp_path):
     assert acc["float"] > 0.9, f"the float model did not learn the digits: {acc}"
     loss = acc["float"] - acc["INT8 fake-quant, retrained"]
     assert loss <= 0.01, f"retrained INT8 loses {loss:.4f} (more than 1 point): {acc}"
-    for integer in ("INT8 deploy, integer executor", "INT8 ONNX QDQ, onnxruntime"):
+    for integer in ("INT8 deploy, integer executor", "INT8 ONNX standard, onnxruntime", "INT8 ONNX exact, onnxruntime"):
         assert abs(acc[integer] - acc["INT8 fake-quant, retrained"]) <= 0.005, \
             f"{integer} disagrees with the fake-quant model: {acc}"
     records = record.read_record(tmp_path / "record.txt")
@@ -58,6 +58,7 @@ def test_cli_runs_the_steps_and_reports_bad_input(tmp_path):
               "--weights", str(tmp_path / "result" / "m_deploy_weights.caffemodel")]
     assert cli.main(["reference", *deploy]) == 0
     assert cli.main(["export-onnx", *deploy, "--output", str(tmp_path / "m.onnx")]) == 0
+    assert cli.main(["export-onnx", *deploy, "--output", str(tmp_path / "exact.onnx"), "--mode", "exact"]) == 0
     assert (tmp_path / "m.onnx").stat().st_size > 0, "export-onnx wrote nothing"
     # Bad input: an error line naming the file, exit code 2, no traceback.
     code = cli.main(["save", "--model", str(model), "--weights", str(weights), "--save-path", str(tmp_path / "x")])

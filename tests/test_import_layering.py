@@ -26,6 +26,10 @@ ROWS: list[tuple[str, ...]] = [
     ("graph", "graph.fuse", "graph.insert", "graph.strip", "graph.calibrate", "graph.saved_nets"),
     ("config",),
     ("saver",),
+    ("export.graph",),  # the ONNX exporter's modules, each on the ones before it
+    ("export.float_layers",),
+    ("export.quantized",),
+    ("export.standard",),
     ("retrain", "calibration", "auto_calibration", "reference", "solver", "runtime", "export.onnx",
      "analysis.runner", "analysis"),
     ("export", ""),  # "": amct_retrain/__init__.py, the public API

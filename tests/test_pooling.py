@@ -17,7 +17,7 @@ from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.reference import output_steps, read_deploy_blobs, saved_model_parity
 from amct_retrain.saver import output_files
-from tests import nets
+from tests import nets, onnx_checks
 
 pytestmark = pytest.mark.caffe
 
@@ -103,16 +103,13 @@ def test_integer_executor_matches_fake_quant(pooled):
     assert worst["pool"] == 0.0, f"the integer pooling is exact, got {worst['pool']} output steps"
 
 
-def test_onnx_export_runs_the_quantized_pooling_like_the_fake_quant_model(pooled):
-    export_onnx(pooled["deploy_model"], pooled["deploy_weights"], pooled["onnx"])
+def test_exact_onnx_export_runs_the_quantized_pooling_like_the_fake_quant_model(pooled):
+    export_onnx(pooled["deploy_model"], pooled["deploy_weights"], pooled["onnx"], mode="exact")
     model = onnx.load(str(pooled["onnx"]))
-    producers = {n.output[0]: n for n in model.graph.node}
-    (pool,) = [n for n in model.graph.node if n.op_type == "AveragePool"]
-    assert producers[pool.input[0]].op_type == "DequantizeLinear", \
-        f"AveragePool reads {producers[pool.input[0]].op_type}, not the input's Q/DQ"
-    ops = nets.ops_after(model, pool.output[0])
-    assert ops == ["Div", "Round", "QuantizeLinear", "DequantizeLinear"], \
-        f"AveragePool output goes through {ops}, not the shift-N requantisation"
+    (pool,) = [n for n in model.graph.node if n.name.startswith("pool/ConvInteger")]
+    attrs = {a.name: a for a in pool.attribute}
+    assert attrs["group"].i == FEATURES and list(attrs["strides"].ints) == [2, 2], \
+        f"the window sums are not a depthwise stride-2 ConvInteger: {pool}"
 
     # The pooling's output is an inner tensor: expose it too, to compare it and the net's output.
     model.graph.output.append(onnx.helper.make_tensor_value_info("pool", onnx.TensorProto.FLOAT, None))
@@ -134,7 +131,10 @@ def test_onnx_export_runs_the_quantized_pooling_like_the_fake_quant_model(pooled
         report = (f"{blob}: {diff.size} outputs: largest |onnx - fake-quant| {diff.max():.6g} = "
                   f"{(diff / step).max():.3g} output steps, {np.mean(diff == 0):.2%} bit-identical")
         print(report)
-        assert np.mean(diff == 0) >= 0.99, report
+        assert np.array_equal(g.view(np.int32), e.view(np.int32)), report
+    compared = onnx_checks.assert_exact_on_random_activations(pooled["deploy_model"], pooled["deploy_weights"],
+                                                              pooled["onnx"])
+    assert set(compared) == {"conv1", "pool", "conv2"}, f"layers compared: {compared}"
 
 
 FLOAT_POOLS = {

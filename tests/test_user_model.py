@@ -299,6 +299,42 @@ def test_cli_flow_deploy_model_in_the_integer_executor_equals_the_fake_quant_mod
         f"deploy layers {deploy_types}"
 
 
+def test_cli_flow_exact_onnx_equals_the_fake_quant_model_on_every_test_image(cli_run):
+    """Issue 9's "Done when": the exact ONNX export of the retrained deploy model (LMDB data layer,
+    folded BatchNorm, Concat, LRN, Eltwise, AVE pooling) bit for bit the fake-quant model on all
+    450 test images, in one batch of any size; each quantized layer exact on a million activations."""
+    from amct_retrain.export import export_onnx
+    from tests import onnx_checks
+
+    files = output_files(cli_run["save_path"])
+    onnx_file = cli_run["tmp"] / "user_exact.onnx"
+    export_onnx(files["deploy_model"], files["deploy_weights"], onnx_file, mode="exact")
+    fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
+    images, logits, labels = [], [], []
+    for _ in range(user_model.TEST_ITER):  # the LMDB's 450 test images, 50 a batch, in key order
+        fake.forward()
+        images.append(fake.blobs["data"].data.copy())
+        logits.append(fake.blobs["ip2"].data.copy())
+        labels.append(fake.blobs["label"].data.copy())
+    del fake
+    gc.collect()  # one net at a time on the copy's test LMDB
+    images, logits, labels = np.concatenate(images), np.concatenate(logits), np.concatenate(labels)
+    test_images, test_labels = user_model.test_set()
+    assert np.array_equal(labels, test_labels) and np.allclose(images, test_images, atol=1e-6), \
+        "the fake-quant model did not read the 450 test images in order"
+    session = onnx_checks.session(onnx_file)
+    assert [i.shape for i in session.get_inputs()] == [["batch", 1, user_model.CROP, user_model.CROP]], \
+        f"graph inputs {[(i.name, i.shape) for i in session.get_inputs()]}: one, the data top, batch symbolic"
+    for got in (session.run(["ip2"], {"data": images})[0],
+                np.concatenate([session.run(["ip2"], {"data": images[i:i + 7]})[0] for i in range(0, len(images), 7)])):
+        same = got.view(np.int32) == logits.view(np.int32)
+        assert same.all(), (f"{int((~same.all(1)).sum())} of {len(images)} test images differ from the fake-quant "
+                            f"model (largest |diff| {np.abs(got - logits).max():.6g})")
+    compared = onnx_checks.assert_exact_on_random_activations(files["deploy_model"], files["deploy_weights"],
+                                                              onnx_file)
+    assert set(compared) == set(user_model.QUANTIZABLE), f"layers compared: {sorted(compared)}"
+
+
 def test_rewritten_record_is_explained_and_regenerated(user, tmp_path):
     own = user.copy_to(tmp_path / "model")
     model, weights = make_quantization_aware(own.train_val, own.weights, tmp_path)
