@@ -7,7 +7,7 @@ counts of the graph onnxruntime optimizes each model into.
 
 Nets: ResNet-50 (bench/scale.py; 224x224x3, BatchNorm folded, factors from one TEST pass on
 random data) at batch 1 and 8, and the digits demo's LeNet (its 450 test images in one batch).
-Sessions: CPU, ``intra_op_num_threads`` 2, all graph optimizations. Every round runs each model
+Sessions: CPU, ``intra_op_num_threads`` 2 (no spinning), all graph optimizations. Every round runs each model
 once, in turn (interleaved rounds), so that a slow spell of a shared machine hits all of them;
 the table shows the fastest round of each and the median of the per-round ratios to float.
 
@@ -76,6 +76,9 @@ def session(onnx_file: pathlib.Path, optimized: pathlib.Path | None = None) -> o
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # the NCHWc warning when the optimized graph is saved
+    # Idle pool threads sleep instead of spinning: five live sessions' spinning threads on a
+    # shared 2-core machine would otherwise slow whichever model runs (the small LeNet most).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])

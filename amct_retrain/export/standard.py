@@ -38,7 +38,9 @@ that the integer kernels apply:
   layer's grid for the Add too: the one place, besides the folded int16 rounding, where this
   export's values move from the deploy model's (the tests hold it within a step).
 
-Everything else stays float, as in the exact export.
+Everything else stays float, as in the exact export; a quantized convolution that onnxruntime
+cannot fuse (no quantizer reads its output) reads its weights and bias as float constants, the
+values its DequantizeLinear would compute on every run.
 """
 from collections.abc import Mapping, Sequence
 
@@ -173,6 +175,38 @@ class _Rewriter:
         work = [n for n in self.g.nodes if n.op_type == "QuantizeLinear"]
         while work:
             work.extend(self.hoist(work.pop()))
+        # (onnxruntime fuses a Gemm without an output quantizer too, into QGemm with float output.)
+        for node in [n for n in self.g.nodes if n.op_type == "Conv"]:
+            if not self.fused(node):
+                self.constant_weights(node)
+
+    def fused(self, node: onnx.NodeProto) -> bool:
+        """Whether onnxruntime can fuse ``node`` into an integer kernel: only quantizers read its
+        output (directly or through one ReLU)."""
+        readers = self.consumers(node.output[0])
+        if len(readers) == 1 and readers[0].op_type == "Relu":
+            readers = self.consumers(readers[0].output[0])
+        return bool(readers) and all(n.op_type == "QuantizeLinear" for n in readers)
+
+    def constant_weights(self, node: onnx.NodeProto) -> None:
+        """A layer that stays float reads its weights and bias as float constants (the values its
+        DequantizeLinear would compute on every run)."""
+        for i, t in enumerate(list(node.input)[1:], start=1):
+            dq = self.producer(t)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in self.inits:
+                continue
+            q, scale, zp = (numpy_helper.to_array(self.inits[name]) for name in dq.input)
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            shape[axis] = scale.size
+            values = (q.astype(np.int64) - zp.reshape(shape if zp.ndim else ())).astype(np.float32)
+            values *= scale.reshape(shape if scale.ndim else ())
+            self.g.scope = dq.output[0]
+            node.input[i] = self.g.const("float", values)
+            if not self.consumers(t):
+                self.g.nodes.remove(dq)
+                unused = {name for name in dq.input if not self.consumers(name)}
+                self.g.initializers[:] = [init for init in self.g.initializers if init.name not in unused]
 
     def quantize_add(self, add: onnx.NodeProto) -> None:
         """8-bit inputs from the quantized layers' int16 grids, the readers' quantizer after it
