@@ -37,7 +37,7 @@ import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from amct_retrain import numerics, record
+from amct_retrain import kernels, numerics, record
 from amct_retrain.config import (QUANTIZABLE_RULES, CalibrationConfig, ConfigError, LayerCalibrationConfig,
                                  create_quant_config, layers_by_name, load_calibration_config, quantizable_layers,
                                  shape_constraint_broken, without_shape_broken_layers)
@@ -66,10 +66,10 @@ NOT_FLOAT_TYPES = ("Quant", "DeQuant", "AntiQuant")
 def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
                        symmetric: bool) -> tuple[np.float32, int]:
     """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
-    one IFMR search (:func:`~amct_retrain.numerics.ifmr_search` with the arguments ``ifmr``) over
+    one IFMR search (:func:`~amct_retrain.numerics.ifmr_search`, compiled in :mod:`~amct_retrain.kernels`, with the arguments ``ifmr``) over
     all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
     offset_d is 0."""
-    clip_min, clip_max = numerics.ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
+    clip_min, clip_max = kernels.ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
     if symmetric:
         bound = max(-clip_min, clip_max)
         clip_min, clip_max = -bound, bound

@@ -45,7 +45,7 @@ __all__ = [
     "fake_quantize_activation",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
     "ulq_forward", "ulq_backward", "fraction_clipped",
-    "ifmr_search",
+    "ifmr_search", "ifmr_grids", "ifmr_squared_errors", "ifmr_choice",
     "arq_scale", "arq_quantize", "arq_fake_quantize",
     "quantize_bias", "deq_scales",
     "accumulate_shift_errors", "choose_shift_bits", "search_shift_bits",
@@ -625,6 +625,15 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
                             f"{min_percentile!r}, {max_percentile!r}")
     factors = _ifmr_candidates(search_start, search_end, search_step)
     x32 = _as_f32(x, "ifmr_search input").reshape(-1)
+    data_min, cand_max, scales, offsets = ifmr_grids(x32, factors, min_percentile, max_percentile)
+    return ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
+
+
+def ifmr_grids(x32: np.ndarray, factors: np.ndarray, min_percentile: float,
+               max_percentile: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """IFMR's candidate grids for flat float32 ``x32``: ``(data_min, cand_max, scales, offsets)``,
+    the candidate maxima ``factors * data_max`` (float64), their float32 scales and int64 offsets
+    (``scale_offset_from_range(data_min, cand_max[j])``); see :func:`ifmr_search`."""
     n = x32.size
     if n == 0:
         raise NumericsError("ifmr_search: empty input")
@@ -640,24 +649,35 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     offsets = np.empty(factors.size, dtype=np.int64)
     for j, m in enumerate(cand_max):  # 61 scalar factor computations
         scales[j], offsets[j] = scale_offset_from_range(data_min, float(m))
+    return data_min, cand_max, scales, offsets
+
+
+def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> npt.NDArray[np.float64]:
+    """Per candidate j, ``sum((fake_quantize_activation(x32, scales[j], offsets[j]) - x32)^2)``
+    over flat float32 ``x32``, the difference and the sum in float64: float64 (len(scales),)."""
     k_lo = (INT8_MIN - offsets).astype(np.float32)
     k_hi = (INT8_MAX - offsets).astype(np.float32)
-
+    n = x32.size
     x64 = x32.astype(np.float64)
-    mse = np.empty(factors.size, dtype=np.float64)
+    sq = np.empty(scales.size, dtype=np.float64)
     chunk = max(1, _IFMR_CHUNK_BYTES // (16 * n))  # (c, n) float32 grid + float64 error
-    for j0 in range(0, factors.size, chunk):
+    for j0 in range(0, scales.size, chunk):
         sl = slice(j0, j0 + chunk)
         y = _activation_codes_f32(x32[None, :], quant_multiplier(scales[sl, None]), k_lo[sl, None],
                                   k_hi[sl, None])
         y *= scales[sl, None]  # identical element-wise ops to fake_quantize_activation
         d = y - x64  # float64
         np.square(d, out=d)
-        mse[sl] = d.sum(axis=1) / n
+        sq[sl] = d.sum(axis=1)
+    return sq
+
+
+def ifmr_choice(data_min: float, cand_max: np.ndarray, mse: np.ndarray) -> tuple[float, float]:
+    """The range of the candidate with the least ``mse`` (the first on ties: smallest factor),
+    widened as :func:`scale_offset_from_range` widens it: ``(clip_min, clip_max)``."""
     best = int(np.argmin(mse))  # first minimum: smallest k on ties
     lo, hi, _ = _widen_range(data_min, float(cand_max[best]))
-    logger.debug("IFMR: p_min %r p_max %r -> k %r, range [%r, %r], mse %r",
-                 data_min, data_max, factors[best], lo, hi, mse[best])
+    logger.debug("IFMR: p_min %r -> candidate %d, range [%r, %r], mse %r", data_min, best, lo, hi, mse[best])
     return float(lo), float(hi)
 
 

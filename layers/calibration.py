@@ -10,7 +10,7 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import calibration, numerics, record
+from amct_retrain import calibration, kernels, numerics, record
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
 
@@ -111,7 +111,7 @@ class ShiftNObserver(_Observer):
         if global_conv:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
-        errors = sum(numerics.accumulate_shift_errors(batch, deq, channel_axis=1) for batch in batches)
+        errors = sum(kernels.accumulate_shift_errors(batch, deq) for batch in batches)
         shift_bits = numerics.choose_shift_bits(errors)
         record.update_layer_record(self.record_file, self.quantized_layer, shift_bit=shift_bits,
                                    **({"scale_w": scale_w} if global_conv else {}))

@@ -4,7 +4,7 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import numerics, record, tensorboard
+from amct_retrain import kernels, numerics, record, tensorboard
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, SHIFT_N_SEARCH
 
@@ -66,7 +66,7 @@ class ShiftNSearch(caffe.Layer):
             return
         scale_d, offset_d, scale_w = factors
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
-        errors = numerics.accumulate_shift_errors(y, deq, channel_axis=1)
+        errors = kernels.accumulate_shift_errors(y, deq)
         self.errors = errors if self.errors is None else self.errors + errors
         self.batches += 1
         if self.batches == self.batch_num:
