@@ -30,14 +30,24 @@ class _Observer(caffe.Layer):
                                   f">= 1, got {p['batch_num']}")
         self.batch_num = p["batch_num"]
         self.count, self.kept = 0, []
+        # The record is written once per forward pass, by the net's last observer.
+        self.record_writes = record.deferred_writes(p["record_file"])
+        self.writer_token = self.record_writes.join()
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
 
     def forward(self, bottom, top):
-        if self.phase != TEST or self.count >= self.batch_num:
+        if self.phase != TEST:
             return
-        x = bottom[0].data
+        try:
+            self._observe(bottom[0].data)
+        finally:
+            self.record_writes.forward_done(self.writer_token)
+
+    def _observe(self, x: np.ndarray) -> None:
+        if self.count >= self.batch_num:
+            return
         numerics.check_finite(x, f"calibration layer '{self.layer_name}' input")
         self.kept.append(x.copy())  # the blob is rewritten by the next forward pass
         self.count += 1
@@ -82,7 +92,7 @@ class ActivationObserver(_Observer):
     def complete(self, batches: list[np.ndarray]) -> None:
         scale_d, offset_d = calibration.activation_factors(batches, self.ifmr, self.symmetric)
         for layer in self.served:
-            record.update_layer_record(self.record_file, layer, scale_d=scale_d, offset_d=offset_d)
+            self.record_writes.update(layer, scale_d=scale_d, offset_d=offset_d)
         LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,
                   ", ".join(self.served))
 
@@ -100,7 +110,7 @@ class ShiftNObserver(_Observer):
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
 
     def complete(self, batches: list[np.ndarray]) -> None:
-        rec = record.read_record(self.record_file).get(self.quantized_layer)
+        rec = self.record_writes.layer(self.quantized_layer)
         if rec is None or not rec.HasField("scale_d") or not rec.scale_w:
             raise ValueError(f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / "
                              f"scale_w of layer '{self.quantized_layer}': its ActivationObserver must run before it "
@@ -113,6 +123,6 @@ class ShiftNObserver(_Observer):
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
         errors = sum(kernels.accumulate_shift_errors(batch, deq) for batch in batches)
         shift_bits = numerics.choose_shift_bits(errors)
-        record.update_layer_record(self.record_file, self.quantized_layer, shift_bit=shift_bits,
+        self.record_writes.update(self.quantized_layer, shift_bit=shift_bits,
                                    **({"scale_w": scale_w} if global_conv else {}))
         LOG.debug("%s: shift_bit %s written for %s", self.layer_name, shift_bits.tolist(), self.quantized_layer)
