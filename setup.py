@@ -12,6 +12,6 @@ setup(
     # that cannot collide with a user's own `layers` module.
     package_dir={"amct_retrain_layers": "layers", "amct_retrain.solver_templates": "solver_templates"},
     package_data={"amct_retrain.solver_templates": ["*.prototxt"]},
-    install_requires=["numpy", "numba", "protobuf", "pyyaml", "tensorboardX", "tqdm"],
+    install_requires=["numpy", "numba", "threadpoolctl", "protobuf", "pyyaml", "tensorboardX", "tqdm"],
     entry_points={"console_scripts": ["amct-retrain=amct_retrain.cli:main"]},
 )

@@ -20,17 +20,19 @@ grid then has ``2**bits`` codes and ULQ's ``D(v)`` divides by ``2**bits - 1``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numba
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import ThreadpoolController
 
 from amct_retrain import numerics
 from amct_retrain.numerics import NumericsError, _range_factors, _ulq_bounds
 
 __all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
-           "requantize_output", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors", "BITS_RANGE"]
+           "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors", "BITS_RANGE"]
 
 BITS_RANGE = range(2, 9)
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -137,11 +139,18 @@ def _arq_kernel(w, scale, out):
                 out[a, c, b] = min(max(np.rint(w[a, c, b] / s), np.float32(-128.0)), np.float32(127.0)) * s
 
 
+@numba.njit(inline="always")
+def _dequantized_shift(acc, inv, m):
+    """float32(t) * m with t = clip_int16(rint(acc * inv)) (float64; -0 becomes 0, as numerics'
+    int32 t does)."""
+    t = min(max(np.rint(acc * inv), -32768.0), 32767.0) + 0.0
+    return np.float32(t) * m
+
+
 @numba.njit(**_JIT)
 def _requantize_kernel(y, deq, inv_shift, mult, out):
     """y, out (N, C, M) float32; per channel c: acc = rint(y / deq[c]) (float64),
-    t = clip(rint(acc * inv_shift[c]), int16), out = float32(t) * mult[c]; returns whether y
-    holds NaN/Inf."""
+    out = _dequantized_shift(acc, inv_shift[c], mult[c]); returns whether y holds NaN/Inf."""
     bad = False
     for n in range(y.shape[0]):
         for c in range(y.shape[1]):
@@ -149,9 +158,19 @@ def _requantize_kernel(y, deq, inv_shift, mult, out):
             for j in range(y.shape[2]):
                 v = np.float64(y[n, c, j])
                 bad |= (v - v) != (v - v)
-                t = min(max(np.rint(np.rint(v / d) * inv), -32768.0), 32767.0) + 0.0  # -0 -> 0, as int32 t
-                out[n, c, j] = np.float32(t) * m
+                out[n, c, j] = _dequantized_shift(np.rint(v / d), inv, m)
     return bad
+
+
+@numba.njit(**_JIT)
+def _requantize_accumulator_kernel(acc, bias, inv_shift, mult, out):
+    """acc (N, C, M) integer-valued float32/float64, bias (C,) float64, out (N, C, M) float32:
+    out = _dequantized_shift(acc + bias[c], inv_shift[c], mult[c])."""
+    for n in range(acc.shape[0]):
+        for c in range(acc.shape[1]):
+            b, inv, m = bias[c], inv_shift[c], mult[c]
+            for j in range(acc.shape[2]):
+                out[n, c, j] = _dequantized_shift(np.float64(acc[n, c, j]) + b, inv, m)
 
 
 @numba.njit(**_SUM_JIT)
@@ -306,19 +325,66 @@ def _channels_3d(y: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(y, dtype=np.float32).reshape(y.shape[0], y.shape[1], -1)
 
 
-def requantize_output(y: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
-    """``numerics.requantized_output(numerics.accumulator_from_output(y, deq), deq, shift_bits)``
-    fused, channel axis 1: what a Requantize layer outputs (float32 of y's shape)."""
-    ya = np.asarray(y)
-    y3 = _channels_3d(ya, "requantize_output")
-    c = y3.shape[1]
+def _shift_factors(deq: npt.ArrayLike, shift_bits: npt.ArrayLike, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(deq float32 (C,), 2^-N float64 (C,), deq * 2^N float32 (C,)), checked as numerics checks them."""
     d = numerics._per_channel(deq, c, "deq")
     n = numerics._shift_vector(shift_bits, c, 0, numerics.SHIFT_BITS.stop - 1)
     mult = np.ldexp(d, n.astype(np.int32)).astype(np.float32)
     if not np.isfinite(mult).all():
         raise NumericsError("requantized_output: deq * 2^N overflows float32")
+    return np.ascontiguousarray(d), np.ldexp(1.0, -n), mult
+
+
+@functools.cache
+def _numpy_blas() -> ThreadpoolController:
+    return ThreadpoolController().select(prefix="libscipy_openblas")
+
+
+def numpy_blas_single_threaded():
+    """Context manager: numpy's own OpenBLAS (the wheel's scipy-openblas, not Caffe's) on one
+    thread inside the block. Inside a Caffe net its threads and Caffe's OpenBLAS threads, each
+    pool spinning while the other works, slowed the integer executor's GEMMs tenfold on two cores
+    (bench/integer_executor.py)."""
+    return _numpy_blas().limit(limits=1)
+
+
+def activation_codes(x: npt.ArrayLike, quant_scale: npt.ArrayLike, offset_d: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``numerics.quant_layer_forward(x, quant_scale, offset_d) - offset_d`` as float32 of x's
+    shape: the codes an integer layer multiplies (a Quant layer's int8 minus its offset), fused."""
+    inv = numerics._positive_scale(quant_scale, "quant_scale")
+    off = numerics._offset_int8(offset_d)
+    x32 = _flat_f32(x)
+    out = np.empty_like(x32)
+    if _fake_quant_kernel(x32.reshape(-1), inv, np.float32(1), np.float32(numerics.INT8_MIN - off),
+                          np.float32(numerics.INT8_MAX - off), out.reshape(-1)):
+        _raise_non_finite((x, "Quant layer input"))
+    return out
+
+
+def requantize_accumulator(acc: np.ndarray, bias: np.ndarray, deq: npt.ArrayLike,
+                           shift_bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``numerics.requantized_output(acc + bias[c], deq, shift_bits)`` fused, channel axis 1: the
+    DeQuant output of an integer layer's accumulator (N, C, ...), integer-valued float32 or
+    float64 without the int32 ``bias`` (C,); float32 of acc's shape."""
+    a = np.ascontiguousarray(acc)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    a3 = a.reshape(a.shape[0], a.shape[1], -1)
+    _, inv_shift, mult = _shift_factors(deq, shift_bits, a3.shape[1])
+    out = np.empty(a3.shape, np.float32)
+    b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (a3.shape[1],))
+    _requantize_accumulator_kernel(a3, np.ascontiguousarray(b), inv_shift, mult, out)
+    return out.reshape(a.shape)
+
+
+def requantize_output(y: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``numerics.requantized_output(numerics.accumulator_from_output(y, deq), deq, shift_bits)``
+    fused, channel axis 1: what a Requantize layer outputs (float32 of y's shape)."""
+    ya = np.asarray(y)
+    y3 = _channels_3d(ya, "requantize_output")
+    d, inv_shift, mult = _shift_factors(deq, shift_bits, y3.shape[1])
     out = np.empty_like(y3)
-    bad = _requantize_kernel(y3, np.ascontiguousarray(d), np.ldexp(1.0, -n), mult, out)
+    bad = _requantize_kernel(y3, d, inv_shift, mult, out)
     if bad:
         _raise_non_finite((ya, "fake-quant layer output"))
     return out.reshape(ya.shape)

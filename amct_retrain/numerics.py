@@ -40,7 +40,8 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
-    "check_finite", "errors_named", "average_pool_scale", "window_sums", "conv_accumulate", "deconv_accumulate",
+    "check_finite", "errors_named", "average_pool_scale", "window_sums", "exact_integer_matmul",
+    "conv_accumulate", "deconv_accumulate",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
     "fake_quantize_activation",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
@@ -833,38 +834,93 @@ def window_sums(x: npt.ArrayLike, kernel: tuple[int, int], stride: tuple[int, in
     return windows[:, :, ::stride[0], ::stride[1]].sum(axis=(4, 5))
 
 
+#: float32 holds every integer of magnitude up to 2^24 exactly.
+_F32_EXACT_INTEGERS = float(2 ** 24)
+
+
+def exact_integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of integer-valued float arrays a (P, K) and b (K, Q), exact.
+
+    The K axis is cut into chunks in which ``sum_k max|a[:, k]| * max|b[k, :]| < 2^24``: then
+    every product and every partial sum of a chunk, in whatever order and with whatever fused
+    multiply-adds BLAS uses, is an integer below 2^24, exact in float32. Each chunk is one
+    float32 GEMM (twice the speed of float64 and half its memory); chunk results are added in
+    float64, exact far beyond any int32 accumulator.
+
+    Returns:
+        (P, Q) integer-valued float32 when one chunk covers K, else float64.
+    """
+    a32 = np.asarray(a, dtype=np.float32)
+    b32 = np.asarray(b, dtype=np.float32)
+    k = a32.shape[1]
+    if k == 0 or a32.shape[0] == 0 or b32.shape[1] == 0:
+        return np.zeros((a32.shape[0], b32.shape[1]), np.float32)
+    # max |.| as max(max, -min): no |a| temporary as big as the operand (page faults cost here)
+    bound = (np.maximum(a32.max(axis=0), -a32.min(axis=0)).astype(np.float64)
+             * np.maximum(b32.max(axis=1), -b32.min(axis=1)))
+    if bound.max() >= _F32_EXACT_INTEGERS:
+        raise NumericsError(f"exact_integer_matmul: a product reaches {bound.max():.3g}, beyond float32's "
+                            "exact integers: the operands are not int8-sized codes")
+    ends, total, start = [], 0.0, 0
+    for i, v in enumerate(bound.tolist()):
+        if total + v >= _F32_EXACT_INTEGERS:
+            ends.append(i)
+            total = 0.0
+        total += v
+    ends.append(k)
+    if len(ends) == 1:
+        return a32 @ b32
+    out = np.zeros((a32.shape[0], b32.shape[1]))
+    for end in ends:
+        out += a32[:, start:end] @ b32[start:end]
+        start = end
+    return out
+
+
 def conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     """Integer convolution of x (N, C, H, W) by w (M, C/group, KH, KW), both integer-valued
-    float64, geometry ``g`` (a ``ConvGeometry.__dict__``): im2col + one matmul per group. float64
-    sums of int8 x int9 products are exact far beyond any real layer's size, so BLAS gives the
-    int32 accumulator exactly."""
+    (int8-sized codes, any float dtype), geometry ``g`` (a ``ConvGeometry.__dict__``): im2col in
+    Caffe's layout, (C*KH*KW, N*OH*OW), and one :func:`exact_integer_matmul` per group (a 1 x 1
+    convolution of stride 1 multiplies the input itself), so the int32 accumulator comes out
+    exactly.
+
+    Returns:
+        integer-valued float32 or float64 (N, M, OH, OW).
+    """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
     group = g["group"]
+    x = np.asarray(x, dtype=np.float32)
     n, c = x.shape[:2]
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero in integer terms: x - offset = 0
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x  # zero codes: x - offset = 0
     windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # (N, C, OH, OW, KH, KW)
     oh, ow = windows.shape[2:4]
     m = w.shape[0]
-    out = np.empty((n, m, oh, ow))
+    out = None
     cg, mg = c // group, m // group
     for gi in range(group):
-        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
-        kernel = w[gi * mg:(gi + 1) * mg].reshape(mg, -1)
-        out[:, gi * mg:(gi + 1) * mg] = (cols @ kernel.T).reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+        # (C/group, KH, KW, N, OH, OW): a view, not a copy, for a 1 x 1 kernel of stride 1 and batch 1
+        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(1, 4, 5, 0, 2, 3).reshape(cg * kh * kw, -1)
+        acc = exact_integer_matmul(w[gi * mg:(gi + 1) * mg].reshape(mg, -1), cols)
+        if out is None:
+            out = np.empty((n, m, oh, ow), acc.dtype)
+        elif acc.dtype != out.dtype:
+            out = out.astype(np.float64)
+        out[:, gi * mg:(gi + 1) * mg] = acc.reshape(mg, n, oh, ow).transpose(1, 0, 2, 3)
     return out
 
 
 def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     """Integer transposed convolution (Caffe's Deconvolution, group 1) of x (N, C, H, W) by
-    w (C, M, KH, KW), both integer-valued float64, as Caffe computes it: one matmul gives every
+    w (C, M, KH, KW), both integer-valued (int8-sized codes), as Caffe computes it: one matmul gives every
     input pixel's contribution to every kernel tap, col2im adds each tap's contributions into
     the output at stride steps, and the pad is cropped from both borders. Exact as in
-    :func:`conv_accumulate`: integer float64 sums."""
+    :func:`conv_accumulate`: :func:`exact_integer_matmul`, float64 col2im sums."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
     n, c, h, wd = x.shape
     m = w.shape[1]
-    taps = (x.transpose(0, 2, 3, 1).reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, m, kh, kw)
+    taps = exact_integer_matmul(x.transpose(0, 2, 3, 1).reshape(-1, c), w.reshape(c, -1))
+    taps = taps.reshape(n, h, wd, m, kh, kw)
     taps = taps.transpose(0, 3, 4, 5, 1, 2)                    # (N, M, KH, KW, H, W)
     full = np.zeros((n, m, sh * (h - 1) + dh * (kh - 1) + 1, sw * (wd - 1) + dw * (kw - 1) + 1))
     for i in range(kh):

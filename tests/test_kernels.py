@@ -244,3 +244,70 @@ def test_a_second_process_loads_the_compiled_kernels_from_the_cache(tmp_path):
     hits, misses = map(int, runs[1].stdout.split())
     assert (hits, misses) == (1, 0), f"second process: {hits} cache hits, {misses} misses ({runs[1].stderr})"
     assert any((tmp_path / "numba").rglob("*.nbi")), "no numba cache index written"
+
+
+# --------------------------------------------------------------------------- integer executor
+
+
+@FAST
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 2), st.integers(1, 4), st.integers(1, 6)),
+                  elements=st.floats(-1e3, 1e3, width=32)), st.floats(1e-3, 100), st.integers(-128, 127))
+def test_activation_codes_are_the_quant_layer_codes_minus_the_offset(x, quant_scale, offset):
+    spec = numerics.quant_layer_forward(x, quant_scale, offset).astype(np.float32) - F32(offset)
+    got = kernels.activation_codes(x, quant_scale, offset)
+    assert got.dtype == np.float32 and np.array_equal(got, spec)  # -0.0 is 0 to the multiplication
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_requantize_accumulator_is_numerics_with_the_bias(dtype):
+    rng = np.random.default_rng(11)
+    acc = rng.integers(-2 ** 20, 2 ** 20, (2, 3, 4, 5)).astype(dtype)
+    acc[0, 0, 0, :3] = [0.0, -1.0, 2.0 ** 22]  # zero, a -0 after the shift, the int16 clamp
+    bias = np.array([5, -(2 ** 30), 2 ** 31 - 1], np.int64)
+    deq, shift_bits = np.array([0.01, 0.5, 2e-6], np.float32), np.array([1, 16, 7])
+    spec = numerics.requantized_output(acc.astype(np.float64) + bias.reshape(1, 3, 1, 1), deq, shift_bits)
+    assert same_bits(kernels.requantize_accumulator(acc, bias.astype(np.float64), deq, shift_bits), spec)
+
+
+def test_exact_integer_matmul_is_exact_where_float32_sums_would_round():
+    k = 4000  # 4000 * 255 * 128 far beyond 2^24: several float32 chunks
+    a = np.full((3, k), 255.0, np.float32)
+    a[1] = -255
+    a[2, ::2] = 1
+    b = np.full((k, 2), -128.0, np.float32)
+    b[::3, 1] = 127
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    got = numerics.exact_integer_matmul(a, b)
+    assert got.dtype == np.float64 and np.array_equal(got, exact)
+    small = numerics.exact_integer_matmul(a[:, :100], b[:100])
+    assert small.dtype == np.float32 and np.array_equal(small, exact * 0 + a[:, :100].astype(np.int64) @ b[:100])
+    with pytest.raises(numerics.NumericsError, match="exact integers"):
+        numerics.exact_integer_matmul(np.full((1, 1), 2.0 ** 20, np.float32), np.full((1, 1), 64.0, np.float32))
+
+
+@pytest.mark.parametrize("geometry", [
+    {"kernel": (3, 3), "stride": (1, 1), "pad": (1, 1), "dilation": (1, 1), "group": 1},
+    {"kernel": (1, 1), "stride": (1, 1), "pad": (0, 0), "dilation": (1, 1), "group": 1},
+    {"kernel": (1, 1), "stride": (2, 2), "pad": (0, 0), "dilation": (1, 1), "group": 2},
+    {"kernel": (3, 2), "stride": (2, 1), "pad": (1, 0), "dilation": (2, 1), "group": 2}])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_accumulate_is_the_int64_convolution(geometry, batch):
+    rng = np.random.default_rng(2)
+    x = rng.integers(-255, 256, (batch, 4, 7, 6))
+    x[0, :, 0] = 255
+    w = rng.integers(-128, 128, (6, 4 // geometry["group"], *geometry["kernel"]))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (geometry[k] for k in ("kernel", "stride", "pad", "dilation"))
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cg, mg = 4 // geometry["group"], 6 // geometry["group"]
+    exact = np.zeros((batch, 6, oh, ow), np.int64)
+    for m in range(6):
+        gi = m // mg
+        for i in range(kh):
+            for j in range(kw):
+                patch = padded[:, gi * cg:(gi + 1) * cg, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                               j * dw:j * dw + sw * (ow - 1) + 1:sw]
+                exact[:, m] += np.einsum("nchw,c->nhw", patch, w[m, :, i, j])
+    got = numerics.conv_accumulate(x.astype(np.float32), w.astype(np.float32), geometry)
+    assert np.array_equal(got, exact), f"max error {np.abs(got - exact).max()}"
