@@ -407,12 +407,8 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
                 search_step: float = 0.01) -> tuple[float, float]:
     """:func:`numerics.ifmr_search` with the candidates' squared errors summed in one pass over
     the data (every candidate per element) instead of one numpy pass per candidate."""
-    if not 0.0 <= min_percentile < max_percentile <= 1.0:
-        raise NumericsError(f"IFMR needs 0 <= min_percentile < max_percentile <= 1, got "
-                            f"{min_percentile!r}, {max_percentile!r}")
-    factors = numerics._ifmr_candidates(search_start, search_end, search_step)
-    x32 = np.ascontiguousarray(numerics._as_f32(x, "ifmr_search input").reshape(-1))
-    data_min, cand_max, scales, offsets = numerics.ifmr_grids(x32, factors, min_percentile, max_percentile)
+    x32, data_min, cand_max, scales, offsets = numerics.ifmr_grids(x, min_percentile, max_percentile, search_start,
+                                                                   search_end, search_step)
     return numerics.ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
 
 

@@ -621,20 +621,23 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
         NonFiniteError: x holds NaN/Inf.
         NumericsError: x is empty or a search parameter is invalid.
     """
+    x32, data_min, cand_max, scales, offsets = ifmr_grids(x, min_percentile, max_percentile, search_start,
+                                                          search_end, search_step)
+    return ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
+
+
+def ifmr_grids(x: npt.ArrayLike, min_percentile: float, max_percentile: float, search_start: float,
+               search_end: float, search_step: float
+               ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, np.ndarray]:
+    """IFMR's candidate grids (arguments and checks of :func:`ifmr_search`):
+    ``(x32, data_min, cand_max, scales, offsets)`` with x32 the data as flat float32, the candidate
+    maxima ``factors * data_max`` (float64), their float32 scales and int64 offsets
+    (``scale_offset_from_range(data_min, cand_max[j])``)."""
     if not 0.0 <= min_percentile < max_percentile <= 1.0:
         raise NumericsError(f"IFMR needs 0 <= min_percentile < max_percentile <= 1, got "
                             f"{min_percentile!r}, {max_percentile!r}")
     factors = _ifmr_candidates(search_start, search_end, search_step)
     x32 = _as_f32(x, "ifmr_search input").reshape(-1)
-    data_min, cand_max, scales, offsets = ifmr_grids(x32, factors, min_percentile, max_percentile)
-    return ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
-
-
-def ifmr_grids(x32: np.ndarray, factors: np.ndarray, min_percentile: float,
-               max_percentile: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """IFMR's candidate grids for flat float32 ``x32``: ``(data_min, cand_max, scales, offsets)``,
-    the candidate maxima ``factors * data_max`` (float64), their float32 scales and int64 offsets
-    (``scale_offset_from_range(data_min, cand_max[j])``); see :func:`ifmr_search`."""
     n = x32.size
     if n == 0:
         raise NumericsError("ifmr_search: empty input")
@@ -650,7 +653,7 @@ def ifmr_grids(x32: np.ndarray, factors: np.ndarray, min_percentile: float,
     offsets = np.empty(factors.size, dtype=np.int64)
     for j, m in enumerate(cand_max):  # 61 scalar factor computations
         scales[j], offsets[j] = scale_offset_from_range(data_min, float(m))
-    return data_min, cand_max, scales, offsets
+    return x32, data_min, cand_max, scales, offsets
 
 
 def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> npt.NDArray[np.float64]:
