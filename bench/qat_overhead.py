@@ -84,7 +84,10 @@ class TorchSide:
 
     def __init__(self, python: str) -> None:
         script = pathlib.Path(__file__).with_name("torch_qat.py")
-        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Passive OpenMP threads: torch's would otherwise spin on after each round, into ours.
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
 
     def round(self, net: str, batch: int, iters: int) -> tuple[float, float]:
         self.proc.stdin.write(f"{net} {batch} {iters}\n")
