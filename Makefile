@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Each runs setup first.
 PY := .venv/bin/python
 
-.PHONY: setup test test-fast demo bench
+.PHONY: setup test test-fast fuzz demo bench
 setup:
 	bash tools/setup.sh
 
@@ -9,7 +9,10 @@ test: setup
 	$(PY) -m pytest
 
 test-fast: setup
-	$(PY) -m pytest -m "not caffe"
+	$(PY) -m pytest -m "not caffe and not fuzz"
+
+fuzz: setup
+	$(PY) -m pytest -m fuzz -q
 
 demo: setup
 	$(PY) samples/digits_demo.py

@@ -38,9 +38,12 @@ from typing import Any
 import numpy as np
 
 from amct_retrain import calibration, numerics, record
-from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
-from amct_retrain.retrain import existing_record, skip_fusion_entries
-from amct_retrain.saver import output_files
+from amct_retrain.config import load_calibration_config, read_config_json
+from amct_retrain.errors import ArgumentError, InputMissingError, ModelError, OutputPathError
+from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs, staged_outputs
+from amct_retrain.graph import model_io
+from amct_retrain.record import existing_record, skip_fusion_entries
+from amct_retrain.saved_models import output_files
 
 LOG = logging.getLogger(__name__)
 
@@ -100,10 +103,15 @@ class OutputBlobEvaluator(AutoCalibrationEvaluatorBase):
         import caffe
 
         net = caffe.Net(model_file, caffe.TEST, weights=weights_file)
-        outputs = [net.forward() for _ in range(self.test_iter)]
-        if self.metric_blob not in outputs[0]:
-            raise ValueError(f"{model_file}: has no output blob '{self.metric_blob}' (outputs: {sorted(outputs[0])})")
-        return float(np.mean([float(o[self.metric_blob].ravel()[0]) for o in outputs]))
+        outputs = (net.forward() for _ in range(self.test_iter))
+        metrics = []
+        # net.forward() returns views of the output blobs, which the next forward overwrites:
+        # each batch's metric is read before the next batch runs.
+        for out in outputs:
+            if self.metric_blob not in out:
+                raise ModelError(f"{model_file}: has no output blob '{self.metric_blob}' (outputs: {sorted(out)})")
+            metrics.append(float(out[self.metric_blob].ravel()[0]))
+        return float(np.mean(metrics))
 
 
 class SensitivityBase(abc.ABC):
@@ -168,7 +176,7 @@ class CosineSimilaritySensitivity(SensitivityBase):
         inputs = [name for name, layer in zip(net._layer_names, net.layers)
                   if name in sources and layer.type == "Input"]
         if inputs:
-            raise ValueError(f"{model_file}: layers {inputs} are Input layers: no data to compare the models on; "
+            raise ModelError(f"{model_file}: layers {inputs} are Input layers: no data to compare the models on; "
                              "give CosineSimilaritySensitivity(inputs={blob: array}) or a data layer")
         net.forward(end=sources[-1])
         return {top: net.blobs[top].data.copy() for name in sources for top in net.top_names[name]}
@@ -181,7 +189,7 @@ class CosineSimilaritySensitivity(SensitivityBase):
         fake_net = caffe.Net(fake_quant_model, caffe.TEST, weights=fake_quant_weights)
         sources, fake_sources = _source_layers(float_net), _source_layers(fake_net)
         if not sources or sources != fake_sources:
-            raise ValueError(f"{float_model} / {fake_quant_model}: the models must start with the same data "
+            raise ModelError(f"{float_model} / {fake_quant_model}: the models must start with the same data "
                              f"layers (float: {sources}, fake-quant: {fake_sources})")
         batch = self._batch(float_net, sources, float_model)
         self._run(float_net, sources, batch)
@@ -190,7 +198,7 @@ class CosineSimilaritySensitivity(SensitivityBase):
         for name, info in layers.items():
             blob = info["output_blob"]
             if blob not in float_net.blobs:
-                raise ValueError(f"{float_model}: has no blob '{blob}' (the output of quantized layer '{name}')")
+                raise ModelError(f"{float_model}: has no blob '{blob}' (the output of quantized layer '{name}')")
             outputs = float_net.blobs[blob].data, fake_net.blobs[blob].data
             for what, out in zip(("float", "fake-quant"), outputs):
                 numerics.check_finite(out, f"output '{blob}' of layer '{name}' in the {what} model")
@@ -268,10 +276,10 @@ def _resolve(value: Any, known: Mapping[str, type], base: type, what: str) -> An
         return value
     if isinstance(value, str):
         if value not in known:
-            raise ValueError(f"unknown {what} {value!r}; known: {', '.join(sorted(known))} "
+            raise ArgumentError(f"unknown {what} {value!r}; known: {', '.join(sorted(known))} "
                              f"(or an instance of {base.__name__})")
         return known[value]()
-    raise TypeError(f"{what} must be a name ({', '.join(sorted(known))}) or an instance of {base.__name__}, "
+    raise ArgumentError(f"{what} must be a name ({', '.join(sorted(known))}) or an instance of {base.__name__}, "
                     f"got {type(value).__name__}")
 
 
@@ -321,7 +329,7 @@ class _AutoCalibration:
         self.evaluator, self.config_file, self.record_file = evaluator, config_file, record_file
         self.save_dir = save_dir
         self.name = os.path.splitext(os.path.basename(model_file))[0]
-        self.config = json.loads(read_text_file(config_file, "calibration config", ValueError))
+        self.config = read_config_json(config_file, "calibration config")
         # The user's record may opt layers out of BatchNorm fusion: every trial's record starts with that.
         self.skip_fusion = skip_fusion_entries(existing_record(record_file))
         self.trials: list[Trial] = []
@@ -342,7 +350,7 @@ class _AutoCalibration:
         config = copy.deepcopy(self.config)
         for name in float_layers:
             if not isinstance(config.get(name), dict):
-                raise ValueError(f"{self.config_file}: has no entry for layer '{name}'")
+                raise ArgumentError(f"{self.config_file}: has no entry for layer '{name}'")
             config[name]["quant_enable"] = False
         return config
 
@@ -418,7 +426,7 @@ class _AutoCalibration:
         bad = [name for name in self.layers
                if not isinstance(values.get(name), numbers.Real) or not np.isfinite(values[name])]
         if bad:
-            raise ValueError(f"{type(sensitivity).__name__}.compute gave no finite number for layers {bad}: {values}")
+            raise ArgumentError(f"{type(sensitivity).__name__}.compute gave no finite number for layers {bad}: {values}")
         atomic_write(os.path.join(self.save_dir, "sensitivity.json"),
                      json.dumps({name: float(values[name]) for name in self.layers}, indent=2) + "\n")
         return sorted(self.layers, key=lambda name: -values[name])  # stable: net order among equals
@@ -456,14 +464,29 @@ def quant_info(save_path: str) -> dict[str, dict[str, str]]:
 
 
 def _check_files(model_file: str, weights_file: str, config_file: str, record_file: str, save_dir: str) -> None:
+    """The inputs exist and are valid (Caffe builds the net in a child process, the weights fit it,
+    the config fits the net), and no output would overwrite an input, before any evaluation."""
     for path, what in ((model_file, "model file"), (weights_file, "weights file"), (config_file, "config file")):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: {what} does not exist")
-    inputs = {os.path.realpath(p) for p in (model_file, weights_file, config_file)}
-    if os.path.realpath(record_file) in inputs:
-        raise ValueError(f"{record_file}: the record file to write is an input; inputs are never overwritten")
-    if os.path.isfile(save_dir):
-        raise ValueError(f"{save_dir}: save_dir is a file, not a folder")
+            raise InputMissingError(f"{path}: {what} does not exist")
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise OutputPathError(f"{save_dir}: save_dir is a file, not a folder")
+    inputs = {"model file": model_file, "weights file": weights_file, "config file": config_file}
+    name = os.path.splitext(os.path.basename(model_file))[0]
+    outputs = {"record file": record_file, "history file": os.path.join(save_dir, "history.json"),
+               "sensitivity file": os.path.join(save_dir, "sensitivity.json"),
+               "published record": os.path.join(save_dir, f"{name}_record.txt"),
+               **{f"published {role}": path for role, path in output_files(os.path.join(save_dir, name)).items()}}
+    check_outputs_are_not_inputs(inputs, outputs)
+    trials = os.path.realpath(os.path.join(save_dir, "trials"))
+    for role, path in inputs.items():
+        if os.path.realpath(path).startswith(trials + os.sep):
+            raise OutputPathError(f"{path}: the {role} is inside {trials}, which every run replaces: inputs are never "
+                                  "overwritten")
+    net = model_io.read_prototxt(model_file)
+    probed = model_io.probe_net(net, model_file)
+    model_io.check_weights_match(model_file, weights_file, probed.params, model_io.read_caffemodel(weights_file))
+    load_calibration_config(config_file, net)
 
 
 def accuracy_based_auto_calibration(model_file: str, weights_file: str,
@@ -492,18 +515,21 @@ def accuracy_based_auto_calibration(model_file: str, weights_file: str,
     float model (BatchNorm fused) with no quantized layer.
 
     Raises:
-        ValueError: an unknown strategy or sensitivity name (the message lists the known
-            ones), a record_file that is an input, or a ``metric_eval`` that rejects the float
-            model's own metric (then even every layer in float fails: nothing can pass).
-        TypeError: an evaluator, strategy or sensitivity of the wrong type.
+        ArgumentError (a ValueError and a TypeError): an unknown strategy or sensitivity name (the
+            message lists the known ones), an evaluator, strategy or sensitivity of the wrong type,
+            or a ``metric_eval`` that rejects the float model's own metric (then even every layer in
+            float fails: nothing can pass).
+        ModelError, ConfigError, OutputPathError, InputMissingError: an input Caffe cannot build,
+            weights that do not fit it, a config that is not JSON or does not fit the net, an
+            output (record_file, the published files) that is an input; before anything runs.
         RuntimeError: no trial passed: even every layer in float failed (the BatchNorm fusion or
             the evaluator changed the float model's metric), or a custom strategy ended early.
     """
     strategy = _resolve(strategy, STRATEGIES, SearchStrategyBase, "strategy")
     sensitivity = _resolve(sensitivity, SENSITIVITIES, SensitivityBase, "sensitivity")
     if not isinstance(model_evaluator, AutoCalibrationEvaluatorBase):
-        raise TypeError("model_evaluator must be an AutoCalibrationEvaluatorBase, got "
-                        f"{type(model_evaluator).__name__}")
+        raise ArgumentError("model_evaluator must be an AutoCalibrationEvaluatorBase, got "
+                            f"{type(model_evaluator).__name__}")
     model_file, weights_file, config_file, record_file, save_dir = map(
         os.fspath, (model_file, weights_file, config_file, record_file, save_dir))
     _check_files(model_file, weights_file, config_file, record_file, save_dir)
@@ -516,7 +542,7 @@ def accuracy_based_auto_calibration(model_file: str, weights_file: str,
     LOG.info("auto calibration: float model metric %s", auto.original_metric)
     ok, _ = model_evaluator.metric_eval(auto.original_metric, auto.original_metric)
     if not ok:
-        raise ValueError(f"metric_eval rejects the float model's own metric ({auto.original_metric}): even with "
+        raise ArgumentError(f"metric_eval rejects the float model's own metric ({auto.original_metric}): even with "
                          "every layer in float no trial can pass; check the evaluator's metric_eval")
 
     first = auto.trial([])
@@ -529,7 +555,7 @@ def accuracy_based_auto_calibration(model_file: str, weights_file: str,
         while (float_layers := strategy.next_float_layers()) is not None:
             unknown = sorted(set(float_layers) - set(ranked))
             if unknown:
-                raise ValueError(f"{type(strategy).__name__} proposed layers that are not quantized: {unknown}")
+                raise ArgumentError(f"{type(strategy).__name__} proposed layers that are not quantized: {unknown}")
             trial = auto.trial(list(float_layers))
             strategy.update(trial.ok)
             auto.prune(trial)

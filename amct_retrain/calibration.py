@@ -27,7 +27,6 @@ included), or with factors that do not fit the layer is an error naming the laye
 Beside the record, ``<record>.forward_passes.json`` counts the TEST passes each layer's
 calibration saw, so that ``save_model`` can say how many ran when too few did.
 """
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -37,11 +36,12 @@ import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
-from amct_retrain import kernels, numerics, record
+from amct_retrain import numerics, record
 from amct_retrain.config import (QUANTIZABLE_RULES, CalibrationConfig, ConfigError, LayerCalibrationConfig,
                                  create_quant_config, layers_by_name, load_calibration_config, quantizable_layers,
                                  shape_constraint_broken, without_shape_broken_layers)
-from amct_retrain.fileio import atomic_write, read_text_file, staged_outputs
+from amct_retrain.errors import ArgumentError
+from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.calibrate import insert_calibration_layers
@@ -49,62 +49,17 @@ from amct_retrain.graph.fuse import FusedGroup, fuse_batchnorm, may_run_in_phase
 from amct_retrain.graph.insert import (activation_quantizer_owners, check_quantizable, fixed_weight_scale,
                                        weight_channel_axis)
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.retrain import check_outputs_are_not_inputs, existing_record, skip_fusion_entries
-from amct_retrain.saver import SAVE_TYPES, ExportLayer, LayerFactors, write_quantized_models
+from amct_retrain.record import (existing_record, forward_passes_file, forward_passes_text, read_forward_passes,
+                                 skip_fusion_entries)
+from amct_retrain.saved_models import output_files
+from amct_retrain.saver import ExportLayer, LayerFactors, check_save_path, check_save_type, write_quantized_models
 
 __all__ = ["create_quant_config", "init", "quantize_model", "save_model", "convert_model", "CalibrationGraph",
-           "activation_factors", "forward_passes_file", "read_forward_passes", "note_forward_passes"]
+           "forward_passes_file", "read_forward_passes"]
 
 LOG = logging.getLogger(__name__)
 FACTOR_FIELDS = ("scale_d", "offset_d", "scale_w", "offset_w", "shift_bit")
 NOT_FLOAT_TYPES = ("Quant", "DeQuant", "AntiQuant")
-
-
-# --------------------------------------------------------------------------- what the observers compute
-
-
-def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
-                       symmetric: bool) -> tuple[np.float32, int]:
-    """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
-    one IFMR search (:func:`~amct_retrain.numerics.ifmr_search`, compiled in :mod:`~amct_retrain.kernels`, with the arguments ``ifmr``) over
-    all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
-    offset_d is 0."""
-    clip_min, clip_max = kernels.ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
-    if symmetric:
-        bound = max(-clip_min, clip_max)
-        clip_min, clip_max = -bound, bound
-    return numerics.scale_offset_from_range(clip_min, clip_max)
-
-
-def forward_passes_file(record_file: str) -> str:
-    """The record's sidecar JSON, ``{layer: TEST forward passes its calibration saw}``."""
-    return f"{record_file}.forward_passes.json"
-
-
-def _forward_passes_text(counts: Mapping[str, int]) -> str:
-    return json.dumps(dict(counts), indent=1, sort_keys=True) + "\n"
-
-
-def read_forward_passes(record_file: str) -> dict[str, int]:
-    """The counts of :func:`forward_passes_file` (empty if the file does not exist)."""
-    path = forward_passes_file(record_file)
-    if not os.path.exists(path):
-        return {}
-    try:
-        counts = json.loads(read_text_file(path, "forward-pass file", ModelError))
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: not a forward-pass file (invalid JSON: {err})") from None
-    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
-        raise ModelError(f"{path}: not a forward-pass file ({{layer: count}} expected)")
-    return counts
-
-
-def note_forward_passes(record_file: str, layers: Iterable[str], count: int) -> None:
-    """Record that the calibration of ``layers`` has seen ``count`` TEST forward passes."""
-    counts = read_forward_passes(record_file)
-    counts.update(dict.fromkeys(layers, count))
-    # Read-modify-write without a lock: only the observers of one net write it, one after another.
-    atomic_write(forward_passes_file(record_file), _forward_passes_text(counts))
 
 
 # --------------------------------------------------------------------------- the model
@@ -160,7 +115,7 @@ def _read_float_model(model_file: str, weights_file: str
     if quantized:
         raise ModelError(f"{model_file}: layer '{quantized[0]}' is a quantization layer: give the float model "
                          "(a quantized or calibration model cannot be quantized again)")
-    probed = model_io.probe_shapes(model_file)
+    probed = model_io.probe_net(net, model_file)
     params = model_io.read_caffemodel(weights_file)
     model_io.check_weights_match(model_file, weights_file, probed.params, params)
     return net, params, probed.bottoms
@@ -195,7 +150,8 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
     the layer). The inputs are not modified.
     """
     check_outputs_are_not_inputs({"model file": model_file, "weights file": weights_file, "config file": config_file},
-                                 {"record file": scale_offset_record_file})
+                                 {"record file": scale_offset_record_file,
+                                  "forward-pass file": forward_passes_file(os.fspath(scale_offset_record_file))})
     net, params, bottoms = _read_float_model(model_file, weights_file)
     config = load_calibration_config(config_file, net)
     record_file = os.path.abspath(scale_offset_record_file)
@@ -205,11 +161,26 @@ def init(config_file: str, model_file: str, weights_file: str, scale_offset_reco
         raise ModelError(f"{record_file}: skip_fusion entry of layer '{unknown[0]}', which {model_file} lacks")
     with staged_outputs() as out:
         out.write(record_file, record.format_record(skip_fusion))
-        out.write(forward_passes_file(record_file), _forward_passes_text({}))
+        out.write(forward_passes_file(record_file), forward_passes_text({}))
     LOG.info("calibration of %d layer(s) over %d batch(es) set up; record file %s",
              len(config.layers), config.batch_num, record_file)
     return CalibrationGraph(os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file), record_file,
                             net, params, config, frozenset(skip_fusion), bottom_shapes=bottoms)
+
+
+def _check_graph(graph: object, call: str) -> None:
+    if not isinstance(graph, CalibrationGraph):
+        raise ArgumentError(f"{call}: graph must be the CalibrationGraph that init() returned, got "
+                            f"{type(graph).__name__} {str(graph)[:80]!r}")
+
+
+def _graph_inputs(graph: CalibrationGraph) -> dict[str, str]:
+    return {"model file": graph.model_file, "weights file": graph.weights_file, "config file": graph.config_file,
+            "record file": graph.record_file}
+
+
+def _outputs(save_path: str | os.PathLike) -> dict[str, str]:
+    return {f"output {role}": path for role, path in output_files(os.fspath(save_path)).items()}
 
 
 def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig,
@@ -252,10 +223,9 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
     (``caffe.Net(modified_model_file, caffe.TEST, weights=modified_weights_file).forward()``, or
     ``caffe test``) and call :func:`save_model`.
     """
-    check_outputs_are_not_inputs(
-        {"model file": graph.model_file, "weights file": graph.weights_file, "config file": graph.config_file,
-         "record file": graph.record_file},
-        {"modified model file": modified_model_file, "modified weights file": modified_weights_file})
+    _check_graph(graph, "quantize_model")
+    check_outputs_are_not_inputs(_graph_inputs(graph),
+                                 {"modified model file": modified_model_file, "modified weights file": modified_weights_file})
     fused = _fuse(graph.net, graph.params, graph.skip_fusion)
     layers = _calibrated_layers(fused.net, graph.config, graph.bottom_shapes, graph.model_file)
     owners = activation_quantizer_owners(fused.net, list(layers))
@@ -275,13 +245,14 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
     for name in _required_layers(fused.net):
         records.setdefault(name, record.SingleLayerRecord())  # no factors: kept in float
     config = graph.config
-    modified = insert_calibration_layers(fused.net, layers, owners, graph.record_file, config.batch_num,
+    ifmr = {name: layer_config.ifmr.ifmr_kwargs() for name, layer_config in layers.items()}
+    modified = insert_calibration_layers(fused.net, ifmr, owners, graph.record_file, config.batch_num,
                                          config.activation_offset)
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
         out.write(modified_weights_file, model_io.caffemodel_chunks(modified.name, fused.params))
         out.write(graph.record_file, record.format_record(records))
-        out.write(forward_passes_file(graph.record_file), _forward_passes_text(dict.fromkeys(layers, 0)))
+        out.write(forward_passes_file(graph.record_file), forward_passes_text(dict.fromkeys(layers, 0)))
     graph.calibrated = Calibrated(fused, layers)
     LOG.info("calibration model with %d quantized layer(s) written to %s and %s: run it %d time(s) in the TEST "
              "phase, then save_model", len(layers), modified_model_file, modified_weights_file, config.batch_num)
@@ -296,8 +267,10 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
     and, when too few passes ran, says "calibration needs batch_num=N forward passes; K ran". The
     record is then validated and exported exactly as :func:`convert_model` does.
     """
-    if save_type not in SAVE_TYPES:  # checked before any work
-        raise ValueError(f"save_type must be one of {SAVE_TYPES}, got {save_type!r}")
+    _check_graph(graph, "save_model")
+    check_save_type(save_type)  # checked before any work
+    check_save_path(save_path)
+    check_outputs_are_not_inputs(_graph_inputs(graph), _outputs(save_path))
     if graph.calibrated is None:
         raise ModelError(f"{graph.model_file}: no calibration model yet: call quantize_model(graph, ...) and run "
                          "it in the TEST phase before save_model")
@@ -311,7 +284,8 @@ def save_model(graph: CalibrationGraph, save_type: str, save_path: str) -> None:
             raise ModelError(f"{graph.record_file}: layer '{name}' is not calibrated: calibration needs "
                              f"batch_num={batch_num} forward passes; {ran} ran (run the model quantize_model wrote "
                              "in the TEST phase)")
-    _export(graph.calibrated.fused, records, graph.record_file, graph.model_file, save_type, save_path,
+    _export(graph.calibrated.fused, records, graph.record_file, graph.model_file, graph.weights_file, save_type,
+            save_path,
             graph.bottom_shapes)
 
 
@@ -328,11 +302,14 @@ def convert_model(model_file: str, weights_file: str, scale_offset_record_file: 
     layer is a :class:`ModelError` naming the layer; nothing is written then. With a calibration's
     record, the files are :func:`save_model`'s, byte for byte.
     """
+    check_save_path(save_path)
+    check_outputs_are_not_inputs({"model file": model_file, "weights file": weights_file,
+                                  "record file": scale_offset_record_file}, _outputs(save_path))
     net, params, bottoms = _read_float_model(model_file, weights_file)
     record_file = os.path.abspath(scale_offset_record_file)
     records = record.read_record(record_file)
     fused = _fuse(net, params, {name for name, rec in records.items() if rec.skip_fusion})
-    _export(fused, records, record_file, model_file, "Both", save_path, bottoms)
+    _export(fused, records, record_file, model_file, weights_file, "Both", save_path, bottoms)
 
 
 # --------------------------------------------------------------------------- record -> factors
@@ -424,10 +401,10 @@ def _record_factors(fused: FusedModel, records: Mapping[str, record.SingleLayerR
 
 
 def _export(fused: FusedModel, records: Mapping[str, record.SingleLayerRecord], record_file: str,
-            model_file: str, save_type: str, save_path: str,
+            model_file: str, weights_file: str, save_type: str, save_path: str,
             bottom_shapes: Mapping[str, list[tuple[int, ...]]]) -> None:
     layers, factors = _record_factors(fused, records, record_file, model_file, bottom_shapes)
     if not layers:
         LOG.warning("%s: quantizes no layer of %s: the saved models are float", record_file, model_file)
     write_quantized_models(fused.net, fused.params, layers, factors, save_type, save_path, record_file,
-                           fused.fused_layers)
+                           fused.fused_layers, weights_file)

@@ -6,15 +6,26 @@
     amct-retrain train   --solver retrain/solver.prototxt --weights retrain/retrain.caffemodel
     amct-retrain save    --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel \\
                          --save-path result/model
+    amct-retrain record  --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel
+                         (the record of that snapshot again, if a later TEST pass rewrote it)
+    amct-retrain analyze --model float.prototxt --weights float.caffemodel \\
+                         --fake-quant-model result/model_fake_quant_model.prototxt \\
+                         --fake-quant-weights result/model_fake_quant_weights.caffemodel --output-dir analysis/
 """
 import argparse
-import json
+import contextlib
 import logging
 import os
 import sys
+import zipfile
+from collections.abc import Iterator
+
+import numpy as np
 
 import amct_retrain
 from amct_retrain import solver as amct_solver
+from amct_retrain.errors import AnalysisError, InputMissingError
+from amct_retrain.fileio import check_outputs_are_not_inputs
 
 LOG = logging.getLogger(__name__)
 
@@ -27,6 +38,8 @@ def _prepare(args: argparse.Namespace) -> None:
     out = args.output_dir
     files = {name: os.path.join(out, name) for name in
              ("retrain.prototxt", "retrain.caffemodel", "record.txt", "solver.prototxt")}
+    check_outputs_are_not_inputs({"model file": args.model, "weights file": args.weights, "config file": args.config},
+                                 files)
     amct_retrain.create_quant_retrain_model(args.model, args.weights, args.config, files["retrain.prototxt"],
                                             files["retrain.caffemodel"], files["record.txt"])
     amct_solver.create_solver(files["solver.prototxt"], files["retrain.prototxt"], max_iter=args.max_iter,
@@ -38,13 +51,46 @@ def _prepare(args: argparse.Namespace) -> None:
              files["retrain.caffemodel"])
 
 
+@contextlib.contextmanager
+def _caffe_log_in(path: str) -> Iterator[None]:
+    """While the block runs, Caffe's log (glog writes it to file descriptor 2) goes to ``path``;
+    Python's ``sys.stderr`` (the progress bar) and the log handlers writing to it keep the console."""
+    with open(path, "w", encoding="utf-8") as log:
+        sys.stderr.flush()
+        console = os.fdopen(os.dup(2), "w")
+        os.dup2(log.fileno(), 2)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr]
+    saved_stderr, sys.stderr = sys.stderr, console
+    for handler in handlers:
+        handler.setStream(console)
+    try:
+        yield
+    finally:
+        console.flush()
+        os.dup2(console.fileno(), 2)
+        sys.stderr = saved_stderr
+        for handler in handlers:
+            handler.setStream(saved_stderr)
+        console.close()
+
+
 def _train(args: argparse.Namespace) -> None:
-    snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
+    caffe_log = args.caffe_log or amct_solver.caffe_log_file(args.solver)
+    LOG.info("Caffe's log: %s", caffe_log)
+    with _caffe_log_in(caffe_log):
+        snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
     LOG.info("final snapshot: %s", snapshot)
 
 
 def _save(args: argparse.Namespace) -> None:
     amct_retrain.save_quant_retrain_model(args.model, args.weights, args.type, args.save_path, args.record)
+
+
+def _record(args: argparse.Namespace) -> None:
+    from amct_retrain.saver import regenerate_record
+
+    regenerate_record(args.model, args.weights)
 
 
 def _reference(args: argparse.Namespace) -> None:
@@ -83,9 +129,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     graph = amct_retrain.init(config, args.model, args.weights, files["record.txt"])
     amct_retrain.quantize_model(graph, files["calibration.prototxt"], files["calibration.caffemodel"])
     net = caffe.Net(files["calibration.prototxt"], caffe.TEST, weights=files["calibration.caffemodel"])
-    with open(config, encoding="utf-8") as f:
-        batch_num = json.load(f)["batch_num"]
-    for _ in tqdm(range(batch_num), desc="calibration", unit="batch"):
+    # The validated config's batch_num (1 where the config leaves it out).
+    for _ in tqdm(range(graph.config.batch_num), desc="calibration", unit="batch"):
         net.forward()
     save_path = os.path.join(out, "result", os.path.splitext(os.path.basename(args.model))[0])
     amct_retrain.save_model(graph, args.type, save_path)
@@ -101,6 +146,41 @@ def _auto_calibrate(args: argparse.Namespace) -> None:
     evaluator = OutputBlobEvaluator(args.metric_blob, args.test_iter, args.batch_num, args.max_loss)
     amct_retrain.accuracy_based_auto_calibration(args.model, args.weights, evaluator, args.config, args.record,
                                                  args.save_dir)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    inputs = None
+    if args.inputs:
+        inputs = split_batches(_read_npz(args.inputs), args.iterations, args.inputs)
+    analysis = amct_retrain.analyze(args.model, args.weights, args.fake_quant_model, args.fake_quant_weights,
+                                    args.iterations, args.output_dir, inputs=inputs, log_dir=args.log_dir)
+    worst = analysis["layers"][0]
+    LOG.info("worst layer: %s (SQNR %.2f dB); report: %s", worst["name"], worst["sqnr_db"],
+             os.path.join(args.output_dir, "report.html"))
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the ``--inputs`` file, by name."""
+    if not os.path.isfile(path):
+        raise InputMissingError(f"{path}: --inputs file does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise AnalysisError(f"{path}: --inputs is not an .npz of one array per input blob: {err}") from None
+    raise AnalysisError(f"{path}: --inputs holds one array (.npy): give an .npz of one array per input blob")
+
+
+def split_batches(arrays: dict[str, np.ndarray], iterations: int, source: str) -> list[dict[str, np.ndarray]]:
+    """``{blob: array}`` split along axis 0 into ``iterations`` equal batches (``--inputs``)."""
+    for name, array in arrays.items():
+        if array.ndim == 0 or len(array) % iterations:
+            raise AnalysisError(f"{source}: array '{name}' of shape {array.shape} does not split into "
+                                f"{iterations} equal batches along its first axis (--iterations {iterations})")
+    parts = {name: np.split(array, iterations) for name, array in arrays.items()}
+    return [{name: parts[name][i] for name in arrays} for i in range(iterations)]
 
 
 def _model_arguments(parser: argparse.ArgumentParser, model_help: str, weights_help: str) -> None:
@@ -134,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-lr", type=float, default=0.001, help="learning rate (default %(default)s)")
     p.set_defaults(run=_prepare)
 
-    p = steps.add_parser("train", help="retrain through pycaffe with a progress bar and TensorBoard logs")
+    p = steps.add_parser("train", help="retrain through pycaffe with a progress bar, each TEST's mean outputs and "
+                                       "TensorBoard logs; Caffe's own log goes to a file")
     p.add_argument("--solver", required=True, help="solver prototxt (from the prepare step)")
     p.add_argument("--weights", help="initial caffemodel (retrain.caffemodel from the prepare step)")
     p.add_argument("--snapshot", help="a .solverstate to resume from (instead of --weights)")
     p.add_argument("--log-dir", help="TensorBoard log folder")
+    p.add_argument("--caffe-log", help="file for Caffe's own log (default: caffe_train.log beside the snapshots)")
     p.set_defaults(run=_train)
 
     p = steps.add_parser("save", help="write the fake-quant and deploy models from the retrained weights")
@@ -148,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="record file (default: the one the model's layers write)")
     p.add_argument("--type", default="Both", choices=("Fakequant", "Deploy", "Both"), help="default %(default)s")
     p.set_defaults(run=_save)
+
+    p = steps.add_parser("record", help="write the record of a snapshot again (one TEST pass of the retrain model "
+                                        "with its weights), e.g. after caffe test rewrote it")
+    _model_arguments(p, "the quantization-aware prototxt (retrain.prototxt)", "the snapshot caffemodel to save later")
+    p.set_defaults(run=_record)
 
     p = steps.add_parser("reference", help="run a deploy model with integer arithmetic (the reference executor)")
     _model_arguments(p, "deploy prototxt (model_deploy_model.prototxt)",
@@ -191,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-num", type=int, default=1, help="calibration batches (default %(default)s)")
     p.add_argument("--max-loss", type=float, default=0.002, help="accepted metric loss (default %(default)s)")
     p.set_defaults(run=_auto_calibrate)
+
+    p = steps.add_parser("analyze", help="per-layer report: the float and the fake-quant model on the same TEST "
+                                         "batches (cosine, SQNR, clipping, weight ranges, shift-N)")
+    _model_arguments(p, "float net prototxt (its TEST phase is run)", "float caffemodel")
+    p.add_argument("--fake-quant-model", required=True, help="model_fake_quant_model.prototxt (from save)")
+    p.add_argument("--fake-quant-weights", required=True, help="model_fake_quant_weights.caffemodel (from save)")
+    p.add_argument("--output-dir", required=True, help="folder for analysis.json and report.html (created if missing)")
+    p.add_argument("--iterations", type=int, default=1, help="TEST batches (default %(default)s)")
+    p.add_argument("--inputs", help="for nets fed by Input layers: an .npz of one array per input blob, split "
+                                    "along axis 0 into --iterations batches")
+    p.add_argument("--log-dir", help="TensorBoard folder for the per-layer SQNR and cosine")
+    p.set_defaults(run=_analyze)
     return parser
 
 

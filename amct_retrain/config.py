@@ -59,10 +59,10 @@ from caffe.proto import caffe_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
-from amct_retrain.graph.model_io import read_prototxt
-from amct_retrain.layer_types import (QUANTIZABLE_RULES, TILING_CONSTRAINT, Constraint, QuantRule,
-                                      shape_constraint_broken)
+from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs, parse_text_proto, read_text_file
+from amct_retrain.graph.model_io import probe_net, read_prototxt
+from amct_retrain.layer_types import (QUANTIZABLE_RULES, TILING_CONSTRAINT, Constraint, QuantRule, layers_by_name,
+                                      quantizable_layers, rule_for, shape_constraint_broken)
 from amct_retrain.errors import ConfigError  # noqa: F401 (re-exported)
 
 __all__ = [
@@ -86,6 +86,7 @@ __all__ = [
     "WEIGHT_ALGO",
     "create_quant_config",
     "load_calibration_config",
+    "read_config_json",
     "CalibrationConfig",
     "LayerCalibrationConfig",
     "IfmrParams",
@@ -113,50 +114,6 @@ def _err(path: str, message: str, layer: str | None = None, key: str | None = No
 
 
 # --------------------------------------------------------------------------- backend rules
-
-
-def layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
-    """Layer name -> layer, in net order. A net may list one name several times under different
-    include{phase} rules (TRAIN and TEST data layers); the first definition stands for the name."""
-    layers: dict[str, caffe_pb2.LayerParameter] = {}
-    for layer in net.layer:
-        if layer.name and layer.name not in layers:
-            layers[layer.name] = layer
-    return layers
-
-
-def _rule_for(layer: caffe_pb2.LayerParameter) -> QuantRule | None:
-    rule = QUANTIZABLE_RULES.get(layer.type)
-    if rule is None or (rule.applies is not None and not rule.applies(layer)):
-        return None
-    return rule
-
-
-def _broken_constraints(layer: caffe_pb2.LayerParameter, rule: QuantRule) -> str | None:
-    broken = [c.text for c in rule.constraints if not c.check(layer)]
-    return "; ".join(broken) if broken else None
-
-
-def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str, str]]:
-    """Find the layers the backend can quantize.
-
-    Returns ``(names, broken)``: ``names`` are the quantizable layer names in net
-    order, each once; ``broken`` maps each layer of a quantizable type that breaks
-    a constraint to the broken constraint(s) as text.  The caller decides whether a
-    broken layer is a warning (found automatically) or an error (named by the user).
-    """
-    names: list[str] = []
-    broken: dict[str, str] = {}
-    for name, layer in layers_by_name(net).items():
-        rule = _rule_for(layer)
-        if rule is None:
-            continue
-        why = _broken_constraints(layer, rule)
-        if why is None:
-            names.append(name)
-        else:
-            broken[name] = why
-    return names, broken
 
 
 def without_shape_broken_layers(layers: Mapping[str, Any], net: caffe_pb2.NetParameter,
@@ -456,7 +413,7 @@ def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model
         for i, name in enumerate(getattr(spec, field)):
             if name not in by_name:
                 raise _err(path, f"model {model_path} has no layer named {name!r}", name, f"{field}[{i}]")
-            if _rule_for(by_name[name]) is None:
+            if rule_for(by_name[name]) is None:
                 logger.warning("%s: %s lists layer %r of type %s, which is not quantizable anyway",
                                path, field, name, by_name[name].type)
             skipped.add(name)
@@ -491,7 +448,7 @@ def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model
         if name in layer_overrides:
             raise _err(path, "layer is overridden more than once", name, f"{key}.layer_name")
         layer = by_name[name]
-        rule = _rule_for(layer)
+        rule = rule_for(layer)
         if rule is None:
             raise _err(path, f"layer of type {layer.type} is not quantizable "
                        f"(quantizable: {', '.join(QUANTIZABLE_RULES)})", name, f"{key}.layer_name")
@@ -555,35 +512,45 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
     return out
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _read_create_inputs(out_path: str, model_path: str, weights_path: str, def_path: str | None,
                         schema: type) -> tuple[caffe_pb2.NetParameter, Message | None]:
-    """The net and the simplified config (or None) of a config generator, checked: the weights
-    file exists, and the output is neither an input nor a directory."""
+    """The net and the simplified config (or None) of a config generator, checked: the output is
+    neither an input nor a directory, the weights file exists and Caffe can build the net (asked
+    in a child process, as the model builders do, so that a net Caffe cannot build is refused at
+    the first call)."""
+    check_outputs_are_not_inputs({"model file": model_path, "weights file": weights_path,
+                                  "simplified config": def_path}, {"config file": out_path})
+    if os.path.isdir(out_path):
+        raise ConfigError(f"{out_path}: is a directory, not a config file path")
     net = read_prototxt(model_path)
     if not os.path.isfile(weights_path):
         raise ConfigError(f"{weights_path}: weights file does not exist")
     spec = read_simplified_config(def_path, schema) if def_path is not None else None
-    for other in (model_path, weights_path, def_path):
-        if other is not None and _same_file(out_path, other):
-            raise ConfigError(f"{out_path}: the config file to write is the input {other}; refusing to overwrite it")
-    if os.path.isdir(out_path):
-        raise ConfigError(f"{out_path}: is a directory, not a config file path")
+    probe_net(net, model_path)
     return net, spec
 
 
-def _write_generated(out_path: str, data: dict[str, Any], layers: Mapping[str, Any], model_path: str,
-                     what: str) -> None:
+def _what_the_net_has(net: caffe_pb2.NetParameter) -> str:
+    counts: dict[str, int] = {}
+    for layer in layers_by_name(net).values():
+        kind = layer.type
+        if layer.type == "Pooling":
+            kind = f"{caffe_pb2.PoolingParameter.PoolMethod.Name(layer.pooling_param.pool)} Pooling"
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
+def _write_generated(out_path: str, data: dict[str, Any], layers: Mapping[str, Any], net: caffe_pb2.NetParameter,
+                     model_path: str, what: str) -> None:
     if not layers:
-        logger.warning("%s: no layer of %s is quantized (no quantizable layer left)", out_path, model_path)
+        names, broken = quantizable_layers(net)
+        if names or broken:
+            why = (f"its quantizable layers ({', '.join(list(names) + list(broken))}) are all skipped or break a "
+                   "constraint (see the warnings)")
+        else:
+            why = (f"it has no quantizable layer (it has {_what_the_net_has(net)}; quantizable: Convolution, "
+                   "Deconvolution, InnerProduct, AVE Pooling)")
+        raise ConfigError(f"{model_path}: nothing to quantize: {why}; no {what} written to {out_path}")
     atomic_write(out_path, json.dumps(data, indent=4) + "\n")
     logger.info("wrote %s for %d layer(s) to %s", what, len(layers), out_path)
 
@@ -603,10 +570,12 @@ def create_quant_retrain_config(
     globally, per type and per layer (layer > type > global > default).
 
     Quantizable-type layers that break a backend constraint are left out with a
-    warning.  ``weights_file`` must exist; it is not read.  Everything is validated
-    before anything is written; the output folder is created if missing and the
-    file is replaced atomically.  Raises :class:`ConfigError` naming the file and
-    the offending key / layer.
+    warning.  ``weights_file`` must exist; it is not read.  Caffe is asked (in a child
+    process) whether it can build the net, so a net it cannot build is a
+    :class:`~amct_retrain.errors.ModelError` naming the layer here already.  A net with nothing
+    to quantize is an error.  Everything is validated before anything is written; the output
+    folder is created if missing and the file is replaced atomically.  Raises
+    :class:`ConfigError` naming the file and the offending key / layer.
     """
     out_path, model_path, weights_path = os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file)
     def_path = os.fspath(config_defination) if config_defination is not None else None
@@ -614,7 +583,7 @@ def create_quant_retrain_config(
     data = _generate(def_path or out_path, spec, net, model_path)
     # Self-check: what we write must load; a failure here is a bug, reported before writing.
     parsed = _validate(out_path, data, net)
-    _write_generated(out_path, data, parsed.layers, model_path, "retrain config")
+    _write_generated(out_path, data, parsed.layers, net, model_path, "retrain config")
 
 
 # --------------------------------------------------------------------------- calibration config
@@ -751,8 +720,9 @@ def create_quant_config(
     { channel_wise } }`` and ``override_layer_types`` / ``override_layer_configs`` entries with a
     ``calibration_config`` block of the same shape (layer > type > global > default, whole blocks).
 
-    Validated before anything is written; the file is replaced atomically. Raises
-    :class:`ConfigError` naming the file (or argument), layer and key.
+    The net is validated as :func:`create_quant_retrain_config` does (Caffe builds it in a child
+    process; nothing to quantize is an error). Validated before anything is written; the file is
+    replaced atomically. Raises :class:`ConfigError` naming the file (or argument), layer and key.
     """
     out_path, model_path, weights_path = os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file)
     def_path = os.fspath(config_defination) if config_defination is not None else None
@@ -767,7 +737,7 @@ def create_quant_config(
             logger.warning("%s: the simplified config decides; argument(s) %s ignored", def_path, ", ".join(ignored))
         data = _generate_calibration(def_path, spec, net, model_path)
     parsed = _validate_calibration(out_path, data, net)
-    _write_generated(out_path, data, parsed.layers, model_path, "calibration config")
+    _write_generated(out_path, data, parsed.layers, net, model_path, "calibration config")
 
 
 # --------------------------------------------------------------------------- loading
@@ -841,7 +811,8 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_json(path: str, what: str) -> Any:
+def read_config_json(path: str, what: str) -> Any:
+    """The JSON of a config file, with its keys unique; :class:`ConfigError` naming the file (and line) if not."""
     text = read_text_file(path, what, ConfigError)
     try:
         return json.loads(text, object_pairs_hook=_unique_pairs)
@@ -861,7 +832,7 @@ def load_retrain_config(config_file: str | os.PathLike, net: caffe_pb2.NetParame
     ``batch_num`` < 1.  Quantizable layers absent from the file stay in float.
     """
     path = os.fspath(config_file)
-    return _validate(path, _read_json(path, "retrain config"), net)
+    return _validate(path, read_config_json(path, "retrain config"), net)
 
 
 def load_calibration_config(config_file: str | os.PathLike, net: caffe_pb2.NetParameter) -> CalibrationConfig:
@@ -870,7 +841,7 @@ def load_calibration_config(config_file: str | os.PathLike, net: caffe_pb2.NetPa
     percentile outside (0.5, 1], a search range that is not ``0 < start <= end`` and a search step
     <= 0 are errors. Quantizable layers absent from the file stay in float."""
     path = os.fspath(config_file)
-    return _validate_calibration(path, _read_json(path, "calibration config"), net)
+    return _validate_calibration(path, read_config_json(path, "calibration config"), net)
 
 
 def _want(path: str, value: Any, kind: str, layer: str | None, key: str) -> None:
@@ -890,6 +861,8 @@ def _want(path: str, value: Any, kind: str, layer: str | None, key: str) -> None
         names = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
                  "array": "an array", "object": "an object"}
         raise _err(path, f"expected {names[kind]}, got {_json_type(value)} {json.dumps(value)[:80]}", layer, key)
+    if kind == "number" and isinstance(value, int) and not -1e308 < value < 1e308:  # float() would overflow
+        raise _err(path, f"number {str(value)[:20]}... is out of range", layer, key)
 
 
 def _json_type(value: Any) -> str:
@@ -963,7 +936,7 @@ def _check_algo(path: str, name: str, cfg: Mapping[str, Any], key: str, field: s
 def _enabled_rule(path: str, name: str, layer: caffe_pb2.LayerParameter, broken: str | None,
                   enable_key: str) -> QuantRule:
     """The rule of an enabled layer; an error if it is not quantizable or breaks a constraint."""
-    rule = _rule_for(layer)
+    rule = rule_for(layer)
     if rule is None:
         raise _err(path, f"layer of type {layer.type} is not quantizable "
                    f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set {enable_key} false or remove it",

@@ -32,3 +32,24 @@ class NumericsError(AmctError):
 
 class LayerParamError(AmctError):
     """A quant layer's param_str is invalid."""
+
+
+class DataError(AmctError):
+    """The data a net ran on cannot give factors: every batch a quantized layer saw was constant
+    (a net fed by Input layers that nobody fed computes on zeros)."""
+
+
+class ArgumentError(AmctError, TypeError):
+    """An argument of a public call of the wrong type or value (also a ``TypeError``)."""
+
+
+class InputMissingError(AmctError, FileNotFoundError):
+    """An input file that does not exist (also a ``FileNotFoundError``)."""
+
+
+class OutputPathError(AmctError):
+    """An output path that cannot be written as asked: one of the call's inputs, a folder, empty."""
+
+
+class AnalysisError(AmctError):
+    """Bad arguments to the per-layer analysis (iterations, the inputs fed to an Input net)."""

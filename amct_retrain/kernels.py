@@ -21,6 +21,7 @@ grid then has ``2**bits`` codes and ULQ's ``D(v)`` divides by ``2**bits - 1``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import numba
@@ -32,7 +33,8 @@ from amct_retrain import numerics
 from amct_retrain.numerics import NumericsError, _range_factors, _ulq_bounds
 
 __all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
-           "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors", "BITS_RANGE"]
+           "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
+           "activation_factors", "BITS_RANGE"]
 
 BITS_RANGE = range(2, 9)
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -410,6 +412,12 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     x32, data_min, cand_max, scales, offsets = numerics.ifmr_grids(x, min_percentile, max_percentile, search_start,
                                                                    search_end, search_step)
     return numerics.ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
+
+
+def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
+                       symmetric: bool) -> tuple[np.float32, int]:
+    """:func:`numerics.activation_factors` with the fused :func:`ifmr_search`."""
+    return numerics.activation_factors(batches, ifmr, symmetric, search=ifmr_search)
 
 
 def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> npt.NDArray[np.float64]:

@@ -117,6 +117,8 @@ ACTIVATION_ULQ = LayerSpec("activation", "ActivationULQ", {
     "clip_min": Key(NUMBER + (NULL,)),
     "fixed_min": Key((bool,), default=False),
     **_LOG,
+    # The TEST batches of a shift-N search: a constant input in all of them (an unfed net) is an error.
+    "batch_num": Key((int,), default=1),
 }, blobs=("clip_max", "clip_min", "clip_state"))
 """Retraining: fake-quantizes a layer's input with learnable clips. Blobs (1,), (1,) and (3,)
 (clip_state: READY, LAST_MIN, LAST_MAX)."""
@@ -194,6 +196,14 @@ INTEGER_LAYER = LayerSpec("integer", "IntegerLayer", {
 })
 """The integer reference executor: a deploy model's Quant -> layer -> DeQuant in integers."""
 
-ALL_SPECS = (ACTIVATION_ULQ, WEIGHT_ARQ, SHIFT_N_SEARCH, ACTIVATION_OBSERVER, SHIFT_N_OBSERVER,
+TEST_OUTPUT_LOG = LayerSpec("test_outputs", "TestOutputLog", {
+    **_NAME,
+    "log_dir": Key((str,), required=True),
+    "outputs": Key((list,), required=True),  # the blob names of its bottoms, in order
+})
+"""Retraining under plain ``caffe train``: in place on the TEST net's outputs, logs their means
+over each TEST pass to TensorBoard. No blobs."""
+
+ALL_SPECS = (ACTIVATION_ULQ, WEIGHT_ARQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, ACTIVATION_OBSERVER, SHIFT_N_OBSERVER,
              FAKE_QUANT_ACTIVATION, REQUANTIZE, INTEGER_LAYER)
 """Every Python layer the toolkit inserts."""

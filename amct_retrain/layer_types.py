@@ -19,10 +19,10 @@ import numpy as np
 from caffe.proto import caffe_pb2
 
 from amct_retrain import numerics
-from amct_retrain.graph.caffe_params import conv_geometry, conv_output_hw, pool_geometry, pool_windows_tile
+from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry, pool_windows_tile
 
 __all__ = ["Constraint", "ShapeConstraint", "QuantRule", "QUANTIZABLE_RULES", "TILING_CONSTRAINT",
-           "shape_constraint_broken"]
+           "shape_constraint_broken", "layers_by_name", "rule_for", "quantizable_layers"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         geometry=lambda l: conv_geometry(l).__dict__,
         global_conv=True,
         integer_accumulate=numerics.conv_accumulate,
-        integer_output_hw=conv_output_hw,
+        integer_output_hw=numerics.conv_output_hw,
     ),
     # Weights (C_in, C_out/group, kh, kw): the output channels are axis 1.  The constraints are
     # the target's (contract section 4); with groups, axis 1 would hold only C_out/group channels.
@@ -131,7 +131,7 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         weight_param=lambda l: l.convolution_param,
         geometry=lambda l: conv_geometry(l).__dict__,
         integer_accumulate=numerics.deconv_accumulate,
-        integer_output_hw=lambda in_hw, g: conv_output_hw(in_hw, g, transposed=True),
+        integer_output_hw=lambda in_hw, g: numerics.conv_output_hw(in_hw, g, transposed=True),
     ),
     # No weights: the integer layer sums the int8 codes of each window and the 1/n of the average
     # moves into deq (scale_w = [1/n]). That is exact only when every window holds n inputs: no
@@ -178,3 +178,48 @@ def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape) -> st
     if rule is not None and rule.shape_constraint is not None and not rule.shape_constraint.check(layer, in_hw):
         return f"{rule.shape_constraint.text}, input {in_hw}"
     return None
+
+
+def layers_by_name(net: caffe_pb2.NetParameter) -> dict[str, caffe_pb2.LayerParameter]:
+    """Layer name -> layer, in net order. A net may list one name several times under different
+    include{phase} rules (TRAIN and TEST data layers); the first definition stands for the name."""
+    layers: dict[str, caffe_pb2.LayerParameter] = {}
+    for layer in net.layer:
+        if layer.name and layer.name not in layers:
+            layers[layer.name] = layer
+    return layers
+
+
+def rule_for(layer: caffe_pb2.LayerParameter) -> QuantRule | None:
+    """The rule of ``layer``'s type if layers like it are quantized (AVE, not MAX Pooling), else None."""
+    rule = QUANTIZABLE_RULES.get(layer.type)
+    if rule is None or (rule.applies is not None and not rule.applies(layer)):
+        return None
+    return rule
+
+
+def _broken_constraints(layer: caffe_pb2.LayerParameter, rule: QuantRule) -> str | None:
+    broken = [c.text for c in rule.constraints if not c.check(layer)]
+    return "; ".join(broken) if broken else None
+
+
+def quantizable_layers(net: caffe_pb2.NetParameter) -> tuple[list[str], dict[str, str]]:
+    """Find the layers the backend can quantize.
+
+    Returns ``(names, broken)``: ``names`` are the quantizable layer names in net
+    order, each once; ``broken`` maps each layer of a quantizable type that breaks
+    a constraint to the broken constraint(s) as text.  The caller decides whether a
+    broken layer is a warning (found automatically) or an error (named by the user).
+    """
+    names: list[str] = []
+    broken: dict[str, str] = {}
+    for name, layer in layers_by_name(net).items():
+        rule = rule_for(layer)
+        if rule is None:
+            continue
+        why = _broken_constraints(layer, rule)
+        if why is None:
+            names.append(name)
+        else:
+            broken[name] = why
+    return names, broken

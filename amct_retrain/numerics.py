@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Optional
 
 import numpy as np
@@ -41,12 +41,12 @@ __all__ = [
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
     "check_finite", "errors_named", "average_pool_scale", "window_sums", "exact_integer_matmul",
-    "conv_accumulate", "deconv_accumulate",
+    "conv_accumulate", "deconv_accumulate", "conv_output_hw",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
-    "fake_quantize_activation",
+    "fake_quantize_activation", "activation_grid_bounds", "output_steps",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
     "ulq_forward", "ulq_backward", "fraction_clipped",
-    "ifmr_search", "ifmr_grids", "ifmr_squared_errors", "ifmr_choice",
+    "ifmr_search", "ifmr_grids", "ifmr_squared_errors", "ifmr_choice", "activation_factors",
     "arq_scale", "arq_quantize", "arq_fake_quantize",
     "quantize_bias", "deq_scales",
     "accumulate_shift_errors", "choose_shift_bits", "search_shift_bits",
@@ -380,6 +380,15 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike,
     return k
 
 
+def activation_grid_bounds(scale_d: npt.ArrayLike, offset_d: npt.ArrayLike) -> tuple[np.float32, np.float32]:
+    """The ends of the int8 activation grid of ``(scale_d, offset_d)``, as the float32 values
+    ``fake_quantize_activation`` outputs there: ``(-128 - offset_d) * scale_d`` and
+    ``(127 - offset_d) * scale_d``. An input outside them is clipped."""
+    s = _positive_scale(scale_d, "scale_d")
+    off = _offset_int8(offset_d)
+    return np.float32(INT8_MIN - off) * s, np.float32(INT8_MAX - off) * s
+
+
 # --------------------------------------------------------------------------- ULQ
 
 
@@ -685,6 +694,19 @@ def ifmr_choice(data_min: float, cand_max: np.ndarray, mse: np.ndarray) -> tuple
     return float(lo), float(hi)
 
 
+def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float], symmetric: bool,
+                       search: Callable[..., tuple[float, float]] = ifmr_search) -> tuple[np.float32, int]:
+    """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
+    one IFMR search (``search``, by default :func:`ifmr_search`, with the arguments ``ifmr``) over
+    all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
+    offset_d is 0."""
+    clip_min, clip_max = search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
+    if symmetric:
+        bound = max(-clip_min, clip_max)
+        clip_min, clip_max = -bound, bound
+    return scale_offset_from_range(clip_min, clip_max)
+
+
 # --------------------------------------------------------------------------- ARQ weights
 
 
@@ -932,6 +954,17 @@ def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
 
 
+def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]:
+    """Caffe's output height and width of a Convolution, or of a Deconvolution (``transposed``),
+    of ``geometry`` (a ``ConvGeometry.__dict__``, as the layers receive it in param_str)."""
+    out = []
+    for size, pad, k, d, stride in zip(in_hw, geometry["pad"], geometry["kernel"], geometry["dilation"],
+                                       geometry["stride"]):
+        extent = (k - 1) * d + 1
+        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
+    return out
+
+
 def deq_scales(scale_d: npt.ArrayLike, scale_w: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """``deq[c] = float32(scale_d * scale_w[c])`` (one rounding of the exact product).
 
@@ -1104,6 +1137,14 @@ def is_global_conv(output_shape: tuple[int, ...], scale_count: int) -> bool:
     conv": per-channel scales and a (N, C, 1, 1) output, where the deploy model gives every channel
     the largest deq (:func:`unify_global_conv_scales`). The channel count is not looked at."""
     return len(output_shape) == 4 and tuple(output_shape[2:]) == (1, 1) and scale_count > 1
+
+
+def output_steps(deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """float64 (C,): a quantized layer's output quantization step per channel, ``deq * 2^N``
+    (what one unit of the int16 requantised output is worth); ``deq`` of length 1 broadcasts."""
+    n = np.asarray(shift_bits, np.int64).reshape(-1)
+    d = _per_channel(np.asarray(deq, np.float32).reshape(-1), n.size, "deq").astype(np.float64)
+    return np.ldexp(d, n)
 
 
 def unify_global_conv_scales(scale_d: npt.ArrayLike,

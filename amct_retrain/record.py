@@ -29,17 +29,18 @@ import atexit
 import contextlib
 import fcntl
 import itertools
+import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
-from amct_retrain.errors import RecordFileError  # noqa: F401 (re-exported)
+from amct_retrain.errors import ModelError, RecordFileError  # noqa: F401 (RecordFileError re-exported)
 
 __all__ = [
     "SingleLayerRecord",
@@ -53,6 +54,12 @@ __all__ = [
     "DeferredWrites",
     "create_empty_record",
     "layer_record_complete",
+    "existing_record",
+    "skip_fusion_entries",
+    "forward_passes_file",
+    "forward_passes_text",
+    "read_forward_passes",
+    "note_forward_passes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -285,6 +292,48 @@ def layer_record_complete(rec: SingleLayerRecord) -> bool:
         and n in (1, channels)
         and len(rec.offset_w) == n
     )
+
+
+def existing_record(record_file: str) -> dict[str, SingleLayerRecord]:
+    """The entries of the record file if it exists, else none."""
+    return read_record(record_file) if os.path.exists(record_file) else {}
+
+
+def skip_fusion_entries(records: dict[str, SingleLayerRecord]) -> dict[str, SingleLayerRecord]:
+    """The ``skip_fusion`` entries of a record, alone: kept when the record is emptied, and honoured."""
+    return {name: SingleLayerRecord(skip_fusion=True) for name, rec in records.items() if rec.skip_fusion}
+
+
+def forward_passes_file(record_file: str) -> str:
+    """The record's sidecar JSON, ``{layer: TEST forward passes its calibration saw}``."""
+    return f"{record_file}.forward_passes.json"
+
+
+def forward_passes_text(counts: Mapping[str, int]) -> str:
+    """The text of the forward-pass file holding ``counts`` ({layer: count})."""
+    return json.dumps(dict(counts), indent=1, sort_keys=True) + "\n"
+
+
+def read_forward_passes(record_file: str) -> dict[str, int]:
+    """The counts of :func:`forward_passes_file` (empty if the file does not exist)."""
+    path = forward_passes_file(record_file)
+    if not os.path.exists(path):
+        return {}
+    try:
+        counts = json.loads(read_text_file(path, "forward-pass file", ModelError))
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: not a forward-pass file (invalid JSON: {err})") from None
+    if not isinstance(counts, dict) or not all(isinstance(v, int) for v in counts.values()):
+        raise ModelError(f"{path}: not a forward-pass file ({{layer: count}} expected)")
+    return counts
+
+
+def note_forward_passes(record_file: str, layers: Iterable[str], count: int) -> None:
+    """Record that the calibration of ``layers`` has seen ``count`` TEST forward passes."""
+    counts = read_forward_passes(record_file)
+    counts.update(dict.fromkeys(layers, count))
+    # Read-modify-write without a lock: only the observers of one net write it, one after another.
+    atomic_write(forward_passes_file(record_file), forward_passes_text(counts))
 
 
 # --------------------------------------------------------------------------- internals

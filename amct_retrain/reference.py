@@ -11,90 +11,19 @@ import json
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import numerics, record
-from amct_retrain.config import quantizable_layers
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.layer_specs import INTEGER_LAYER
 from amct_retrain.layer_types import QUANTIZABLE_RULES
-
-QUANTIZED_TYPES = tuple(QUANTIZABLE_RULES)
-
-
-@dataclass(frozen=True)
-class IntegerParams:
-    """The integers of one quantized layer of a deploy model, validated."""
-    weights: np.ndarray | None  # int8, the layer's weight shape; None for a layer without weights
-    bias: np.ndarray          # int64 (C,), zeros when the layer has no bias
-    deq: np.ndarray           # float32 (C,)
-    shift_bit: np.ndarray     # int64 (C,), 1..16
-
-
-def integer_params(deploy: dict[str, list[caffe_pb2.BlobProto]], layer: str, dequant: str,
-                   weights_file: str, with_weights: bool = True) -> IntegerParams:
-    """Read and check the int8 weights, int32 bias and packed deq_scale of ``layer``; with
-    ``with_weights`` false (AVE Pooling), the layer must have no blobs and only deq_scale is read."""
-    where = f"{weights_file}: layer '{layer}'"
-    blobs = deploy.get(layer)
-    weights = None
-    if not with_weights:
-        if blobs:
-            raise ModelError(f"{where}: has {len(blobs)} blob(s), but a quantized layer of its type has no weights")
-        blobs = []
-    elif not blobs or not blobs[0].int8_data:
-        raise ModelError(f"{where}: no int8 weights (blob 0 int8_data)")
-    else:
-        shape = tuple(blobs[0].shape.dim)
-        if len(blobs[0].int8_data) != int(np.prod(shape)):
-            raise ModelError(f"{where}: {len(blobs[0].int8_data)} int8 weights for shape {shape}")
-        weights = np.frombuffer(blobs[0].int8_data, np.int8).reshape(shape)
-    packed = deploy.get(dequant)
-    if not packed or not packed[0].uint64_data:
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}' of '{layer}' has no deq_scale (uint64_data)")
-    try:
-        deq, shift_bit, _ = numerics.unpack_deq_scale(np.array(packed[0].uint64_data, np.uint64))
-    except numerics.NumericsError as err:
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': {err}") from None
-    channels = deq.size
-    if not (np.all(np.isfinite(deq)) and np.all(deq > 0)):
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': deq_scale does not unpack to "
-                         f"positive finite scales: {deq[~(np.isfinite(deq) & (deq > 0))][:4]}")
-    if np.any(shift_bit < 1) or np.any(shift_bit > 16):
-        raise ModelError(f"{weights_file}: DeQuant layer '{dequant}': shift_bit outside 1..16: {shift_bit}")
-    bias = np.zeros(channels, np.int64)
-    if len(blobs) > 1:
-        if len(blobs[1].int32_data) != channels:
-            raise ModelError(f"{where}: {len(blobs[1].int32_data)} int32 bias values for {channels} channels")
-        bias = np.array(blobs[1].int32_data, np.int64)
-    return IntegerParams(weights, bias, deq, shift_bit.astype(np.int64))
-
-
-def check_quantized_layer(layer: caffe_pb2.LayerParameter, source: str) -> None:
-    """Refuse a deploy model's quantized layer that breaks a constraint of its type (a grouped
-    Deconvolution, a transposed InnerProduct, ...): the integer arithmetic here and in the ONNX
-    export is written for the layers the quantization rules admit, and nothing else.
-    ``source`` names the deploy file in the message."""
-    _, broken = quantizable_layers(caffe_pb2.NetParameter(layer=[layer]))
-    if layer.name in broken:
-        raise ModelError(f"{source}: quantized layer '{layer.name}' ({layer.type}) cannot be "
-                         f"quantized: {broken[layer.name]}")
-
-
-def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
-    """Every layer's raw blobs of a deploy caffemodel (int8/int32/uint64 fields kept)."""
-    try:
-        with open(weights_file, "rb") as f:
-            net = caffe_pb2.NetParameter.FromString(f.read())
-    except OSError as err:
-        raise ModelError(f"{weights_file}: cannot read the deploy weights: {err.strerror}") from None
-    return {layer.name: list(layer.blobs) for layer in net.layer}
+from amct_retrain.saved_models import (QUANTIZED_TYPES, check_quantized_layer, integer_params, output_files,
+                                       read_deploy_blobs)
 
 
 def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
@@ -134,8 +63,8 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
 
 def output_steps(rec: record.SingleLayerRecord) -> np.ndarray:
     """float64 (C,): a quantized layer's output quantization step per channel, deq * 2^N."""
-    deq = numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)).astype(np.float64)
-    return np.broadcast_to(deq, (len(rec.shift_bit),)) * np.ldexp(1.0, np.asarray(rec.shift_bit, np.int64))
+    return numerics.output_steps(numerics.deq_scales(rec.scale_d, np.asarray(rec.scale_w, np.float32)),
+                                 rec.shift_bit)
 
 
 def parity_in_output_steps(fake, reference, quant_info: dict,
@@ -166,8 +95,6 @@ def saved_model_parity(save_path: str, record_file: str) -> dict[str, float]:
     model's own TEST data layers."""
     import caffe
 
-    from amct_retrain.saver import output_files  # the saver's file names
-
     files = output_files(save_path)
     fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
     fake.forward()
@@ -188,12 +115,14 @@ class ReferenceExecutor:
         import caffe  # pycaffe only where a net is run
 
         net = reference_net(model_io.read_prototxt(deploy_model_file), deploy_weights_file)
-        with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-            f.write(text_format.MessageToString(net))
-        try:
-            self.net = caffe.Net(f.name, caffe.TEST, weights=deploy_weights_file)
-        finally:
-            os.unlink(f.name)
+        # Caffe builds it in a child first: a net it cannot build (or integers that do not fit a
+        # layer's input) is a ModelError naming the layer, not an abort of this process.
+        model_io.probe_net(net, os.fspath(deploy_model_file), phases=("TEST",))
+        with tempfile.TemporaryDirectory(prefix="amct_reference_") as tmp:
+            path = os.path.join(tmp, "reference.prototxt")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text_format.MessageToString(net))
+            self.net = caffe.Net(path, caffe.TEST, weights=os.fspath(deploy_weights_file))
 
     def forward(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run the whole net (inputs, if given, are copied into the named input blobs)."""

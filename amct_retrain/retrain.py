@@ -9,27 +9,20 @@ from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io
 from amct_retrain import numerics, record
-from amct_retrain.fileio import staged_outputs
+from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import fuse_for_retraining
 from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, has_weights,
                                        insert_quant_layers, weight_channel_axis)
 from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
+from amct_retrain.record import existing_record, skip_fusion_entries
 
 LOG = logging.getLogger(__name__)
 
 
-def check_outputs_are_not_inputs(inputs: dict[str, str], outputs: dict[str, str]) -> None:
-    """Refuse an output path that is an existing input file ({role: path} each)."""
-    for out_role, out_path in outputs.items():
-        for in_role, in_path in inputs.items():
-            if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(out_path, in_path):
-                raise ValueError(f"{out_role} '{out_path}' is the {in_role}: inputs are never overwritten")
-
-
 def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantizer_owners: dict[str, str],
-                    model_file: str) -> dict[str, list[np.ndarray]]:
+                    weights_file: str) -> dict[str, list[np.ndarray]]:
     """The modified model's blobs: the float ones, plus for each quantized layer its ULQ clips
     and clip state (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
     fake-quant weights, the float weights as the master weights and, for a per-channel
@@ -49,7 +42,7 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         if not has_weights(layer_config.layer_type):
             continue  # AVE Pooling: nothing to quantize but its input
         weights, *rest = params[name]
-        numerics.check_finite(weights, f"{model_file}: layer '{name}' weights")
+        numerics.check_finite(weights, f"{weights_file}: layer '{name}' weights")
         axis = weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
         scale_w = numerics.arq_scale(weights, axis)
         fake_quant = numerics.arq_fake_quantize(weights, scale_w, axis)
@@ -59,16 +52,6 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
             arq["clip_state"] = clip_states[quantizer_owners[name]]  # shared with its ULQ
         out[ql.arq_layer_name(name)] = WEIGHT_ARQ.ordered(arq)
     return out
-
-
-def existing_record(record_file: str) -> dict[str, record.SingleLayerRecord]:
-    """The entries of the record file if it exists, else none."""
-    return record.read_record(record_file) if os.path.exists(record_file) else {}
-
-
-def skip_fusion_entries(records: dict[str, record.SingleLayerRecord]) -> dict[str, record.SingleLayerRecord]:
-    """The ``skip_fusion`` entries of a record, alone: kept when the record is emptied, and honoured."""
-    return {name: record.SingleLayerRecord(skip_fusion=True) for name, rec in records.items() if rec.skip_fusion}
 
 
 def _clips_from_calibration(net: caffe_pb2.NetParameter, retrain_config: retrain_config_io.RetrainConfig,
@@ -129,12 +112,18 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
          "record file": scale_offset_record_file})
     net = model_io.read_prototxt(model_file)
     retrain_config = retrain_config_io.load_retrain_config(config_file, net)
-    probed = model_io.probe_shapes(model_file)
+    if not retrain_config.layers:
+        raise retrain_config_io.ConfigError(f"{config_file}: enables no layer of {model_file} (every entry has "
+                                            "retrain_enable false, or none is given): nothing to retrain")
+    probed = model_io.probe_net(net, model_file)
     shapes = probed.params
     params = model_io.read_caffemodel(weights_file)
     model_io.check_weights_match(model_file, weights_file, shapes, params)
     retrain_config = dataclasses.replace(retrain_config, layers=retrain_config_io.without_shape_broken_layers(
         retrain_config.layers, net, probed.bottoms, model_file))
+    if not retrain_config.layers:
+        raise retrain_config_io.ConfigError(f"{config_file}: every layer it enables breaks a shape constraint in "
+                                            f"{model_file} (see the warnings): nothing to retrain")
     record_file = os.path.abspath(scale_offset_record_file)
     existing = existing_record(record_file)
     skip_fusion = skip_fusion_entries(existing)
@@ -145,7 +134,7 @@ def create_quant_retrain_model(model_file: str, weights_file: str, config_file: 
     fusions = {g.layer: {"kind": g.kind, "removed": list(g.removed)} for g in fused}
     modified = insert_quant_layers(net, retrain_config, {k: v[0] for k, v in shapes.items()}, record_file, fusions)
     owners = activation_quantizer_owners(net, list(retrain_config.layers))
-    blobs = retrain_weights(params, retrain_config, owners, model_file)
+    blobs = retrain_weights(params, retrain_config, owners, weights_file)
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
         out.write(modified_weights_file, model_io.caffemodel_chunks(modified.name, blobs))

@@ -4,6 +4,8 @@ import os
 
 import caffe
 
+from amct_retrain.errors import ArgumentError
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 LOG_FILE = os.path.join("amct_log", "amct_caffe.log")
 
@@ -23,7 +25,7 @@ def set_logging_level(print_level: str = "info", save_level: str = "info") -> No
     ``./amct_log/amct_caffe.log`` at ``save_level`` ('debug', 'info', 'warning', 'error')."""
     for what, level in (("print_level", print_level), ("save_level", save_level)):
         if str(level).lower() not in LEVELS:
-            raise ValueError(f"set_logging_level: {what} must be one of {sorted(LEVELS)}, got {level!r}")
+            raise ArgumentError(f"set_logging_level: {what} must be one of {sorted(LEVELS)}, got {level!r}")
     logger = logging.getLogger("amct_retrain")
     for handler in [h for h in logger.handlers if getattr(h, "amct_handler", False)]:
         logger.removeHandler(handler)

@@ -11,21 +11,25 @@ import logging
 import math
 import os
 import string
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import caffe
+import numpy as np
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from google.protobuf.text_encoding import CEscape
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from amct_retrain import fileio, numerics, record, tensorboard
-from amct_retrain.graph.model_io import ModelError, read_caffemodel
+from amct_retrain.config import ConfigError, read_config_json
+from amct_retrain.errors import ArgumentError, InputMissingError, SolverError  # noqa: F401 (re-exported)
+from amct_retrain.graph.model_io import ModelError, probe_net, read_caffemodel, read_prototxt
 from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, WEIGHT_ARQ, LayerSpec
-from amct_retrain.errors import SolverError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ _HERE = Path(__file__).resolve().parent
 TEMPLATE_DIRS = (_HERE / "solver_templates",         # installed as package data
                  _HERE.parent / "solver_templates")  # a source checkout (editable install)
 DEFAULT_TEMPLATE = "retrain_sgd"
+FINAL_TEST_NOTE = ("these TEST outputs are the quantization-aware net's: its ShiftNSearch layers measure shift-N "
+                   "without requantizing, so the saved fake-quant model (which requantizes) may score slightly "
+                   "otherwise; measure that model after saving it")
 DEFAULT_LOG_EVERY = 10
 """Iterations between two logs of the training scalars when the solver's ``display`` is 0."""
 
@@ -56,8 +63,8 @@ _LR_POLICIES: dict[str, Callable[[caffe_pb2.SolverParameter, int], float]] = {
 
 
 def _read_solver(solver_file: str | os.PathLike) -> caffe_pb2.SolverParameter:
-    with open(solver_file, encoding="utf-8") as f:
-        return _parse_solver(f.read(), os.fspath(solver_file))
+    path = os.fspath(solver_file)
+    return _parse_solver(fileio.read_text_file(path, "solver file", SolverError), path)
 
 
 def _parse_solver(text: str, source: str) -> caffe_pb2.SolverParameter:
@@ -157,14 +164,10 @@ def _file_issues(param: caffe_pb2.SolverParameter) -> list[str]:
 
 def _config_batch_num(config_file: str | os.PathLike) -> int:
     """The top-level ``batch_num`` of a retrain config (JSON), 1 when absent."""
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+    config = read_config_json(os.fspath(config_file), "retrain config")
     batch_num = config.get("batch_num", 1) if isinstance(config, dict) else None
     if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 1:
-        raise ValueError(f"{config_file}: key 'batch_num' must be an integer >= 1, got {batch_num!r}")
+        raise ConfigError(f"{config_file}: key 'batch_num' must be an integer >= 1, got {batch_num!r}")
     return batch_num
 
 
@@ -184,7 +187,7 @@ def check_solver(solver_file: str | os.PathLike, config_file: str | os.PathLike)
     Raises:
         SolverError: one line per broken rule, each naming the file, the field, its value and
             the rule; or ``FILE:LINE:COL`` for a file that does not parse.
-        ValueError: the config is not JSON or its ``batch_num`` is not an integer >= 1.
+        ConfigError (a ValueError): the config is not JSON or its ``batch_num`` is not an integer >= 1.
     """
     param = _read_solver(solver_file)
     batch_num = _config_batch_num(config_file)
@@ -222,7 +225,7 @@ def _template_file(template: str) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted({p.stem for folder in TEMPLATE_DIRS if folder.is_dir() for p in folder.glob("*.prototxt")})
-    raise ValueError(f"no solver template '{template}' in {', '.join(map(str, TEMPLATE_DIRS))} "
+    raise ArgumentError(f"no solver template '{template}' in {', '.join(map(str, TEMPLATE_DIRS))} "
                      f"(known: {', '.join(known) or 'none'})")
 
 
@@ -270,6 +273,7 @@ def create_solver(solver_file: str | os.PathLike, model_file: str | os.PathLike,
             :func:`train` needs (a final snapshot, a known lr policy), or an override is invalid.
     """
     solver_file = os.path.abspath(solver_file)
+    fileio.check_outputs_are_not_inputs({"model file": model_file}, {"solver file": solver_file})
     prefix = os.path.abspath(snapshot_prefix or os.path.join(os.path.dirname(solver_file), "retrained"))
     template_file = _template_file(template)
     text = string.Template(template_file.read_text(encoding="utf-8")).substitute(
@@ -323,20 +327,24 @@ class _RunLog:
         """Loss, lr and the quant layers' clips and weight scales after ``iteration``."""
         net = self.solver.net
         scalars = {**outputs, "train/lr": learning_rate(self.param, iteration)}
+        histograms = {}
         for name, layer, bottom in self.ulq:
             # layer.clips: the sanitised pair this batch was quantized with (the solver has
             # updated the clip blobs since).
             scalars.update(tensorboard.ulq_scalars(name, net.blobs[bottom].data, layer.clips))
+            histograms.update(tensorboard.ulq_histograms(name, net.blobs[bottom].data))
         for name, axis in self.arq:
             master = net.params[name][WEIGHT_ARQ.blob("master_weights")].data
             scalars.update(tensorboard.arq_scalars(name, numerics.arq_scale(master, axis)))
+            histograms.update(tensorboard.arq_histograms(name, master))
         self.writer.add_scalars(scalars, iteration)
+        if histograms:
+            self.writer.add_histograms(histograms, iteration)
 
-    def test_step(self, iteration: int) -> None:
-        """The outputs of Caffe's TEST at ``iteration`` and the shift-N it wrote to the record."""
-        scalars = {}
-        for i, net in enumerate(self.solver.test_nets):
-            scalars.update(_output_scalars(net, f"test{i or ''}"))
+    def test_step(self, iteration: int, outputs: dict[str, float]) -> None:
+        """The TEST outputs at ``iteration`` (``test/<blob>``: the means over test_iter batches)
+        and the shift-N the TEST wrote to the record."""
+        scalars = dict(outputs)
         records = {f: record.read_record(f) for f in {p["record_file"] for p in self.shift_n.values()}
                    if os.path.isfile(f)}
         for name, p in self.shift_n.items():
@@ -344,6 +352,57 @@ class _RunLog:
             if entry is not None and entry.shift_bit:
                 scalars.update(tensorboard.shift_n_scalars(name, entry.shift_bit))
         self.writer.add_scalars(scalars, iteration)
+
+
+def _test_net_outputs(net: caffe.Net, test_iter: int) -> dict[str, np.ndarray]:
+    """Each output blob of ``net`` summed over ``test_iter`` forward passes and divided by
+    test_iter, element by element, in float32 as Caffe's ``Solver::Test`` does (so the values are
+    the ones ``caffe train`` prints as "Test net output")."""
+    sums: dict[str, np.ndarray] = {}
+    for _ in range(test_iter):
+        for name, value in net.forward().items():  # views, overwritten by the next forward
+            sums[name] = value.astype(np.float32) if name not in sums else sums[name] + value
+    return {name: total / np.float32(test_iter) for name, total in sums.items()}
+
+
+def run_test(solver: caffe._caffe.Solver, param: caffe_pb2.SolverParameter) -> dict[str, float]:
+    """Caffe's TEST of every test net, as ``Solver::TestAll`` runs it: the test net shares the
+    train net's weights, runs ``test_iter`` batches (the ShiftNSearch layers search shift-N and
+    write the record), and each output is the mean over those batches.
+
+    Returns:
+        ``{"test/<blob>": mean}`` (``test1/<blob>`` for a second test net) of the single-value
+        outputs; every output is logged at INFO as Caffe prints it.
+    """
+    scalars = {}
+    for i, (net, test_iter) in enumerate(zip(solver.test_nets, param.test_iter)):
+        net.share_with(solver.net)
+        for name, mean in _test_net_outputs(net, test_iter).items():
+            LOG.info("TEST net #%d at iteration %d, mean of %d batches: %s = %s", i, solver.iter, test_iter, name,
+                     " ".join(f"{v:.6g}" for v in mean.ravel()))
+            if mean.size == 1:
+                scalars[f"test{i or ''}/{name}"] = float(mean.ravel()[0])
+    return scalars
+
+
+def _solver_without_caffe_tests(param: caffe_pb2.SolverParameter) -> caffe._caffe.Solver:
+    """A pycaffe solver of ``param`` whose own TESTs never run (a test_interval past max_iter):
+    train() runs them (:func:`run_test`), because pycaffe does not hand out Caffe's means."""
+    quiet = caffe_pb2.SolverParameter()
+    quiet.CopyFrom(param)
+    quiet.test_interval = param.max_iter + 1
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+        f.write(text_format.MessageToString(quiet))
+    try:
+        return caffe.get_solver(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def caffe_log_file(solver_file: str | os.PathLike) -> str:
+    """``caffe_train.log`` in the folder of the solver's ``snapshot_prefix`` (beside the snapshots)."""
+    param = _read_solver(solver_file)
+    return os.path.join(os.path.dirname(os.path.abspath(param.snapshot_prefix)), "caffe_train.log")
 
 
 def _snapshot_file(param: caffe_pb2.SolverParameter, iteration: int) -> str:
@@ -354,7 +413,7 @@ def _snapshot_file(param: caffe_pb2.SolverParameter, iteration: int) -> str:
 def _check_solverstate(snapshot: str) -> None:
     """The .solverstate and the caffemodel it names exist (Caffe aborts on either missing)."""
     if not os.path.isfile(snapshot):
-        raise FileNotFoundError(f"solver state {snapshot} not found")
+        raise InputMissingError(f"solver state {snapshot} not found")
     if snapshot.endswith(".h5"):
         return
     state = caffe_pb2.SolverState()
@@ -362,9 +421,9 @@ def _check_solverstate(snapshot: str) -> None:
         with open(snapshot, "rb") as f:
             state.ParseFromString(f.read())
     except DecodeError:
-        raise ValueError(f"{snapshot}: not a Caffe solver state") from None
+        raise SolverError(f"{snapshot}: not a Caffe solver state") from None
     if state.learned_net and not os.path.isfile(state.learned_net):
-        raise FileNotFoundError(f"{snapshot}: its weights file {state.learned_net} not found")
+        raise InputMissingError(f"{snapshot}: its weights file {state.learned_net} not found")
 
 
 def _check_weights_fit(net: caffe.Net, weights_file: str) -> None:
@@ -404,10 +463,16 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
 
     * every ``display`` iterations (10 when display is 0): ``train/<output>`` (the loss of that
       iteration), ``train/lr``, and per quant layer ``<ulq>/clip_min``, ``clip_max``,
-      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``;
-    * after each TEST: ``test/<output>`` (``test1/...`` for a second test net) as the test
-      net holds it after Caffe's TEST, i.e. of its last batch (Caffe averages the test_iter
-      batches only in its log), and ``<shift_n>/shift_bit_mean`` from the record file.
+      ``scale_d``, ``fraction_clipped`` and ``<arq>/scale_w_min``, ``_mean``, ``_max``, and the
+      histograms ``<ulq>/input_activations`` and ``<arq>/master_weights``;
+    * after each TEST: ``test/<output>`` (``test1/...`` for a second test net), the mean over
+      the test_iter batches (the number ``caffe train`` prints), and
+      ``<shift_n>/shift_bit_mean`` from the record file.
+
+    The TESTs run at Caffe's points (every ``test_interval`` iterations and after the final
+    snapshot) as Caffe runs them (:func:`run_test`); each one's outputs are logged at INFO. They
+    are the quantization-aware net's outputs: its ShiftNSearch layers measure shift-N without
+    requantizing, so the saved fake-quant model (which requantizes) may score slightly otherwise.
 
     The solver mode (CPU/GPU) is the process's (``caffe.set_mode_*``), not the solver's.
 
@@ -425,19 +490,29 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
     Raises:
         SolverError: the solver breaks a rule (see :func:`check_solver`) or cannot run (a missing
             net file or snapshot folder, an unknown lr_policy, no final snapshot).
-        FileNotFoundError, ValueError: missing or mismatching weights or solver state.
+        InputMissingError (a FileNotFoundError), ModelError: missing or mismatching weights or
+            solver state, a net Caffe cannot build (named layer; checked in a child process).
     """
     if weights_file is not None and snapshot is not None:
-        raise ValueError("train: give weights_file to fine-tune or snapshot to resume, not both")
+        raise ArgumentError("train: give weights_file to fine-tune or snapshot to resume, not both")
     param = _read_solver(solver_file)
     _raise_if(_contract_issues(param, 1, "at least 1") + _training_issues(param) + _file_issues(param),
               solver_file)
     if snapshot is not None:
         _check_solverstate(os.fspath(snapshot))
     if weights_file is not None and not os.path.isfile(weights_file):
-        raise FileNotFoundError(f"weights file {weights_file} not found")
+        raise InputMissingError(f"weights file {weights_file} not found")
+    final = _snapshot_file(param, param.max_iter)
+    fileio.check_outputs_are_not_inputs(
+        {"weights file": weights_file, "solver state": snapshot, "solver file": solver_file, "net": param.net},
+        {"final snapshot": final, "final solver state": final.rsplit(".caffemodel", 1)[0] + ".solverstate"})
+    # Caffe aborts the process on a net it cannot build: it builds the net in a child first.
+    probe_net(read_prototxt(param.net), param.net)
 
-    solver = caffe.get_solver(os.fspath(solver_file))
+    if param.eval_type != "classification":
+        raise SolverError(_issue(param, "eval_type", "train() runs Caffe's classification TEST only; "
+                                                     "use caffe train for another eval_type"))
+    solver = _solver_without_caffe_tests(param)
     _raise_if(_check_test_iter(param, solver), solver_file)
     if snapshot is not None:
         solver.restore(os.fspath(snapshot))
@@ -448,23 +523,29 @@ def train(solver_file: str | os.PathLike, weights_file: str | os.PathLike | None
     log_every = param.display or DEFAULT_LOG_EVERY
     LOG.info("training %s from iteration %d to %d", solver_file, solver.iter, param.max_iter)
 
-    with tqdm(total=param.max_iter, initial=solver.iter, unit="iter", desc="retrain") as bar:
+    # The TESTs' log lines go above the bar, not through it.
+    with logging_redirect_tqdm(), tqdm(total=param.max_iter, initial=solver.iter, unit="iter",
+                                       desc="retrain") as bar:
         while solver.iter < param.max_iter:
             iteration = solver.iter
-            # Caffe's TEST at `iteration`, if it is a test point, runs first inside step().
+            if iteration > 0 and iteration % param.test_interval == 0:  # Caffe's TEST point, before the step
+                outputs = run_test(solver, param)
+                if run_log is not None:
+                    run_log.test_step(iteration, outputs)
             solver.step(1)
-            if run_log is not None and iteration > 0 and iteration % param.test_interval == 0:
-                run_log.test_step(iteration)
             if iteration % log_every == 0:
                 outputs = _output_scalars(solver.net, "train")
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in outputs.items()}, refresh=False)
                 if run_log is not None:
                     run_log.train_step(iteration, outputs)
             bar.update(1)
-    # Nothing is left to step: Solve() only ends the run (snapshot if none at max_iter, last TEST).
+    # Nothing is left to step: Solve() only ends the run (a snapshot if none at max_iter); then
+    # the last TEST, after the snapshot as in Caffe.
     solver.solve()
-    if run_log is not None and param.max_iter % param.test_interval == 0:
-        run_log.test_step(param.max_iter)
-    final = _snapshot_file(param, param.max_iter)
+    if param.max_iter % param.test_interval == 0:
+        outputs = run_test(solver, param)
+        LOG.info("%s", FINAL_TEST_NOTE)
+        if run_log is not None:
+            run_log.test_step(param.max_iter, outputs)
     LOG.info("retrained weights: %s", final)
     return final

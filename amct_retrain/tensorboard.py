@@ -1,4 +1,4 @@
-"""TensorBoard scalars of a retraining run, shared by ``solver.train`` and the fake-quant layers.
+"""TensorBoard scalars and histograms of a retraining run, shared by ``solver.train`` and the fake-quant layers.
 
 One event file per log folder per process: :func:`get_writer` caches a writer per folder, so
 ``train()`` and the layers of the train and test nets that log into the same folder share it.
@@ -20,6 +20,7 @@ import os
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,15 @@ from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.summary import make_histogram
 
 from amct_retrain import numerics
 
 LOG = logging.getLogger(__name__)
 LAYER_LOG_EVERY = 10
 """Default of the layers' ``log_every`` param_str key: log on forward calls 0, 10, 20, ..."""
+HISTOGRAM_BINS = 64
+"""Bins of the histograms of activations and master weights."""
 
 _SERIAL = itertools.count()
 _WRITERS: dict[str, "ScalarWriter"] = {}
@@ -56,6 +60,15 @@ class ScalarWriter:
         """Write ``{tag: value}`` as one event at ``step`` and flush it to the file."""
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value))
                                  for tag, value in scalars.items()])
+        self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+        self._events.flush()
+
+    def add_histograms(self, values: Mapping[str, npt.ArrayLike], step: int) -> None:
+        """Write a histogram of each ``{tag: array}`` (``HISTOGRAM_BINS`` equal bins over its
+        range) as one event at ``step`` and flush it to the file."""
+        summary = Summary(value=[Summary.Value(tag=tag, histo=make_histogram(np.asarray(v, np.float64).ravel(),
+                                                                             HISTOGRAM_BINS))
+                                 for tag, v in values.items()])
         self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
         self._events.flush()
 
@@ -152,6 +165,65 @@ def shift_n_scalars(layer: str, shift_bits: Sequence[int]) -> dict[str, float]:
     return {f"{layer}/shift_bit_mean": float(np.mean(shift_bits))}
 
 
+# --------------------------------------------------------------------------- caffe train
+
+
+@dataclass
+class CaffeTrainTests:
+    """The TEST passes of the running ``caffe train``: batches per pass and their iterations."""
+    test_iter: int
+    iterations: Iterator[int]
+
+
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of gflags flag ``name`` in ``argv`` (``-name=v``, ``--name=v``, ``-name v``)."""
+    for i, arg in enumerate(argv):
+        for prefix in (f"-{name}", f"--{name}"):
+            if arg.startswith(prefix + "="):
+                return arg[len(prefix) + 1:]
+            if arg == prefix and i + 1 < len(argv):
+                return argv[i + 1]
+    return None
+
+
+def caffe_train_tests(cmdline: str = "/proc/self/cmdline") -> CaffeTrainTests | None:
+    """The TEST passes of this process when it is ``caffe train -solver FILE`` (the layers of
+    the nets it trains run in it): ``test_iter`` of the first test net and the iterations of the
+    passes, as ``Solver::Solve`` runs them (every ``test_interval`` from the start iteration,
+    the one of ``-snapshot`` when resuming, to ``max_iter``; iteration 0 only with
+    ``test_initialization``). None in any other process (pycaffe), without a TEST phase, or
+    with several test nets.
+    """
+    from caffe.proto import caffe_pb2  # the layers' process has pycaffe
+    from google.protobuf import text_format
+
+    try:
+        with open(cmdline, "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    if len(argv) < 2 or not os.path.basename(argv[0]).startswith("caffe") or argv[1] != "train":
+        return None
+    solver_file = _flag(argv, "solver")
+    if not solver_file:
+        return None
+    with open(solver_file, encoding="utf-8") as f:
+        param = text_format.Parse(f.read(), caffe_pb2.SolverParameter())
+    if len(param.test_iter) != 1 or param.test_interval <= 0:
+        return None  # no TEST, or several test nets (which one a layer is in is unknown)
+    start = 0
+    snapshot = _flag(argv, "snapshot")
+    if snapshot and not snapshot.endswith(".h5"):
+        state = caffe_pb2.SolverState()
+        with open(snapshot, "rb") as f:
+            state.ParseFromString(f.read())
+        start = state.iter
+    first = start + (-start) % param.test_interval
+    iterations = (i for i in range(first, param.max_iter + 1, param.test_interval)
+                  if i > 0 or param.test_initialization)
+    return CaffeTrainTests(param.test_iter[0], iterations)
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -174,6 +246,10 @@ class LayerLog:
         """Log ``scalars`` at the step of the last counted call."""
         log_scalars(self.log_dir, scalars, self.calls - 1)
 
+    def write_histograms(self, values: Mapping[str, npt.ArrayLike]) -> None:
+        """Log histograms of ``values`` at the step of the last counted call."""
+        log_histograms(self.log_dir, values, self.calls - 1)
+
 
 def layer_log(params: Mapping[str, Any], layer_type: str) -> LayerLog | None:
     """The LayerLog asked for by a layer's parsed param_str (keys ``log_dir``, optional
@@ -189,3 +265,45 @@ def layer_log(params: Mapping[str, Any], layer_type: str) -> LayerLog | None:
         raise ValueError(f"{layer_type} layer '{params['name']}': param_str key 'log_every' "
                          f"must be >= 1, got {every}")
     return LayerLog(params["log_dir"], every)
+
+
+# --------------------------------------------------------------------------- histograms and analysis
+
+
+def log_histograms(log_dir: str | os.PathLike, values: Mapping[str, npt.ArrayLike], step: int) -> None:
+    """Write a histogram of each ``{tag: array}`` at ``step`` into ``log_dir``'s event file, flushed."""
+    get_writer(log_dir).add_histograms(values, step)
+
+
+def read_histograms(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, Any]]]:
+    """Every histogram of the event files in ``log_dir``: ``{tag: [(step, HistogramProto), ...]}``
+    in file (name) order, then write order (``min``, ``max``, ``num``, ``sum``, ``bucket``, ...)."""
+    histograms: dict[str, list[tuple[int, Any]]] = {}
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        for payload in _tfrecords(path):
+            event = Event.FromString(payload)
+            for value in event.summary.value:
+                if value.HasField("histo"):
+                    histograms.setdefault(value.tag, []).append((event.step, value.histo))
+    return histograms
+
+
+def ulq_histograms(layer: str, x: npt.ArrayLike) -> dict[str, npt.ArrayLike]:
+    """An ActivationULQ layer's input activations (the batch it quantized)."""
+    return {f"{layer}/input_activations": x}
+
+
+def arq_histograms(layer: str, master: npt.ArrayLike) -> dict[str, npt.ArrayLike]:
+    """A WeightARQ layer's float master weights."""
+    return {f"{layer}/master_weights": master}
+
+
+def analysis_scalars(layers: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per analysed layer (``analyze()``'s ``layers``): its output's SQNR (dB) and cosine
+    similarity against the float model (an undefined cosine is left out)."""
+    scalars = {}
+    for layer in layers:
+        scalars[f"{layer['name']}/sqnr_db"] = layer["sqnr_db"]
+        if layer["cosine"] is not None:
+            scalars[f"{layer['name']}/cosine"] = layer["cosine"]
+    return scalars

@@ -3,10 +3,11 @@ import caffe
 
 from amct_retrain import kernels, numerics, tensorboard
 from amct_retrain.errors import LayerParamError
+from amct_retrain.feeding import is_constant, unfed_error
 from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY
 
 CLIP_MAX, CLIP_MIN, CLIP_STATE = (ACTIVATION_ULQ.blob(name) for name in ("clip_max", "clip_min", "clip_state"))
-TRAIN = 0
+TRAIN, TEST = 0, 1
 
 
 class ActivationULQ(caffe.Layer):
@@ -20,7 +21,8 @@ class ActivationULQ(caffe.Layer):
     the TRAIN net's blobs), ShiftNSearch, snapshots and the saver all see the same pair.
     Blob data is read afresh every call: Caffe re-points shared blobs between nets.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the clips,
-    scale_d and the share of the input clipped to TensorBoard (step: the call's index).
+    scale_d and the share of the input clipped, and a histogram of the input, to TensorBoard
+    (step: the call's index).
     """
 
     def setup(self, bottom, top):
@@ -44,12 +46,15 @@ class ActivationULQ(caffe.Layer):
             self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
         self.log = tensorboard.layer_log(p, "ActivationULQ")
+        self.batch_num = p["batch_num"]
+        self.constant_test_values: list[float] = []  # of the consecutive constant TEST batches so far
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
 
     def forward(self, bottom, top):
         x = bottom[0].data
+        self._check_fed(x)
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
             state = self.blobs[CLIP_STATE].data
             if state[READY] < 0.5:
@@ -63,6 +68,26 @@ class ActivationULQ(caffe.Layer):
             top[0].data[...] = kernels.ulq_forward(x, *self.clips)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
+            self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
+
+    def _check_fed(self, x) -> None:
+        """Refuse a constant input where factors come from it: the batch IFMR initialises the
+        clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record)."""
+        ready = self.blobs[CLIP_STATE].data[READY] >= 0.5
+        if ready and self.phase != TEST:
+            return  # a training batch: no factor comes from it alone (and the hot path stays lean)
+        if not is_constant(x):
+            self.constant_test_values = []
+            return
+        where = f"ActivationULQ layer '{self.layer_name}'"
+        value = float(x.ravel()[0]) if x.size else 0.0
+        if not ready:
+            raise unfed_error(where, "the batch its clips are initialised on (IFMR)", [value])
+        if self.phase == TEST:
+            self.constant_test_values.append(value)
+            if len(self.constant_test_values) >= self.batch_num:
+                raise unfed_error(where, f"each of the {self.batch_num} TEST batch(es) of a shift-N search",
+                                  self.constant_test_values)
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):

@@ -10,8 +10,9 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import calibration, kernels, numerics, record
+from amct_retrain import kernels, numerics, record
 from amct_retrain.errors import LayerParamError
+from amct_retrain.feeding import check_fed
 from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
 
 LOG = logging.getLogger("amct_retrain.layers")  # not __name__ (amct_retrain_layers.*): under the package logger
@@ -87,10 +88,12 @@ class ActivationObserver(_Observer):
         self.ifmr, self.symmetric = p["ifmr"], p["symmetric"]
 
     def seen(self, count: int) -> None:
-        calibration.note_forward_passes(self.record_file, self.served, count)
+        record.note_forward_passes(self.record_file, self.served, count)
 
     def complete(self, batches: list[np.ndarray]) -> None:
-        scale_d, offset_d = calibration.activation_factors(batches, self.ifmr, self.symmetric)
+        check_fed(batches, f"calibration of layer(s) {', '.join(self.served)} (ActivationObserver "
+                           f"'{self.layer_name}')", "calibration")
+        scale_d, offset_d = kernels.activation_factors(batches, self.ifmr, self.symmetric)
         for layer in self.served:
             self.record_writes.update(layer, scale_d=scale_d, offset_d=offset_d)
         LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,
@@ -112,9 +115,10 @@ class ShiftNObserver(_Observer):
     def complete(self, batches: list[np.ndarray]) -> None:
         rec = self.record_writes.layer(self.quantized_layer)
         if rec is None or not rec.HasField("scale_d") or not rec.scale_w:
-            raise ValueError(f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / "
-                             f"scale_w of layer '{self.quantized_layer}': its ActivationObserver must run before it "
-                             "in the same TEST pass and quantize_model must have written its scale_w")
+            raise record.RecordFileError(
+                f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / scale_w of layer "
+                f"'{self.quantized_layer}': its ActivationObserver must run before it in the same TEST pass and "
+                "quantize_model must have written its scale_w")
         scale_d, scale_w = np.float32(rec.scale_d), np.asarray(rec.scale_w, np.float32)
         y = batches[0]
         global_conv = numerics.is_global_conv(y.shape, len(scale_w))

@@ -2,7 +2,6 @@
 import caffe
 
 from amct_retrain import kernels, numerics, tensorboard
-from amct_retrain.graph.caffe_params import conv_output_hw
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, WEIGHT_ARQ
 
@@ -21,7 +20,8 @@ class WeightARQ(caffe.Layer):
     Forward writes ARQ(master) into blob 0; backward moves blob 0's diff into the master's
     diff (straight-through) and zeroes blob 0's diff so the solver leaves blob 0 alone.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the
-    min/mean/max weight scale to TensorBoard (step: the call's index).
+    min/mean/max weight scale and a histogram of the master weights to TensorBoard (step: the
+    call's index).
 
     With ``activation_quantizer`` and ``conv`` in param_str (a per-channel Convolution), blob 2
     is that quantizer's clip state (shared): when the convolution's output is 1 x 1 (a "global
@@ -67,7 +67,7 @@ class WeightARQ(caffe.Layer):
             top[i].reshape(*bottom[i].data.shape)
         self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
         in_shape = bottom[0].data.shape
-        self.output_shape = ((*in_shape[:2], *conv_output_hw(in_shape[2:], self.conv))
+        self.output_shape = ((*in_shape[:2], *numerics.conv_output_hw(in_shape[2:], self.conv))
                              if self.conv is not None and len(in_shape) == 4 else ())
 
     def forward(self, bottom, top):
@@ -83,6 +83,7 @@ class WeightARQ(caffe.Layer):
         self.blobs[self.scale_w_blob].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
+            self.log.write_histograms(tensorboard.arq_histograms(self.layer_name, master))
         if not self.in_place:
             for i in range(len(bottom)):
                 top[i].data[...] = bottom[i].data

@@ -6,7 +6,9 @@
 4. measures the fake-quant model before retraining (clips from IFMR on the first batch);
 5. retrains with a generated solver through `caffe train -weights`;
 6. saves the fake-quant and deploy models, runs the deploy model with the integer reference
-   executor and, exported to ONNX, in onnxruntime, and prints every accuracy.
+   executor and, exported to ONNX, in onnxruntime, and prints every accuracy;
+7. analyses the retrained fake-quant model layer by layer against the float model
+   (``analysis/report.html`` and ``analysis/analysis.json``).
 """
 import argparse
 import logging
@@ -143,6 +145,8 @@ def run(out: pathlib.Path, float_iters: int = 600, retrain_iters: int = 300) -> 
     with h5py.File(out / "test.h5") as f:
         x_test, y_test = f["data"][...], f["label"][...]
     logits = onnxruntime.InferenceSession(onnx_file).run(["ip2"], {"data": x_test})[0]
+    amct_retrain.analyze(str(float_model), str(float_weights), f"{save_path}_fake_quant_model.prototxt",
+                         f"{save_path}_fake_quant_weights.caffemodel", 1, str(out / "analysis"))
     return {
         "float": test_accuracy(float_model, float_weights),
         "INT8 fake-quant, before retraining": test_accuracy(f"{before_path}_fake_quant_model.prototxt",
@@ -167,6 +171,7 @@ def main() -> None:
     for label, acc in accuracies.items():
         print(f"{label:<38}{acc:>14.4f}")
     print(f"\nfake-quant and deploy models: {out / 'result'}; logs, record and solver: {out}")
+    print(f"per-layer analysis (float vs fake-quant): {out / 'analysis' / 'report.html'}")
 
 
 if __name__ == "__main__":

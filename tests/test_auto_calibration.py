@@ -14,7 +14,7 @@ from amct_retrain import record
 from amct_retrain.auto_calibration import (BinarySearchStrategy, CosineSimilaritySensitivity, SensitivityBase,
                                            quant_info)
 from amct_retrain.graph import model_io
-from amct_retrain.graph.export import quant_layer_names
+from amct_retrain.graph.saved_nets import quant_layer_names
 from amct_retrain.saver import output_files
 from samples.auto_calibration_demo import DigitsEvaluator, train_float
 from samples import digits_demo

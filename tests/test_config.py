@@ -11,6 +11,7 @@ from caffe.proto import caffe_pb2
 from google.protobuf import text_format
 
 from amct_retrain import config as cfg
+from amct_retrain.errors import OutputPathError
 from amct_retrain.config import (
     QUANTIZABLE_RULES,
     ConfigError,
@@ -21,6 +22,8 @@ from amct_retrain.config import (
     load_retrain_config,
     quantizable_layers,
 )
+
+pytestmark = pytest.mark.caffe  # the config reads nets as Caffe's NetParameter (caffe_pb2)
 
 # conv1 -> relu1 -> pool1 (MAX) -> conv2 (depthwise) -> ip1 -> relu2 -> ip2, with the data
 # layer listed twice (TRAIN and TEST), as real train/val prototxts do.
@@ -45,17 +48,19 @@ layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
 """
 QUANT = ["conv1", "conv2", "ip1", "ip2"]
 
-# conv3d: a 3-D kernel (N-D convolution); ip_t: transposed; ip_ax: axis 2.
+# conv3d: a 3-D kernel (N-D convolution, on a 5-D input); ip_t: transposed; ip_ax: axis 2.
+# A net Caffe builds: the config generators ask it first.
 BROKEN_NET = """
 name: "broken"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 8 dim: 8 } } }
-layer { name: "conv3d" type: "Convolution" bottom: "data" top: "conv3d"
+layer { name: "data5" type: "Input" top: "data5" input_param { shape { dim: 1 dim: 3 dim: 4 dim: 8 dim: 8 } } }
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+layer { name: "conv3d" type: "Convolution" bottom: "data5" top: "conv3d"
         convolution_param { num_output: 4 kernel_size: 3 kernel_size: 3 kernel_size: 3 } }
-layer { name: "conv_ok" type: "Convolution" bottom: "conv3d" top: "conv_ok"
+layer { name: "conv_ok" type: "Convolution" bottom: "data" top: "conv_ok"
         convolution_param { num_output: 4 kernel_h: 1 kernel_w: 3 } }
 layer { name: "ip_t" type: "InnerProduct" bottom: "conv_ok" top: "ip_t"
         inner_product_param { num_output: 8 transpose: true } }
-layer { name: "ip_ax" type: "InnerProduct" bottom: "ip_t" top: "ip_ax"
+layer { name: "ip_ax" type: "InnerProduct" bottom: "conv_ok" top: "ip_ax"
         inner_product_param { num_output: 8 axis: 2 } }
 """
 
@@ -417,7 +422,7 @@ def test_missing_definition_file_is_named(tmp_path, files):
 def test_refuses_to_overwrite_an_input(tmp_path, files):
     model, weights = files
     before = model.read_bytes()
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(OutputPathError) as e:
         create_quant_retrain_config(model, model, weights)
     assert str(model) in str(e.value), f"message: {e.value}"
     assert model.read_bytes() == before, "the model must be untouched"

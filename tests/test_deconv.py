@@ -17,7 +17,7 @@ from amct_retrain.export.onnx import export_onnx
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.caffe_params import conv_geometry
 from amct_retrain.reference import ReferenceExecutor, output_steps, read_deploy_blobs, saved_model_parity
-from amct_retrain.graph.caffe_params import conv_output_hw
+from amct_retrain.numerics import conv_output_hw
 from tests import nets
 from tests.nets import MASTER_WEIGHTS
 

@@ -10,7 +10,7 @@ import pytest
 
 from amct_retrain import cli, record
 from samples import digits_demo
-from tests import nets
+from tests import analysis_check, nets
 
 pytestmark = pytest.mark.caffe
 
@@ -29,6 +29,14 @@ def test_digits_retrained_int8_within_one_point_of_float(tmp_path):
     for suffix in ("fake_quant_model.prototxt", "fake_quant_weights.caffemodel", "deploy_model.prototxt",
                    "deploy_weights.caffemodel", "quant.json"):
         assert (tmp_path / "result" / f"digits_{suffix}").exists(), f"missing output digits_{suffix}"
+    # The demo's per-layer analysis equals numpy on both models' blobs (one HDF5 TEST batch).
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    prefix = tmp_path / "result" / "digits"
+    files = [tmp_path / "float.prototxt", tmp_path / "float_iter_300.caffemodel",
+             f"{prefix}_fake_quant_model.prototxt", f"{prefix}_fake_quant_weights.caffemodel"]
+    kept = analysis_check.layer_blobs(*files, f"{prefix}_quant.json", [None])
+    analysis_check.assert_analysis_matches(analysis, analysis_check.expected_metrics(kept, files[2]), "digits demo")
+    assert (tmp_path / "analysis" / "report.html").stat().st_size > 0, "the demo wrote no report"
 
 
 def test_cli_runs_the_steps_and_reports_bad_input(tmp_path):
@@ -61,7 +69,7 @@ def test_console_script_help_lists_the_steps():
     run = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     for step in ("config", "prepare", "train", "save", "reference", "export-onnx", "calibrate", "convert",
-                 "auto-calibrate"):
+                 "auto-calibrate", "analyze"):
         assert step in run.stdout, f"--help does not mention the {step} step:\n{run.stdout}"
 
 

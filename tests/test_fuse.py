@@ -207,17 +207,17 @@ def test_bn_in_train_without_global_stats_is_an_error(tmp_path):
     assert "bn_train" in str(e.value) and "use_global_stats: true" in str(e.value), f"message: {e.value}"
 
 
-def test_unset_global_stats(tmp_path):
-    """Unset use_global_stats: an error when the BatchNorm may run in TRAIN, fused when TEST-only."""
+def test_unset_global_stats_fuses_and_false_is_refused_for_the_true_reason(tmp_path):
+    """Unset use_global_stats (a train_val.prototxt's BatchNorm): the stored statistics in TEST,
+    where the fused models run, so it fuses; false normalises with batch statistics in TEST too."""
     unset = _input() + _conv("conv1", "data", "conv1", 6) + _bn("bn1", "conv1", "conv1", "")
+    _, _, groups, rel = fuse_and_compare(tmp_path, unset)
+    assert [g.layer for g in groups] == ["conv1"], f"a BatchNorm with use_global_stats unset was not fused: {groups}"
+    false = _input() + _conv("conv1", "data", "conv1", 6) + _bn("bn1", "conv1", "conv1", "use_global_stats: false")
     with pytest.raises(ModelError) as e:
-        fuse_and_compare(tmp_path, unset)
-    assert "bn1" in str(e.value) and "TRAIN" in str(e.value), f"message: {e.value}"
-    test_only = "include { phase: TEST }"
-    text = (_input() + _conv("conv1", "data", "conv1", 6, rules=test_only)
-            + _bn("bn1", "conv1", "conv1", "", rules=test_only))
-    _, _, groups, rel = fuse_and_compare(tmp_path, text)
-    assert [g.layer for g in groups] == ["conv1"], f"a TEST-only BatchNorm was not fused: {groups}"
+        fuse_and_compare(tmp_path, false)
+    message = str(e.value)
+    assert "bn1" in message and "TEST phase too" in message and "TRAIN" not in message, f"message: {message}"
 
 
 def test_scale_with_other_phase_rules_stays(tmp_path):

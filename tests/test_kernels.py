@@ -217,6 +217,15 @@ def test_ifmr_search_on_big_inputs_is_numerics(data):
                                                            np.array([-128, 0])), sq, rtol=1e-12)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_activation_factors_are_numerics(symmetric):
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((2, 3, 5, 5)) * 3 + 1).astype(np.float32) for _ in range(3)]
+    ifmr = {"max_percentile": 0.999, "search_step": 0.02}
+    assert kernels.activation_factors(batches, ifmr, symmetric) == numerics.activation_factors(batches, ifmr,
+                                                                                             symmetric)
+
+
 def test_ifmr_search_refuses_what_numerics_refuses():
     for args, kwargs in [((np.zeros(0, np.float32),), {}), ((np.ones(4, np.float32),), {"min_percentile": 0.9,
                                                                                          "max_percentile": 0.1})]:

@@ -6,6 +6,8 @@ from google.protobuf import text_format
 
 from amct_retrain.layer_types import QUANTIZABLE_RULES, shape_constraint_broken
 
+pytestmark = pytest.mark.caffe  # the table reads Caffe's LayerParameter (caffe_pb2)
+
 
 @pytest.mark.parametrize("layer_type", sorted(QUANTIZABLE_RULES))
 def test_every_type_has_its_hooks(layer_type):

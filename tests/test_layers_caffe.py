@@ -31,10 +31,18 @@ def _ulq_backward_literal(x, g, cmin, cmax):
     return np.where(inside, g, 0.0), dmin, dmax
 
 
+def weighted_net(model_file, phase):
+    """A net of ``model_file`` with master weights filled (a net without weights computes zeros
+    after conv1, and a quantizer refuses an input that is constant: an unfed net)."""
+    weights_file = model_file.with_suffix(".caffemodel")
+    nets.init_weights(model_file, weights_file)
+    return caffe.Net(str(model_file), phase, weights=str(weights_file))
+
+
 def test_activation_forward_is_numerics_bit_for_bit(tmp_path):
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.5, 2.0)),
                                 tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     net.forward()
     x, y = net.blobs["data"].data, net.blobs["data_q"].data
     expected = numerics.ulq_forward(x, -1.5, 2.0)
@@ -163,7 +171,7 @@ def _clean_env():
 def test_nan_input_stops_with_error_naming_layer(tmp_path):
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)),
                                 tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     net.forward()
     net.blobs["data"].data[0, 0, 0, 0] = np.nan
     with pytest.raises(numerics.NonFiniteError, match="conv1_ulq"):
@@ -191,7 +199,7 @@ def test_invalid_record_file_is_an_error_naming_file_and_line(tmp_path):
     record_file = tmp_path / "record.txt"
     record_file.write_text('record {\n  key: "conv1"\n  value { scale_d: oops }\n}\n')
     model_file = nets.write_net(nets.quant_net(record_file, conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     with pytest.raises(record.RecordFileError, match=rf"{record_file}:3:"):
         net.forward()
     assert "oops" in record_file.read_text(), "the invalid record file must be left as it was"
@@ -230,7 +238,7 @@ def test_shift_n_layers_write_the_record_once_per_test_pass(tmp_path, monkeypatc
     record_file = tmp_path / "record.txt"
     model_file = nets.write_net(nets.quant_net(record_file, batch_num=1, conv_clips=(-1.0, 1.0)),
                                 tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     writes = []
     real_update = record.update_layer_records
     monkeypatch.setattr(record, "update_layer_records", lambda path, updates: (
@@ -247,7 +255,7 @@ def test_shift_n_layers_write_the_record_once_per_test_pass(tmp_path, monkeypatc
 def test_shift_n_does_nothing_in_train_phase(tmp_path):
     record_file = tmp_path / "record.txt"
     model_file = nets.write_net(nets.quant_net(record_file, conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
-    caffe.Net(str(model_file), caffe.TRAIN).forward()
+    weighted_net(model_file, caffe.TRAIN).forward()
     assert not record_file.exists(), "the TRAIN phase must not search shift-N"
 
 
@@ -264,7 +272,7 @@ def test_invalid_clips_fall_back_to_last_valid_pair_shared_through_the_blob(tmp_
     """A solver update that makes clip_min > 0 must not break the TEST net (which shares the
     TRAIN net's blobs but not its Python objects): the last valid pair lives in a blob."""
     model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
-    train = caffe.Net(str(model_file), caffe.TRAIN)
+    train = weighted_net(model_file, caffe.TRAIN)
     train.forward()
     train.params["conv1_ulq"][CLIP_MIN].data[0] = 0.25  # invalid: the range must contain 0
     test = caffe.Net(str(model_file), caffe.TEST)

@@ -4,6 +4,8 @@ import pytest
 
 from amct_retrain.graph.model_io import ModelError, array_to_blob, blob_to_array, read_prototxt
 
+pytestmark = pytest.mark.caffe  # model_io reads Caffe's protobuf messages (caffe_pb2)
+
 
 def test_array_blob_round_trip_keeps_shape_and_bits():
     a = np.random.default_rng(0).normal(size=(4, 3, 2, 5)).astype(np.float32)
@@ -40,7 +42,6 @@ layers { name: "fc" type: INNER_PRODUCT bottom: "conv1" top: "fc" inner_product_
 """
 
 
-@pytest.mark.caffe
 def test_v1_net_is_upgraded_by_caffe_and_quantized(tmp_path):
     import caffe
 
@@ -60,7 +61,8 @@ def test_v1_net_is_upgraded_by_caffe_and_quantized(tmp_path):
                                             str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))
     modified = caffe.Net(str(tmp_path / "m.prototxt"), caffe.TEST, weights=str(tmp_path / "m.caffemodel"))
     assert "conv1_ulq" in modified.params and "fc_ulq" in modified.params, "V1 layers were not quantized"
-    modified.forward()
+    modified.blobs["data"].data[...] = np.random.default_rng(0).normal(size=modified.blobs["data"].data.shape)
+    modified.forward()  # fed: an unfed input net is refused
 
 
 def test_broken_v1_net_is_an_error_naming_the_file(tmp_path):
@@ -73,7 +75,6 @@ def test_broken_v1_net_is_an_error_naming_the_file(tmp_path):
     assert str(model) in str(e.value), f"message: {e.value}"
 
 
-@pytest.mark.caffe
 def test_fast_caffemodel_reader_agrees_with_protobuf(tmp_path):
     import caffe
     from caffe.proto import caffe_pb2

@@ -32,7 +32,7 @@ from amct_retrain.graph.model_io import ModelError
 from amct_retrain.reference import ReferenceExecutor, parity_in_output_steps
 from amct_retrain.saver import output_files
 from amct_retrain.layer_specs import SHIFT_N_SEARCH
-from tests import models
+from tests import analysis_check, models
 from tests.nets import CLIP_MAX, CLIP_MIN, CLIP_STATE, MASTER_WEIGHTS
 
 pytestmark = pytest.mark.caffe
@@ -356,3 +356,19 @@ def test_a_test_only_quantized_layer_is_an_error_naming_it_at_save(tmp_path):
         amct_retrain.save_quant_retrain_model(files[1], str(tmp_path / "retrained_iter_1.caffemodel"), "Both",
                                               str(tmp_path / "result" / "model"), files[3])
     assert "skip_layers" in str(err.value), f"the error does not say what to do: {err.value}"
+
+
+def test_analysis_equals_an_independent_numpy_computation(qat, tmp_path):
+    """analyze() on the float and the saved fake-quant model: per layer, the cosine, SQNR, output
+    steps and clipped shares that plain numpy computes from both models' blobs on the same
+    batches (Input nets fed, data layers read once; DummyData replayed from one seed)."""
+    batches = [qat["test_inputs"]] if qat["test_inputs"] else [None, None]
+    files = [str(qat[k]) for k in ("model", "weights", "fake_quant_model", "fake_quant_weights")]
+    caffe.set_random_seed(0)
+    analysis = amct_retrain.analyze(*files, len(batches), str(tmp_path / "analysis"),
+                                    inputs=batches if qat["test_inputs"] else None)
+    caffe.set_random_seed(0)
+    kept = analysis_check.layer_blobs(*files, qat["quant_info"], batches)
+    analysis_check.assert_analysis_matches(analysis, analysis_check.expected_metrics(kept, qat["fake_quant_model"]),
+                                           qat["name"])
+    assert (tmp_path / "analysis" / "report.html").stat().st_size > 0

@@ -5,6 +5,8 @@ import pytest
 
 import amct_retrain
 
+pytestmark = pytest.mark.caffe  # the runtime settings are pycaffe's
+
 
 def test_logging_level_writes_the_log_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

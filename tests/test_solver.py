@@ -219,6 +219,9 @@ def test_train_logs_loss_lr_clips_and_shift_n(tmp_path, model):
         assert steps.get(tag) == [0, 5, 10, 15], f"{tag}: logged at {steps.get(tag)}, want every display (5)"
     for tag in ("test/loss", "conv1_shift_n/shift_bit_mean", "ip1_shift_n/shift_bit_mean"):
         assert steps.get(tag) == [10, 20], f"{tag}: logged at {steps.get(tag)}, want after each TEST (10, 20)"
+    histograms = tensorboard.read_histograms(log_dir)
+    for tag in ("conv1_ulq/input_activations", "ip1_ulq/input_activations", "conv1_arq/master_weights"):
+        assert [s for s, _ in histograms.get(tag, [])] == [0, 5, 10, 15], f"histogram {tag}: want every display (5)"
     param = read_param(solver_file)
     assert all(v == np.float32(solver.learning_rate(param, s)) for s, v in scalars["train/lr"]), "lr values"
     records = record.read_record(record_file)

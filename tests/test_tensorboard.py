@@ -144,3 +144,33 @@ def test_caffe_train_layers_log_clips_scales_and_shift_n(tmp_path):
         assert logged[-1][1] == expected, f"{layer}: logged shift-N {logged[-1][1]} != record mean {expected}"
     clip_max = scalars["ip1_ulq/clip_max"]
     assert all(np.isfinite(v) and v > 0 for _, v in clip_max), f"ip1_ulq clip_max {clip_max}"
+    # Histograms of each quantizer's input and each layer's master weights, at the same interval.
+    histograms = tensorboard.read_histograms(log_dir)
+    for tag in ("conv1_ulq/input_activations", "ip1_ulq/input_activations", "conv1_arq/master_weights",
+                "ip1_arq/master_weights"):
+        steps = [s for s, _ in histograms.get(tag, [])]
+        assert steps == [0, 5, 10, 15], f"histogram {tag} logged at {steps}, want every 5th TRAIN call"
+    master, activations = histograms["conv1_arq/master_weights"][0][1], histograms["conv1_ulq/input_activations"][0][1]
+    assert master.num == np.prod(nets.CONV_WEIGHT_SHAPE), "the histogram must hold every master weight"
+    assert activations.num == nets.BATCH * np.prod(nets.IN_SHAPE) and sum(activations.bucket) == activations.num
+
+
+def test_caffe_train_tests_reads_the_solver_and_the_resume_point_from_the_command_line(tmp_path):
+    from caffe.proto import caffe_pb2
+
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text("net: 'n.prototxt' test_iter: 9 test_interval: 10 max_iter: 30 test_initialization: false")
+    state = tmp_path / "r_iter_10.solverstate"
+    state.write_bytes(caffe_pb2.SolverState(iter=10).SerializeToString())
+    cmdline = tmp_path / "cmdline"
+
+    def tests_of(*argv):
+        cmdline.write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        return tensorboard.caffe_train_tests(str(cmdline))
+
+    fresh = tests_of("/x/caffe.bin", "train", f"-solver={solver_file}", "-weights=w.caffemodel")
+    assert fresh.test_iter == 9 and list(fresh.iterations) == [10, 20, 30], "a fresh run tests at 10, 20, 30"
+    resumed = tests_of("/x/caffe.bin", "train", "--solver", str(solver_file), "-snapshot", str(state))
+    assert list(resumed.iterations) == [10, 20, 30], "a run resumed at 10 tests there first, as Caffe does"
+    assert tests_of("/x/caffe.bin", "test", f"-model={solver_file}") is None, "caffe test is not caffe train"
+    assert tests_of(sys.executable, "train.py", f"-solver={solver_file}") is None, "pycaffe logs through train()"

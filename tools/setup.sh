@@ -9,6 +9,7 @@ CACHE="${AMCT_CACHE:-$HOME/.cache/amct_retrain}"
 APT_PACKAGES="build-essential libboost-system-dev libboost-thread-dev libboost-filesystem-dev
   libboost-regex-dev libboost-python-dev libprotobuf-dev protobuf-compiler libgoogle-glog-dev
   libgflags-dev libhdf5-dev libopenblas-dev liblmdb-dev python3.11 python3.11-dev python3.11-venv"
+APT_PACKAGES="$APT_PACKAGES chromium"  # the headless browser tests/test_analysis_browser.py runs report.html in
 
 STEP=""
 step() { STEP="$1"; echo "[setup] $1"; }

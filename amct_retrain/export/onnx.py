@@ -45,6 +45,7 @@ scale_w):
 import functools
 import logging
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -54,14 +55,13 @@ import numpy as np
 import onnx
 from caffe.proto import caffe_pb2
 from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from amct_retrain import numerics, reference
+from amct_retrain import numerics, saved_models
 from amct_retrain.config import QUANTIZABLE_RULES
-from amct_retrain.fileio import atomic_write
+from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph import model_io
-from amct_retrain.graph.caffe_params import conv_geometry
+from amct_retrain.graph.caffe_params import conv_geometry, weight_shape_mismatch
 from amct_retrain.graph.model_io import ModelError
 
 LOG = logging.getLogger(__name__)
@@ -224,10 +224,10 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         layer = layers[i]
         if layer.type == "Quant":
             triple = layers[i:i + 3]
-            if len(triple) < 3 or triple[1].type not in reference.QUANTIZED_TYPES or triple[2].type != "DeQuant":
+            if len(triple) < 3 or triple[1].type not in saved_models.QUANTIZED_TYPES or triple[2].type != "DeQuant":
                 raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
-                                 f"{'/'.join(reference.QUANTIZED_TYPES)} layer and a DeQuant layer")
-            reference.check_quantized_layer(triple[1], model_file)
+                                 f"{'/'.join(saved_models.QUANTIZED_TYPES)} layer and a DeQuant layer")
+            saved_models.check_quantized_layer(triple[1], model_file)
             units.append(_check_wiring(_QuantizedLayer(*triple), model_file))
             i += 3
             continue
@@ -237,7 +237,7 @@ def _plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str) -> list:
         if layer.type not in DATA_TYPES | OUTPUT_TYPES and layer.type not in FLOAT_CONVERTERS:
             raise ModelError(f"{model_file}: layer '{layer.name}' has type '{layer.type}', which the ONNX export "
                              f"does not support (supported: {', '.join(sorted(FLOAT_CONVERTERS))}, "
-                             f"Quant/DeQuant around {'/'.join(reference.QUANTIZED_TYPES)}, data and loss layers)")
+                             f"Quant/DeQuant around {'/'.join(saved_models.QUANTIZED_TYPES)}, data and loss layers)")
         units.append(layer)
         i += 1
     return units
@@ -338,21 +338,9 @@ def _blob_count(g: _Graph, layer: caffe_pb2.LayerParameter, params: Sequence, ex
 
 def _check_weight_shape(g: _Graph, layer: caffe_pb2.LayerParameter, shape: Sequence[int]) -> None:
     """The weight blob's shape fits the layer: output channels and, for convolutions, the kernel."""
-    shape = tuple(shape)
-    if layer.type == "InnerProduct":
-        p = layer.inner_product_param
-        ok = len(shape) == 2 and shape[1 if p.transpose else 0] == p.num_output
-        expected = "(K, num_output)" if p.transpose else "(num_output, K)"
-    else:
-        geo = conv_geometry(layer)
-        p = layer.convolution_param
-        c = 0 if layer.type == "Convolution" else 1
-        per_group = p.num_output if c == 0 else p.num_output // geo.group
-        ok = len(shape) == 4 and shape[c] == per_group and shape[2:] == geo.kernel
-        expected = (f"(num_output {per_group}, C/group, {geo.kernel[0]}, {geo.kernel[1]})" if c == 0 else
-                    f"(C, num_output/group {per_group}, {geo.kernel[0]}, {geo.kernel[1]})")
-    if not ok:
-        raise ModelError(f"{g.where(layer)}: weight blob has shape {shape}, the layer needs {expected}")
+    wrong = weight_shape_mismatch(layer, shape)
+    if wrong is not None:
+        raise ModelError(f"{g.where(layer)}: {wrong}")
 
 
 def _linear_input(g: _Graph, layer: caffe_pb2.LayerParameter, x: str) -> str:
@@ -587,7 +575,7 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
     """The QDQ form of a Quant -> layer -> DeQuant triple (see the module docstring)."""
     layer = q.layer
     rule = QUANTIZABLE_RULES[layer.type]
-    ints = reference.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
+    ints = saved_models.integer_params(deploy, layer.name, q.dequant.name, weights_file, rule.has_weights)
     # The output channels' weight axis: 0, or 1 for a Deconvolution (group 1, checked in _plan).
     axis = rule.channel_axis
     # An AVE Pooling has no weights: one deq per channel, the strict shape inference checks the count.
@@ -650,13 +638,6 @@ def _quantized(g: _Graph, q: _QuantizedLayer, deploy: Mapping[str, list[caffe_pb
 # --------------------------------------------------------------------------- export
 
 
-def _read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:
-    try:
-        return reference.read_deploy_blobs(weights_file)
-    except DecodeError as err:
-        raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
-
-
 def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str | os.PathLike,
                 onnx_file: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
     """Write the deploy model (``*_deploy_model.prototxt`` + ``*_deploy_weights.caffemodel``) as a
@@ -676,9 +657,11 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
         contradict the model; the message names the file and the layer.
     """
     model_file, weights_file = os.fspath(deploy_model_file), os.fspath(deploy_weights_file)
+    check_outputs_are_not_inputs({"deploy model file": model_file, "deploy weights file": weights_file},
+                                 {"ONNX file": onnx_file})
     net = model_io.read_prototxt(model_file)
     units = _plan(test_phase_layers(net), model_file)
-    deploy = _read_deploy_blobs(weights_file)
+    deploy = saved_models.read_deploy_blobs(weights_file)
     inputs = _input_blobs(net, units)
     shapes = _input_shapes(net, inputs, model_file, input_shapes)
 
@@ -709,7 +692,11 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         # The first error names the node (``<layer>/...``); the rest follow from it.
-        raise ModelError(f"{model_file}: the ONNX graph does not check: {str(err).splitlines()[0]}") from None
+        # Node names start with the layer's name ("fc/float_accumulator").
+        node = re.search(r"node name: ([^/\s)]+)/", str(err))
+        layer = f" at layer '{node.group(1)}'" if node else ""
+        raise ModelError(f"{model_file} / {weights_file}: the ONNX graph does not check{layer} (weights that do not "
+                         f"fit the model?): {str(err).splitlines()[0]}") from None
     atomic_write(onnx_file, model.SerializeToString())
     LOG.info("exported %s (%d quantized layers, %d nodes) to %s", model_file,
              sum(isinstance(u, _QuantizedLayer) for u in units), len(g.nodes), os.fspath(onnx_file))

@@ -36,17 +36,6 @@ def conv_geometry(layer: caffe_pb2.LayerParameter) -> ConvGeometry:
     )
 
 
-def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]:
-    """Caffe's output height and width of a Convolution, or of a Deconvolution (``transposed``),
-    of ``geometry`` (a ``ConvGeometry.__dict__``, as the layers receive it in param_str)."""
-    out = []
-    for size, pad, k, d, stride in zip(in_hw, geometry["pad"], geometry["kernel"], geometry["dilation"],
-                                       geometry["stride"]):
-        extent = (k - 1) * d + 1
-        out.append(stride * (size - 1) + extent - 2 * pad if transposed else (size + 2 * pad - extent) // stride + 1)
-    return out
-
-
 @dataclass(frozen=True)
 class PoolGeometry:
     """2-D pooling geometry as Caffe reads ``pooling_param``: (height, width) pairs."""
@@ -80,3 +69,22 @@ def pool_windows_tile(layer: caffe_pb2.LayerParameter, in_hw) -> bool:
     adds no partial window (whose divisor would not be the window size)."""
     g = pool_geometry(layer)
     return all(size >= k and (size - k) % s == 0 for size, k, s in zip(in_hw, g.kernel, g.stride))
+
+
+def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape) -> str | None:
+    """How a Convolution / Deconvolution / InnerProduct weight blob of ``shape`` fails to fit
+    ``layer`` (its output channels and, for convolutions, the kernel), or None if it fits."""
+    shape = tuple(shape)
+    if layer.type == "InnerProduct":
+        p = layer.inner_product_param
+        ok = len(shape) == 2 and shape[1 if p.transpose else 0] == p.num_output
+        expected = f"(K, num_output {p.num_output})" if p.transpose else f"(num_output {p.num_output}, K)"
+    else:
+        geo = conv_geometry(layer)
+        p = layer.convolution_param
+        c = 0 if layer.type == "Convolution" else 1
+        per_group = p.num_output if c == 0 else p.num_output // max(geo.group, 1)
+        ok = len(shape) == 4 and shape[c] == per_group and shape[2:] == geo.kernel
+        expected = (f"(num_output {per_group}, C/group, {geo.kernel[0]}, {geo.kernel[1]})" if c == 0 else
+                    f"(C, num_output/group {per_group}, {geo.kernel[0]}, {geo.kernel[1]})")
+    return None if ok else f"weight blob has shape {shape}, the layer needs {expected}"

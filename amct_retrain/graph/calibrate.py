@@ -19,7 +19,6 @@ from collections.abc import Mapping
 
 from caffe.proto import caffe_pb2
 
-from amct_retrain.config import LayerCalibrationConfig
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.insert import with_phase_rules
 
@@ -41,10 +40,11 @@ def _blob_versions(net: caffe_pb2.NetParameter) -> tuple[list[tuple[str, int] | 
     return reads, first_reader
 
 
-def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, LayerCalibrationConfig],
+def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, Mapping[str, float]],
                               owners: Mapping[str, str], record_file: str, batch_num: int,
                               activation_offset: bool) -> caffe_pb2.NetParameter:
-    """A copy of ``net`` with the calibration observers of the quantized ``layers`` (name -> config).
+    """A copy of ``net`` with the calibration observers of the quantized ``layers`` (name -> the
+    arguments of :func:`~amct_retrain.numerics.ifmr_search` for its input, ``IfmrParams.ifmr_kwargs()``).
 
     ``owners``: quantized layer -> the quantized layer owning its activation observer (the first
     reader of its input, :func:`~amct_retrain.graph.insert.activation_quantizer_owners`); sharers
@@ -63,7 +63,7 @@ def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, 
         served = [name for name in layers if owners[name] == owner]
         observer = ql.activation_observer_layer(
             ql.activation_observer_name(owner), blob, served, record_file, batch_num,
-            layers[owner].ifmr.ifmr_kwargs(), symmetric=not activation_offset)
+            layers[owner], symmetric=not activation_offset)
         observers_before.setdefault(first_reader[reads[index[owner]]], []).append(
             with_phase_rules(observer, owner_layer))
 

@@ -26,10 +26,12 @@ Design choices (not fixed by the contract):
   in any phase counts, which can only refuse a fusion, never allow a wrong one.
 * A candidate that breaks a condition is left as it is, with a warning naming the
   condition; one opted out through ``skip`` is logged at INFO.
-* Inference form: ``use_global_stats: true`` fuses; ``use_global_stats: false`` is an error;
-  unset is an error only when the BatchNorm may run in the TRAIN phase (Caffe's default is
-  ``use_global_stats = (phase == TEST)``), because there the fused net would no longer
-  normalise with batch statistics.  A TEST-only BatchNorm with the field unset fuses.
+* Inference form: the fused models run in the TEST phase (calibration, conversion, the saved
+  models) or with frozen statistics (retraining sets ``use_global_stats: true`` first).  There a
+  BatchNorm with ``use_global_stats`` unset uses its stored statistics, as Caffe's default is
+  ``use_global_stats = (phase == TEST)``: it fuses, as ``true`` does.  ``use_global_stats:
+  false`` normalises with each batch's own statistics in every phase, TEST included: no fixed
+  affine map exists to fold, so it is an error.
 * A bias the layer lacked (``bias_term: false``) is created with Caffe's default
   ``lr_mult`` / ``decay_mult``.
 """
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from caffe.proto import caffe_pb2
 
-from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.model_io import ModelError, may_run_in_phase  # noqa: F401 (re-exported)
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 LOG = logging.getLogger(__name__)
@@ -106,41 +108,17 @@ def batchnorm_affine(bn: caffe_pb2.LayerParameter, bn_blobs: list[np.ndarray],
     return a, b
 
 
-def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
-    """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
-    and stages are unknown here: a rule that uses them is taken to possibly match, so only a
-    plain exclude rule excludes."""
-    def matches(rule: caffe_pb2.NetStateRule) -> bool:
-        return not rule.HasField("phase") or rule.phase == phase
-
-    def phase_only(rule: caffe_pb2.NetStateRule) -> bool:
-        return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
-
-    if layer.include and not any(matches(rule) for rule in layer.include):
-        return False
-    return not any(matches(rule) and phase_only(rule) for rule in layer.exclude)
-
-
-def _may_run_in_train(layer: caffe_pb2.LayerParameter) -> bool:
-    return may_run_in_phase(layer, caffe_pb2.TRAIN)
-
-
 def check_inference_form(bn: caffe_pb2.LayerParameter) -> None:
-    """Raise :class:`ModelError` unless the BatchNorm normalises with its stored statistics
-    wherever it runs (see the module's design choices for an unset ``use_global_stats``)."""
+    """Raise :class:`ModelError` unless the BatchNorm normalises with its stored statistics in
+    the TEST phase, where the fused models run (see the module's design choices)."""
     param = bn.batch_norm_param
-    if param.HasField("use_global_stats"):
-        if param.use_global_stats:
-            return
-        problem = "it sets use_global_stats: false"
-    elif _may_run_in_train(bn):
-        problem = ("it leaves use_global_stats unset and runs in the TRAIN phase, where Caffe then "
-                   "normalises with batch statistics")
-    else:
+    if not param.HasField("use_global_stats") or param.use_global_stats:
         return
-    raise ModelError(f"BatchNorm layer '{bn.name}': must be in inference form (batch_norm_param "
-                     f"{{ use_global_stats: true }}) to be fused, but {problem}; set use_global_stats: true "
-                     "or opt the layer out of fusion (skip_fusion)")
+    raise ModelError(f"BatchNorm layer '{bn.name}': batch_norm_param {{ use_global_stats: false }} normalises "
+                     "with each batch's own mean and variance, in the TEST phase too, so it has no fixed "
+                     "per-channel scale and shift to fold into a layer; remove the field (Caffe then uses the "
+                     "stored statistics in TEST) or set use_global_stats: true, or opt the layer out of fusion "
+                     "(skip_fusion)")
 
 
 class _BlobGraph:
@@ -301,7 +279,6 @@ def _fold_into_producer(net: caffe_pb2.NetParameter, params: Params, skip: Colle
         edits[p] = folded, blobs
         removed.update(chain[1:])
         groups.append(FusedGroup(kind, layer.name, tuple(names[1:])))
-        LOG.info("%s: folded %s into '%s'", kind, " + ".join(names[1:]), layer.name)
     return (*_rebuild(net, params, edits, removed), groups)
 
 
@@ -391,7 +368,6 @@ def fold_batchnorm_into_next_conv(net: caffe_pb2.NetParameter, params: Params,
         edits[nxt] = folded, blobs
         removed.update(chain[:-1])
         groups.append(FusedGroup("bn_conv", conv.name, tuple(names[:-1])))
-        LOG.info("bn_conv: folded %s into '%s'", " + ".join(names[:-1]), conv.name)
     return (*_rebuild(net, params, edits, removed), groups)
 
 

@@ -12,6 +12,7 @@ from caffe.proto import caffe_pb2
 import numpy as np
 
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 
@@ -88,7 +89,8 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
     Each ActivationULQ goes right before the first layer it serves, so it reads its input
     after any in-place layer (ReLU) that ran before, exactly as that layer did. The layer's
     own weight lr/decay multipliers move to its master weights. ``fused``: layer name ->
-    {"kind", "removed"} of the BatchNorm fusion it went through, carried to the saver.
+    {"kind", "removed"} of the BatchNorm fusion it went through, carried to the saver. With a
+    ``log_dir`` in the config, a TestOutputLog (:func:`with_test_output_log`) goes last.
     """
     configs = retrain_config.layers
     owners = activation_quantizer_owners(net, list(configs))
@@ -109,7 +111,7 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
             c = configs[name]
             out.layer.append(with_phase_rules(ql.ulq_layer(
                 ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
-                c.fixed_min, **log), layer))
+                c.fixed_min, batch_num=retrain_config.batch_num, **log), layer))
             for sharer in (n for n, o in owners.items() if o == name and has_weights(configs[n].layer_type)):
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
@@ -132,6 +134,39 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
             ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), channel_axis=_axis(configs[name]),
             record_file=record_file, batch_num=retrain_config.batch_num, **log,
             fused=(fused or {}).get(name), **weights), layer))
+    return with_test_output_log(out, retrain_config.log_dir) if retrain_config.log_dir else out
+
+
+def _loss_weight(layer: caffe_pb2.LayerParameter, top: int) -> float:
+    """The loss weight Caffe gives top ``top`` of ``layer``: its ``loss_weight`` if set, else 1 for
+    the first top of a loss layer (``*Loss``), else 0."""
+    if layer.loss_weight:
+        return float(layer.loss_weight[top]) if top < len(layer.loss_weight) else 0.0
+    return 1.0 if top == 0 and layer.type.endswith("Loss") else 0.0
+
+
+def test_net_outputs(net: caffe_pb2.NetParameter) -> dict[str, float]:
+    """The output blobs of ``net``'s TEST net (blobs written and never read after, as Caffe finds
+    them), sorted by name as Caffe lists them, each with its loss weight."""
+    available = dict.fromkeys(net.input, 0.0)
+    for layer in net.layer:
+        if not may_run_in_phase(layer, caffe_pb2.TEST):
+            continue
+        for bottom in layer.bottom:
+            available.pop(bottom, None)
+        for i, top in enumerate(layer.top):
+            available[top] = _loss_weight(layer, i)
+    return dict(sorted(available.items()))
+
+
+def with_test_output_log(net: caffe_pb2.NetParameter, log_dir: str) -> caffe_pb2.NetParameter:
+    """A copy of ``net`` with a TEST-only TestOutputLog in place on its TEST outputs, so that
+    plain ``caffe train`` logs their means over each TEST pass to TensorBoard in ``log_dir``."""
+    outputs = test_net_outputs(net)
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    if outputs:
+        out.layer.append(ql.test_output_log_layer(ql.TEST_OUTPUT_LOG_NAME, outputs, log_dir))
     return out
 
 

@@ -6,6 +6,7 @@ caffemodels with protobuf here: a user gets an exception naming the file and the
 """
 import json
 import logging
+import math
 import mmap
 import os
 import subprocess
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from caffe.proto import caffe_pb2
+from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from amct_retrain.fileio import parse_text_proto, read_text_file
+from amct_retrain.graph.caffe_params import weight_shape_mismatch
 from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +46,53 @@ def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
         raise
     if len(net.layers):
         net = _upgraded(path)
+    check_net_structure(net, path)
     return net
+
+
+def _phase_only(rule: caffe_pb2.NetStateRule) -> bool:
+    return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
+
+
+def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
+    """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
+    and stages are unknown here: a rule that uses them is taken to possibly match, so only a
+    plain exclude rule excludes."""
+    def matches(rule: caffe_pb2.NetStateRule) -> bool:
+        return not rule.HasField("phase") or rule.phase == phase
+
+    if layer.include and not any(matches(rule) for rule in layer.include):
+        return False
+    return not any(matches(rule) and _phase_only(rule) for rule in layer.exclude)
+
+
+def _uses_stages_or_levels(layer: caffe_pb2.LayerParameter) -> bool:
+    return not all(_phase_only(rule) for rule in list(layer.include) + list(layer.exclude))
+
+
+def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
+    """Refuse a net with no layers, and two layers of one name that may run in the same phase
+    (Caffe would build both, and weights, the record and the quantizers all go by layer name).
+    One name under disjoint phase rules (a TRAIN and a TEST data layer) is fine; so are layers
+    whose rules use stages or levels, which the toolkit cannot decide."""
+    if not net.layer:
+        raise ModelError(f"{path}: the net has no layers (an empty prototxt?)")
+    first: dict[str, int] = {}
+    for index, layer in enumerate(net.layer):
+        if not layer.name:
+            continue
+        if layer.name not in first:
+            first[layer.name] = index
+            continue
+        other = net.layer[first[layer.name]]
+        if _uses_stages_or_levels(layer) or _uses_stages_or_levels(other):
+            continue
+        for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
+            if may_run_in_phase(layer, phase) and may_run_in_phase(other, phase):
+                raise ModelError(f"{path}: layer '{layer.name}' ({layer.type}, layer #{index + 1}) has the name of "
+                                 f"layer #{first[layer.name] + 1} ({other.type}), and both run in the "
+                                 f"{caffe_pb2.Phase.Name(phase)} phase: layer names must be unique (weights, "
+                                 "quantizers and the record go by name); rename one")
 
 
 def caffe_tool(name: str) -> str:
@@ -111,11 +160,16 @@ def read_caffemodel(weights_file: str | os.PathLike) -> Mapping[str, list[np.nda
     fast = _packed_float_params(data)
     if fast is not None:
         return fast
+    return CaffemodelParams(parse_caffemodel(bytes(data), os.fspath(weights_file)), os.fspath(weights_file))
+
+
+def parse_caffemodel(data: bytes, weights_file: str) -> caffe_pb2.NetParameter:
+    """The NetParameter of a caffemodel's bytes; bytes that are none raise :class:`ModelError`
+    naming the file."""
     try:
-        net = caffe_pb2.NetParameter.FromString(bytes(data))
-    except DecodeError as err:
+        return caffe_pb2.NetParameter.FromString(data)
+    except (DecodeError, RecursionError, ValueError) as err:
         raise ModelError(f"{weights_file}: not a caffemodel (binary NetParameter): {err}") from None
-    return CaffemodelParams(net, os.fspath(weights_file))
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -183,7 +237,7 @@ def _packed_float_params(buf: bytes) -> dict[str, list[np.ndarray]] | None:
                             values = np.frombuffer(buf, "<f4", (bend - bstart) // 4, bstart)
                         else:
                             return None
-                    if shape is None or values is None or values.size != int(np.prod(shape)):
+                    if shape is None or values is None or values.size != math.prod(shape):
                         return None
                     blobs.append(values.reshape(shape))
             if name is not None and blobs and name not in params:
@@ -201,7 +255,7 @@ def blob_to_array(blob: caffe_pb2.BlobProto, source: str | os.PathLike = "", lay
         legacy = (blob.num, blob.channels, blob.height, blob.width)
         shape = tuple(legacy[next((i for i, d in enumerate(legacy) if d != 1), 3):]) if any(legacy) else ()
     values = np.array(blob.data if blob.data else blob.double_data, dtype=np.float32)
-    if values.size != int(np.prod(shape)):
+    if values.size != math.prod(shape):
         raise ModelError(f"{source}: layer '{layer}': blob holds {values.size} values for shape {shape}")
     return values.reshape(shape)
 
@@ -279,49 +333,139 @@ def caffemodel_bytes(name: str, params: Mapping[str, list[np.ndarray]]) -> bytes
     return b"".join(caffemodel_chunks(name, params))
 
 
-_PROBE = """
-import json, os, sys, tempfile
-import caffe
-from caffe.proto import caffe_pb2
-from google.protobuf import text_format
-caffe.set_mode_cpu()
-# Shapes only: without fillers (constant 0) Caffe does not spend seconds drawing random weights.
-net = text_format.Parse(open(sys.argv[1]).read(), caffe_pb2.NetParameter())
-for layer in net.layer:
-    for field, value in layer.ListFields():
-        if hasattr(value, "DESCRIPTOR"):  # a (non-repeated) sub-message such as convolution_param
-            for filler in ("weight_filler", "bias_filler", "filler"):
-                if filler in value.DESCRIPTOR.fields_by_name:
-                    value.ClearField(filler)
-with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
-    f.write(text_format.MessageToString(net))
+# The child loads pycaffe's extension module alone (a third of the time `import caffe` takes);
+# a net's Python layers import the caffe package on top of it, with caffe.io (scikit-image and
+# scipy: most of that time, and no layer's set-up uses it) loaded only if something reads it.
+_CHILD_PREAMBLE = """
+import importlib, importlib.util, json, sys, types
+class _OnFirstUse(types.ModuleType):
+    def __getattr__(self, name):
+        del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+sys.modules["caffe.io"] = _OnFirstUse("caffe.io")
+spec = importlib.util.spec_from_file_location("caffe._caffe", sys.argv[1])
+_caffe = importlib.util.module_from_spec(spec)
+sys.modules["caffe._caffe"] = _caffe
+spec.loader.exec_module(_caffe)
+_caffe.set_mode_cpu()
+PHASES = {"TRAIN": 0, "TEST": 1}
+"""
+
+_PROBE = _CHILD_PREAMBLE + """
 shapes, bottoms = {}, {}
-try:
-    for phase in (caffe.TRAIN, caffe.TEST):
-        built = caffe.Net(f.name, phase)
-        for name, blobs in built.params.items():
-            shapes.setdefault(name, [list(b.data.shape) for b in blobs])
-        for name, names in built.bottom_names.items():
-            bottoms.setdefault(name, [list(built.blobs[b].data.shape) for b in names])
-finally:
-    os.unlink(f.name)
+for phase in sys.argv[3:]:
+    print("AMCT_PHASE " + phase, file=sys.stderr, flush=True)
+    try:
+        built = _caffe.Net(sys.argv[2], PHASES[phase])
+    except Exception as err:  # a Python layer refused its setup
+        print("AMCT_ERROR " + json.dumps(str(err)), flush=True)
+        sys.exit(1)
+    names, blobs = list(built._layer_names), list(built._blobs)
+    for i, layer in enumerate(built.layers):
+        if len(layer.blobs):
+            shapes.setdefault(names[i], [list(b.data.shape) for b in layer.blobs])
+        bottoms.setdefault(names[i], [list(blobs[j].data.shape) for j in built._bottom_ids(i)])
 print("AMCT_PROBE " + json.dumps({"params": shapes, "bottoms": bottoms}))
 """
 
+# Builds the nets of the files given, the first 1, 2, ... layers of a net, until Caffe aborts: the
+# last count printed is the number of layers that build, so the next layer is the one it refused.
+_PREFIXES = _CHILD_PREAMBLE + """
+for count, path in enumerate(sys.argv[3:], 1):
+    try:
+        _caffe.Net(path, PHASES[sys.argv[2]])
+    except Exception:
+        break
+    print("AMCT_BUILT " + str(count), flush=True)
+"""
 
-def run_caffe_child(script: str, args: list[str], marker: str, failure: str) -> object:
+# What some of Caffe's CHECKs mean for the user: (a piece of the message, the layer types it is
+# said for, or () for any, the hint).
+_CHECK_HINTS = (
+    ("channels_ % group_", (), "convolution_param.group must divide the input channels"),
+    ("num_output_ % group_", (), "convolution_param.group must divide num_output"),
+    ("exceeds INT_MAX", (), "a blob of this layer would hold more than 2^31-1 values: num_output or a shape too large"),
+    ("shape[i] >= 0", ("Input", "DummyData"), "a negative dimension in the layer's shape fields"),
+    ("shape[i] >= 0", ("Convolution", "Deconvolution", "Pooling"),
+     "the kernel (kernel_size, dilation) is larger than the padded input"),
+    ("shape[i] >= 0", (), "a negative dimension: a shape field, or a window larger than its input"),
+)
+
+
+def _caffe_extension() -> str:
+    import caffe._caffe  # the same build as this process's pycaffe
+
+    return caffe._caffe.__file__
+
+
+def _fatal_message(stderr: str) -> tuple[str | None, str]:
+    """(the phase being built, Caffe's fatal message or the last line) of a child's log."""
+    phase, fatal, last = None, None, "no output"
+    for line in stderr.splitlines():
+        if line.startswith("AMCT_PHASE "):
+            phase = line.split()[1]
+        elif line[:1] in "FE" and line[1:5].isdigit() and "] " in line and fatal is None:
+            fatal = line.split("] ", 1)[1].strip()
+        elif line.strip():
+            last = line.strip()
+    return phase, fatal or last
+
+
+def _culprit(net: caffe_pb2.NetParameter, phase: str, fatal: str, net_file: str) -> caffe_pb2.LayerParameter | None:
+    """The layer Caffe could not set up in ``phase``: named by the message, else the layer after
+    the longest prefix of the net that builds (asked of another child)."""
+    if "Unknown layer type: " in fatal:
+        layer_type = fatal.split("Unknown layer type: ", 1)[1].split(" (known types", 1)[0].strip()
+        return next((layer for layer in net.layer if layer.type == layer_type), None)
+    prefixes = []
+    for count in range(1, len(net.layer) + 1):
+        prefix = caffe_pb2.NetParameter()
+        prefix.CopyFrom(net)
+        del prefix.layer[count:]
+        prefixes.append(f"{net_file}.{count}")
+        with open(prefixes[-1], "w", encoding="utf-8") as f:
+            f.write(text_format.MessageToString(prefix))
+    run = subprocess.run([sys.executable, "-c", _PREFIXES, _caffe_extension(), phase, *prefixes],
+                         capture_output=True, text=True, env=dict(os.environ, GLOG_minloglevel="2"))
+    built = [int(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("AMCT_BUILT ")]
+    count = built[-1] if built else 0
+    return net.layer[count] if count < len(net.layer) else None
+
+
+def _describe_failure(net: caffe_pb2.NetParameter | None, phase: str | None, fatal: str, net_file: str) -> str:
+    if "Unknown layer type: " in fatal:
+        layer_type = fatal.split("Unknown layer type: ", 1)[1].split(" (known types", 1)[0].strip()
+        message = f"unknown layer type '{layer_type}' (not a layer type of this Caffe build)"
+    else:
+        message = fatal
+    culprit = [f"{phase} phase"] if phase else []
+    layer = _culprit(net, phase, fatal, net_file) if net is not None and phase else None
+    hint = next((h for piece, types, h in _CHECK_HINTS
+                 if piece in fatal and (not types or (layer is not None and layer.type in types))), None)
+    message += f" ({hint})" if hint else ""
+    if layer is not None and f"'{layer.name}'" not in fatal:
+        culprit.append(f"layer '{layer.name}' ({layer.type})")
+    return f"{', '.join(culprit)}: {message}" if culprit else message
+
+
+def run_caffe_child(script: str, args: list[str], marker: str, failure: str,
+                    net: caffe_pb2.NetParameter | None = None) -> object:
     """Run ``script`` (Python that builds Caffe nets) in a child process and return the JSON it
     prints after ``marker``. If Caffe aborts the child (a CHECK failed), raise ModelError
-    ``failure: <Caffe's fatal message>`` instead of losing this interpreter.
+    ``failure: <Caffe's fatal message>`` instead of losing this interpreter; with ``net`` (the net
+    in the file ``args[1]``, which the child builds in the phases ``args[2:]``), the message also
+    names the phase and the layer Caffe could not set up. A child that prints ``AMCT_ERROR <JSON
+    message>`` (a toolkit layer refused its setup) raises that message.
     """
     run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                          env=dict(os.environ, GLOG_minloglevel="2"))
     for line in run.stdout.splitlines():
         if line.startswith(marker + " "):
             return json.loads(line[len(marker) + 1:])
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
-    fatal = [ln.split("] ", 1)[-1] for ln in lines if ln.startswith(("F", "E")) and "] " in ln]
-    raise ModelError(f"{failure}: {(fatal or lines[-1:] or ['no output'])[0]}")
+        if line.startswith("AMCT_ERROR "):
+            raise ModelError(json.loads(line[len("AMCT_ERROR "):]))
+    phase, fatal = _fatal_message(run.stderr)
+    raise ModelError(f"{failure}: {_describe_failure(net, phase, fatal, args[1] if net is not None else '')}")
 
 
 def probe_param_shapes(model_file: str | os.PathLike) -> dict[str, list[tuple[int, ...]]]:
@@ -344,9 +488,100 @@ class ProbedShapes:
 def probe_shapes(model_file: str | os.PathLike) -> ProbedShapes:
     """:func:`probe_param_shapes` and the layers' input shapes, from one child process (the
     input shapes decide whether an AVE Pooling's windows tile its input)."""
-    probed = run_caffe_child(_PROBE, [os.fspath(model_file)], "AMCT_PROBE",
-                             f"{model_file}: Caffe cannot build this net")
-    return ProbedShapes(*({k: [tuple(s) for s in v] for k, v in probed[key].items()} for key in ("params", "bottoms")))
+    return probe_net(read_prototxt(model_file), os.fspath(model_file))
+
+
+_FILLERS = ("weight_filler", "bias_filler", "filler")
+_SOURCE_FIELDS = ("source", "mean_file")
+_probe_cache: dict[tuple, ProbedShapes] = {}
+_PROBE_CACHE_SIZE = 16
+
+
+def _shapes_only(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    # Without fillers (constant 0) Caffe does not spend seconds drawing random weights.
+    out = caffe_pb2.NetParameter()
+    out.CopyFrom(net)
+    for layer in out.layer:
+        for _, value in layer.ListFields():
+            if hasattr(value, "DESCRIPTOR"):  # a (non-repeated) sub-message such as convolution_param
+                for filler in _FILLERS:
+                    if filler in value.DESCRIPTOR.fields_by_name:
+                        value.ClearField(filler)
+    return out
+
+
+def _data_stamps(net: caffe_pb2.NetParameter) -> tuple:
+    """(path, size, mtime) of the data sources and mean files the net names: a probe of the same
+    text with other data (an LMDB rewritten at another image size) is not the same probe."""
+    stamps = []
+    for layer in net.layer:
+        for _, value in layer.ListFields():
+            if not hasattr(value, "DESCRIPTOR"):
+                continue
+            for field in _SOURCE_FIELDS:
+                path = getattr(value, field, "") if field in value.DESCRIPTOR.fields_by_name else ""
+                if path:
+                    targets = [path] + ([os.path.join(path, "data.mdb")] if os.path.isdir(path) else [])
+                    for target in targets:
+                        try:
+                            st = os.stat(target)
+                            stamps.append((target, st.st_size, st.st_mtime_ns))
+                        except OSError:
+                            stamps.append((target, None, None))
+    return tuple(stamps)
+
+
+def probe_net(net: caffe_pb2.NetParameter, source: str, phases: tuple[str, ...] = ("TRAIN", "TEST")) -> ProbedShapes:
+    """:func:`probe_shapes` of a parsed net (``source`` names it in errors): Caffe builds its
+    TRAIN and TEST nets in a child process. This validates the net as Caffe would (a dangling
+    bottom, an unknown layer type, a top written twice, a failed CHECK: a :class:`ModelError`
+    naming the file, the phase and the layer) and gives its shapes. The net goes to the child in
+    a temporary folder that is removed whatever the child does; the answer is remembered for the
+    same net text and the same data files, in this process. ``phases``: the nets built, in turn."""
+    shaped = _shapes_only(net)
+    text = text_format.MessageToString(shaped)
+    key = (text, _data_stamps(net), phases)
+    if key in _probe_cache:
+        return _probe_cache[key]
+    with tempfile.TemporaryDirectory(prefix="amct_probe_") as tmp:
+        path = os.path.join(tmp, "net.prototxt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        probed = run_caffe_child(_PROBE, [_caffe_extension(), path, *phases], "AMCT_PROBE",
+                                 f"{source}: Caffe cannot build this net", shaped)
+    result = ProbedShapes(*({k: [tuple(s) for s in v] for k, v in probed[key_].items()}
+                            for key_ in ("params", "bottoms")))
+    if len(_probe_cache) >= _PROBE_CACHE_SIZE:
+        _probe_cache.pop(next(iter(_probe_cache)))
+    _probe_cache[key] = result
+    return result
+
+
+_LINEAR_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
+
+
+def check_params_fit_layers(net: caffe_pb2.NetParameter, params: Mapping[str, list[np.ndarray]],
+                            weights_file: str | os.PathLike, model_file: str | os.PathLike) -> None:
+    """The weights of each (De)Convolution / InnerProduct of ``net`` that ``params`` holds fit the
+    layer as the prototxt defines it (output channels, kernel, bias), checked without Caffe:
+    weights of another model would give a model Caffe cannot load."""
+    for layer in net.layer:
+        if layer.type not in _LINEAR_TYPES or layer.name not in params:
+            continue
+        p = layer.inner_product_param if layer.type == "InnerProduct" else layer.convolution_param
+        if layer.type != "InnerProduct" and len(p.kernel_size) > 2:
+            continue  # an N-D convolution: not checked here
+        blobs = params[layer.name]
+        where = f"{weights_file}: layer '{layer.name}' ({layer.type})"
+        if len(blobs) != 1 + bool(p.bias_term):
+            raise ModelError(f"{where}: {len(blobs)} blobs, {model_file} defines the layer with "
+                             f"{1 + bool(p.bias_term)} (bias_term {str(p.bias_term).lower()}): weights of another model?")
+        wrong = weight_shape_mismatch(layer, blobs[0].shape)
+        if wrong is not None:
+            raise ModelError(f"{where}: {wrong} in {model_file}: weights of another model?")
+        if p.bias_term and tuple(blobs[1].shape) != (p.num_output,):
+            raise ModelError(f"{where}: bias of shape {tuple(blobs[1].shape)}, {model_file} needs ({p.num_output},): "
+                             "weights of another model?")
 
 
 def check_weights_match(model_file: str | os.PathLike, weights_file: str | os.PathLike,

@@ -9,8 +9,10 @@ from collections.abc import Mapping, Sequence
 from caffe.proto import caffe_pb2
 
 from amct_retrain.layer_specs import (ACTIVATION_OBSERVER, ACTIVATION_ULQ, FAKE_QUANT_ACTIVATION, LAYERS_MODULE,
-                                      REQUANTIZE, SHIFT_N_OBSERVER, SHIFT_N_SEARCH, WEIGHT_ARQ, LayerSpec,
-                                      param_name)
+                                      REQUANTIZE, SHIFT_N_OBSERVER, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ,
+                                      LayerSpec, param_name)
+
+TEST_OUTPUT_LOG_NAME = "amct_test_output_log"
 
 
 def ulq_layer_name(quantized_layer: str) -> str:
@@ -56,7 +58,8 @@ def _add_params(layer: caffe_pb2.LayerParameter, spec: LayerSpec, owners: Mappin
 
 def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
               clip_max: float | None = None, fixed_min: bool = False,
-              clip_lr_mult: float = 1.0, log_dir: str | None = None) -> caffe_pb2.LayerParameter:
+              clip_lr_mult: float = 1.0, log_dir: str | None = None,
+              batch_num: int = 1) -> caffe_pb2.LayerParameter:
     """ActivationULQ from ``bottom`` to a new blob ``top`` (never in place: its backward needs x).
 
     The clips learn with ``clip_lr_mult`` and no weight decay (decay would shrink the range
@@ -64,7 +67,8 @@ def ulq_layer(name: str, bottom: str, top: str, clip_min: float | None = None,
     With ``log_dir``, the layer logs its clips to TensorBoard there while training.
     """
     layer = python_layer(name, ACTIVATION_ULQ, bottom, top,
-                         {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min}, log_dir)
+                         {"clip_min": clip_min, "clip_max": clip_max, "fixed_min": fixed_min,
+                          "batch_num": batch_num}, log_dir)
     _add_params(layer, ACTIVATION_ULQ, dict.fromkeys(ACTIVATION_ULQ.blobs, name),
                 {"clip_max": (clip_lr_mult, 0.0), "clip_min": (clip_lr_mult, 0.0), "clip_state": (0.0, 0.0)})
     return layer
@@ -171,6 +175,21 @@ def requantize_layer(name: str, blob: str, deq: Sequence[float],
     """The saved fake-quant model's int16 requantisation, in place on the layer's output."""
     return python_layer(name, REQUANTIZE, blob, blob,
                         {"deq": [float(d) for d in deq], "shift_bit": [int(n) for n in shift_bit]})
+
+
+def test_output_log_layer(name: str, outputs: Mapping[str, float], log_dir: str) -> caffe_pb2.LayerParameter:
+    """TestOutputLog in place on the TEST net's ``outputs`` (blob -> loss weight), TEST phase only.
+
+    Its tops keep the loss weights the blobs' producers gave them: Caffe takes a blob's loss
+    weight from its last writer, and prints and sums the outputs with it."""
+    names = list(outputs)
+    layer = python_layer(name, TEST_OUTPUT_LOG, names[0], names[0], {"outputs": names}, log_dir)
+    layer.bottom[:] = names
+    layer.top[:] = names
+    if any(outputs.values()):
+        layer.loss_weight.extend(outputs.values())
+    layer.include.add(phase=caffe_pb2.TEST)
+    return layer
 
 
 def python_layer_class(layer: caffe_pb2.LayerParameter) -> str | None:

@@ -5,9 +5,9 @@ from caffe.proto import caffe_pb2
 
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, WEIGHT_ARQ
+from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ
 
-RETRAIN_SPECS = (ACTIVATION_ULQ, WEIGHT_ARQ, SHIFT_N_SEARCH)
+RETRAIN_SPECS = (ACTIVATION_ULQ, WEIGHT_ARQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG)
 
 
 @dataclass(frozen=True)
