@@ -64,8 +64,10 @@ def _caffe_log_in(path: str) -> Iterator[None]:
     saved_stderr, sys.stderr = sys.stderr, console
     for handler in handlers:
         handler.setStream(console)
+    failed = True
     try:
         yield
+        failed = False
     finally:
         console.flush()
         os.dup2(console.fileno(), 2)
@@ -73,6 +75,8 @@ def _caffe_log_in(path: str) -> Iterator[None]:
         for handler in handlers:
             handler.setStream(saved_stderr)
         console.close()
+        if failed and os.path.getsize(path) == 0:
+            os.remove(path)  # a run refused before Caffe logged anything leaves no file behind
 
 
 def _train(args: argparse.Namespace) -> None:
