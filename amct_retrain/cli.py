@@ -64,8 +64,10 @@ def _caffe_log_in(path: str) -> Iterator[None]:
     saved_stderr, sys.stderr = sys.stderr, console
     for handler in handlers:
         handler.setStream(console)
+    failed = True
     try:
         yield
+        failed = False
     finally:
         console.flush()
         os.dup2(console.fileno(), 2)
@@ -73,20 +75,15 @@ def _caffe_log_in(path: str) -> Iterator[None]:
         for handler in handlers:
             handler.setStream(saved_stderr)
         console.close()
+        if failed and os.path.getsize(path) == 0:
+            os.remove(path)  # a run refused before Caffe logged anything leaves no file behind
 
 
 def _train(args: argparse.Namespace) -> None:
     caffe_log = args.caffe_log or amct_solver.caffe_log_file(args.solver)
     LOG.info("Caffe's log: %s", caffe_log)
-    existed = os.path.exists(caffe_log)
-    try:
-        with _caffe_log_in(caffe_log):
-            snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
-    except BaseException:
-        # Refused before Caffe ran (a bad input): leave no empty log behind.
-        if not existed and os.path.exists(caffe_log) and os.path.getsize(caffe_log) == 0:
-            os.remove(caffe_log)
-        raise
+    with _caffe_log_in(caffe_log):
+        snapshot = amct_solver.train(args.solver, args.weights, log_dir=args.log_dir, snapshot=args.snapshot)
     LOG.info("final snapshot: %s", snapshot)
 
 

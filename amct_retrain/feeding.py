@@ -11,9 +11,21 @@ FEED_HINT = ("a net whose data comes from Input layers (a deploy.prototxt) compu
              "net.forward()), or run the model with data layers (its train_val.prototxt)")
 
 
+_CHUNK = 1 << 14
+"""Values compared per step of :func:`is_constant`."""
+
+
 def is_constant(x: np.ndarray) -> bool:
-    """True if every value of ``x`` is the same (an empty array included)."""
-    return x.size == 0 or bool(x.min() == x.max())
+    """True if every value of ``x`` is the same (an empty array included; a NaN makes it False).
+
+    Compares chunk by chunk with the first value and stops at the first chunk that differs, so a
+    fed batch costs one chunk, not the passes of ``x.min() == x.max()`` over the whole of it (the
+    layers check every TEST batch)."""
+    flat = np.ravel(x)
+    if flat.size == 0:
+        return True
+    first = flat[0]
+    return all(bool((flat[i:i + _CHUNK] == first).all()) for i in range(0, flat.size, _CHUNK))
 
 
 def unfed_error(where: str, batches: str, values: Sequence[float]) -> DataError:

@@ -162,7 +162,8 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         channel_wise_default=False,
         channel_axis=0,
         weight_param=lambda l: l.inner_product_param,
-        integer_accumulate=lambda x, w, g: x.reshape(x.shape[0], -1) @ w.reshape(w.shape[0], -1).T,
+        integer_accumulate=lambda x, w, g: numerics.exact_integer_matmul(x.reshape(x.shape[0], -1),
+                                                                        w.reshape(w.shape[0], -1).T),
         integer_output_hw=lambda in_hw, g: [],
     ),
 }

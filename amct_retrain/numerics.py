@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Optional
 
 import numpy as np
@@ -40,13 +40,13 @@ __all__ = [
     "INT8_MIN", "INT8_MAX", "INT16_MIN", "INT16_MAX", "INT32_MIN", "INT32_MAX",
     "SHIFT_BITS", "DEGENERATE_RANGE_WIDTH",
     "NumericsError", "NonFiniteError", "BiasOverflowError",
-    "check_finite", "errors_named", "average_pool_scale", "window_sums", "conv_accumulate", "deconv_accumulate",
-    "conv_output_hw",
+    "check_finite", "errors_named", "average_pool_scale", "window_sums", "exact_integer_matmul",
+    "conv_accumulate", "deconv_accumulate", "conv_output_hw",
     "scale_offset_from_range", "quantize_activation", "dequantize_activation",
     "fake_quantize_activation", "activation_grid_bounds", "output_steps",
     "ulq_sanitize_clips", "ulq_scale_offset", "ulq_to_deploy_offset", "ulq_deploy_factors",
     "ulq_forward", "ulq_backward", "fraction_clipped",
-    "ifmr_search", "activation_factors",
+    "ifmr_search", "ifmr_grids", "ifmr_squared_errors", "ifmr_choice", "activation_factors",
     "arq_scale", "arq_quantize", "arq_fake_quantize",
     "quantize_bias", "deq_scales",
     "accumulate_shift_errors", "choose_shift_bits", "search_shift_bits",
@@ -630,6 +630,18 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
         NonFiniteError: x holds NaN/Inf.
         NumericsError: x is empty or a search parameter is invalid.
     """
+    x32, data_min, cand_max, scales, offsets = ifmr_grids(x, min_percentile, max_percentile, search_start,
+                                                          search_end, search_step)
+    return ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
+
+
+def ifmr_grids(x: npt.ArrayLike, min_percentile: float, max_percentile: float, search_start: float,
+               search_end: float, search_step: float
+               ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, np.ndarray]:
+    """IFMR's candidate grids (arguments and checks of :func:`ifmr_search`):
+    ``(x32, data_min, cand_max, scales, offsets)`` with x32 the data as flat float32, the candidate
+    maxima ``factors * data_max`` (float64), their float32 scales and int64 offsets
+    (``scale_offset_from_range(data_min, cand_max[j])``)."""
     if not 0.0 <= min_percentile < max_percentile <= 1.0:
         raise NumericsError(f"IFMR needs 0 <= min_percentile < max_percentile <= 1, got "
                             f"{min_percentile!r}, {max_percentile!r}")
@@ -650,34 +662,45 @@ def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: 
     offsets = np.empty(factors.size, dtype=np.int64)
     for j, m in enumerate(cand_max):  # 61 scalar factor computations
         scales[j], offsets[j] = scale_offset_from_range(data_min, float(m))
+    return x32, data_min, cand_max, scales, offsets
+
+
+def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> npt.NDArray[np.float64]:
+    """Per candidate j, ``sum((fake_quantize_activation(x32, scales[j], offsets[j]) - x32)^2)``
+    over flat float32 ``x32``, the difference and the sum in float64: float64 (len(scales),)."""
     k_lo = (INT8_MIN - offsets).astype(np.float32)
     k_hi = (INT8_MAX - offsets).astype(np.float32)
-
+    n = x32.size
     x64 = x32.astype(np.float64)
-    mse = np.empty(factors.size, dtype=np.float64)
+    sq = np.empty(scales.size, dtype=np.float64)
     chunk = max(1, _IFMR_CHUNK_BYTES // (16 * n))  # (c, n) float32 grid + float64 error
-    for j0 in range(0, factors.size, chunk):
+    for j0 in range(0, scales.size, chunk):
         sl = slice(j0, j0 + chunk)
         y = _activation_codes_f32(x32[None, :], quant_multiplier(scales[sl, None]), k_lo[sl, None],
                                   k_hi[sl, None])
         y *= scales[sl, None]  # identical element-wise ops to fake_quantize_activation
         d = y - x64  # float64
         np.square(d, out=d)
-        mse[sl] = d.sum(axis=1) / n
+        sq[sl] = d.sum(axis=1)
+    return sq
+
+
+def ifmr_choice(data_min: float, cand_max: np.ndarray, mse: np.ndarray) -> tuple[float, float]:
+    """The range of the candidate with the least ``mse`` (the first on ties: smallest factor),
+    widened as :func:`scale_offset_from_range` widens it: ``(clip_min, clip_max)``."""
     best = int(np.argmin(mse))  # first minimum: smallest k on ties
     lo, hi, _ = _widen_range(data_min, float(cand_max[best]))
-    logger.debug("IFMR: p_min %r p_max %r -> k %r, range [%r, %r], mse %r",
-                 data_min, data_max, factors[best], lo, hi, mse[best])
+    logger.debug("IFMR: p_min %r -> candidate %d, range [%r, %r], mse %r", data_min, best, lo, hi, mse[best])
     return float(lo), float(hi)
 
 
-def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
-                       symmetric: bool) -> tuple[np.float32, int]:
+def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float], symmetric: bool,
+                       search: Callable[..., tuple[float, float]] = ifmr_search) -> tuple[np.float32, int]:
     """(scale_d, offset_d) of a layer input from the batches calibration observed (any shapes):
-    one IFMR search (:func:`ifmr_search` with the arguments ``ifmr``) over
+    one IFMR search (``search``, by default :func:`ifmr_search`, with the arguments ``ifmr``) over
     all their values; ``symmetric`` widens the range found to [-a, a], a = max(-min, max), so that
     offset_d is 0."""
-    clip_min, clip_max = ifmr_search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
+    clip_min, clip_max = search(np.concatenate([np.ravel(b) for b in batches]), **ifmr)
     if symmetric:
         bound = max(-clip_min, clip_max)
         clip_min, clip_max = -bound, bound
@@ -836,38 +859,93 @@ def window_sums(x: npt.ArrayLike, kernel: tuple[int, int], stride: tuple[int, in
     return windows[:, :, ::stride[0], ::stride[1]].sum(axis=(4, 5))
 
 
+#: float32 holds every integer of magnitude up to 2^24 exactly.
+_F32_EXACT_INTEGERS = float(2 ** 24)
+
+
+def exact_integer_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of integer-valued float arrays a (P, K) and b (K, Q), exact.
+
+    The K axis is cut into chunks in which ``sum_k max|a[:, k]| * max|b[k, :]| < 2^24``: then
+    every product and every partial sum of a chunk, in whatever order and with whatever fused
+    multiply-adds BLAS uses, is an integer below 2^24, exact in float32. Each chunk is one
+    float32 GEMM (twice the speed of float64 and half its memory); chunk results are added in
+    float64, exact far beyond any int32 accumulator.
+
+    Returns:
+        (P, Q) integer-valued float32 when one chunk covers K, else float64.
+    """
+    a32 = np.asarray(a, dtype=np.float32)
+    b32 = np.asarray(b, dtype=np.float32)
+    k = a32.shape[1]
+    if k == 0 or a32.shape[0] == 0 or b32.shape[1] == 0:
+        return np.zeros((a32.shape[0], b32.shape[1]), np.float32)
+    # max |.| as max(max, -min): no |a| temporary as big as the operand (page faults cost here)
+    bound = (np.maximum(a32.max(axis=0), -a32.min(axis=0)).astype(np.float64)
+             * np.maximum(b32.max(axis=1), -b32.min(axis=1)))
+    if bound.max() >= _F32_EXACT_INTEGERS:
+        raise NumericsError(f"exact_integer_matmul: a product reaches {bound.max():.3g}, beyond float32's "
+                            "exact integers: the operands are not int8-sized codes")
+    ends, total, start = [], 0.0, 0
+    for i, v in enumerate(bound.tolist()):
+        if total + v >= _F32_EXACT_INTEGERS:
+            ends.append(i)
+            total = 0.0
+        total += v
+    ends.append(k)
+    if len(ends) == 1:
+        return a32 @ b32
+    out = np.zeros((a32.shape[0], b32.shape[1]))
+    for end in ends:
+        out += a32[:, start:end] @ b32[start:end]
+        start = end
+    return out
+
+
 def conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     """Integer convolution of x (N, C, H, W) by w (M, C/group, KH, KW), both integer-valued
-    float64, geometry ``g`` (a ``ConvGeometry.__dict__``): im2col + one matmul per group. float64
-    sums of int8 x int9 products are exact far beyond any real layer's size, so BLAS gives the
-    int32 accumulator exactly."""
+    (int8-sized codes, any float dtype), geometry ``g`` (a ``ConvGeometry.__dict__``): im2col in
+    Caffe's layout, (C*KH*KW, N*OH*OW), and one :func:`exact_integer_matmul` per group (a 1 x 1
+    convolution of stride 1 multiplies the input itself), so the int32 accumulator comes out
+    exactly.
+
+    Returns:
+        integer-valued float32 or float64 (N, M, OH, OW).
+    """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
     group = g["group"]
+    x = np.asarray(x, dtype=np.float32)
     n, c = x.shape[:2]
-    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))  # zero in integer terms: x - offset = 0
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x  # zero codes: x - offset = 0
     windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # (N, C, OH, OW, KH, KW)
     oh, ow = windows.shape[2:4]
     m = w.shape[0]
-    out = np.empty((n, m, oh, ow))
+    out = None
     cg, mg = c // group, m // group
     for gi in range(group):
-        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
-        kernel = w[gi * mg:(gi + 1) * mg].reshape(mg, -1)
-        out[:, gi * mg:(gi + 1) * mg] = (cols @ kernel.T).reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+        # (C/group, KH, KW, N, OH, OW): a view, not a copy, for a 1 x 1 kernel of stride 1 and batch 1
+        cols = windows[:, gi * cg:(gi + 1) * cg].transpose(1, 4, 5, 0, 2, 3).reshape(cg * kh * kw, -1)
+        acc = exact_integer_matmul(w[gi * mg:(gi + 1) * mg].reshape(mg, -1), cols)
+        if out is None:
+            out = np.empty((n, m, oh, ow), acc.dtype)
+        elif acc.dtype != out.dtype:
+            out = out.astype(np.float64)
+        out[:, gi * mg:(gi + 1) * mg] = acc.reshape(mg, n, oh, ow).transpose(1, 0, 2, 3)
     return out
 
 
 def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     """Integer transposed convolution (Caffe's Deconvolution, group 1) of x (N, C, H, W) by
-    w (C, M, KH, KW), both integer-valued float64, as Caffe computes it: one matmul gives every
+    w (C, M, KH, KW), both integer-valued (int8-sized codes), as Caffe computes it: one matmul gives every
     input pixel's contribution to every kernel tap, col2im adds each tap's contributions into
     the output at stride steps, and the pad is cropped from both borders. Exact as in
-    :func:`conv_accumulate`: integer float64 sums."""
+    :func:`conv_accumulate`: :func:`exact_integer_matmul`, float64 col2im sums."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g["kernel"], g["stride"], g["pad"], g["dilation"]
     n, c, h, wd = x.shape
     m = w.shape[1]
-    taps = (x.transpose(0, 2, 3, 1).reshape(-1, c) @ w.reshape(c, -1)).reshape(n, h, wd, m, kh, kw)
+    taps = exact_integer_matmul(x.transpose(0, 2, 3, 1).reshape(-1, c), w.reshape(c, -1))
+    taps = taps.reshape(n, h, wd, m, kh, kw)
     taps = taps.transpose(0, 3, 4, 5, 1, 2)                    # (N, M, KH, KW, H, W)
     full = np.zeros((n, m, sh * (h - 1) + dh * (kh - 1) + 1, sw * (wd - 1) + dw * (kw - 1) + 1))
     for i in range(kh):

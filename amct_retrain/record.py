@@ -16,12 +16,19 @@ matches the style above.
 Writers replace the file atomically (temp file + fsync + ``os.replace``) and
 serialize against each other with ``fcntl.flock`` on a sidecar ``<path>.lock``,
 so several processes may update different layers of one record concurrently.
+
+Layers that write the record during a forward pass (ShiftNSearch, the calibration observers)
+collect their updates in the process's :func:`deferred_writes` of the file, which writes them in
+one read-modify-write when the last of them in the net has run (instead of rewriting the whole
+file once per layer), and before any :func:`read_record` of the file in this process.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -42,6 +49,9 @@ __all__ = [
     "read_record",
     "write_record",
     "update_layer_record",
+    "update_layer_records",
+    "deferred_writes",
+    "DeferredWrites",
     "create_empty_record",
     "layer_record_complete",
     "existing_record",
@@ -120,9 +130,14 @@ def read_record(path: str | os.PathLike) -> dict[str, SingleLayerRecord]:
 
     An empty file is a valid empty record.  Raises :class:`RecordFileError` if
     the file is missing, is not valid protobuf text (``FILE:LINE:COL: message``),
-    or holds an entry without a key or the same key twice.
+    or holds an entry without a key or the same key twice.  Updates deferred in this
+    process (:func:`deferred_writes`) are written first.
     """
-    return _read(os.fspath(path), missing_ok=False)
+    path = os.fspath(path)
+    deferred = _DEFERRED.get(os.path.abspath(path))
+    if deferred is not None:
+        deferred.flush()
+    return _read(path, missing_ok=False)
 
 
 def write_record(path: str | os.PathLike, records: Mapping[str, SingleLayerRecord]) -> None:
@@ -154,23 +169,107 @@ def update_layer_record(path: str | os.PathLike, layer: str, **fields: Any) -> N
     Raises ``TypeError`` for an unknown field name or a value of the wrong
     kind, ``ValueError`` for an out-of-range value; the file is then untouched.
     """
+    update_layer_records(path, {layer: fields})
+
+
+def update_layer_records(path: str | os.PathLike, updates: Mapping[str, Mapping[str, Any]]) -> None:
+    """:func:`update_layer_record` of several layers, ``{layer: fields}``, in one read-modify-write
+    (the same file as the updates one by one, in one write)."""
     path = os.fspath(path)
-    if not isinstance(layer, str) or not layer:
-        raise TypeError(f"{path}: layer name must be a non-empty str, got {layer!r}")
-    patch = _make_patch(path, layer, fields)  # validate everything before locking
+    patches = {}
+    for layer, fields in updates.items():
+        if not isinstance(layer, str) or not layer:
+            raise TypeError(f"{path}: layer name must be a non-empty str, got {layer!r}")
+        patches[layer] = _make_patch(path, layer, fields)  # validate everything before locking
     with _locked(path):
         records = _read(path, missing_ok=True)
-        rec = records.setdefault(layer, SingleLayerRecord())
-        for name in fields:
-            repeated = _FIELDS[name][0]
-            if fields[name] is None:
-                rec.ClearField(name)
-            elif repeated:
-                getattr(rec, name)[:] = getattr(patch, name)
-            else:
-                setattr(rec, name, getattr(patch, name))
+        for layer, fields in updates.items():
+            _apply(records.setdefault(layer, SingleLayerRecord()), fields, patches[layer])
         atomic_write(path, format_record(records))
-    logger.debug("updated %s in %s: %s", layer, path, ", ".join(sorted(fields)))
+    logger.debug("updated %s in %s", ", ".join(f"{layer} ({', '.join(sorted(fields))})"
+                                               for layer, fields in updates.items()), path)
+
+
+def _apply(rec: SingleLayerRecord, fields: Mapping[str, Any], patch: SingleLayerRecord) -> None:
+    for name in fields:
+        if fields[name] is None:
+            rec.ClearField(name)
+        elif _FIELDS[name][0]:  # repeated
+            getattr(rec, name)[:] = getattr(patch, name)
+        else:
+            setattr(rec, name, getattr(patch, name))
+
+
+class DeferredWrites:
+    """This process's pending layer updates of one record file (see :func:`deferred_writes`).
+
+    Writers ``join()`` when they are set up and get a token; the latest token stands for the last
+    writer of the net built last, which runs after the others in each forward pass and calls
+    ``forward_done(token)``: the updates collected in that pass are then written at once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.pending: dict[str, dict[str, Any]] = {}
+        self._tokens = itertools.count(1)
+        self.last_token = 0
+        self._cache: tuple[tuple[int, int, int], dict[str, SingleLayerRecord]] | None = None
+
+    def join(self) -> int:
+        """A token for a new writer; the newest is the last one in forward order."""
+        self.last_token = next(self._tokens)
+        return self.last_token
+
+    def update(self, layer: str, **fields: Any) -> None:
+        """Queue :func:`update_layer_record` ``(path, layer, **fields)``; checked now, written later."""
+        if not isinstance(layer, str) or not layer:
+            raise TypeError(f"{self.path}: layer name must be a non-empty str, got {layer!r}")
+        _make_patch(self.path, layer, fields)
+        self.pending.setdefault(layer, {}).update(fields)
+
+    def forward_done(self, token: int) -> None:
+        """Called by each writer after its forward; the last writer writes what is pending."""
+        if token == self.last_token:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every pending update in one read-modify-write (nothing if none)."""
+        if self.pending:
+            updates, self.pending = self.pending, {}
+            update_layer_records(self.path, updates)
+
+    def layer(self, name: str) -> SingleLayerRecord | None:
+        """``name``'s record as the file holds it with the pending updates applied (None if
+        neither has it); the file is parsed again only when it changed."""
+        st = os.stat(self.path)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, _read(self.path, missing_ok=False))
+        rec = self._cache[1].get(name)
+        if name in self.pending:
+            fields = self.pending[name]
+            merged = SingleLayerRecord()
+            if rec is not None:
+                merged.CopyFrom(rec)
+            _apply(merged, fields, _make_patch(self.path, name, fields))
+            return merged
+        return rec
+
+
+_DEFERRED: dict[str, DeferredWrites] = {}
+
+
+def deferred_writes(path: str | os.PathLike) -> DeferredWrites:
+    """The process-wide :class:`DeferredWrites` of the record file ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    return _DEFERRED.setdefault(path, DeferredWrites(path))
+
+
+@atexit.register
+def _flush_deferred() -> None:
+    # A writer's net deleted before its last writer ran: still written when the process ends.
+    for deferred in _DEFERRED.values():
+        deferred.flush()
 
 
 def create_empty_record(path: str | os.PathLike) -> None:

@@ -1,14 +1,21 @@
-"""Milliseconds per training iteration, float vs quantization-aware (QAT), in one run.
+"""Milliseconds per training iteration, float vs quantization-aware (QAT), in one run; beside
+ours, PyTorch's eager QAT on the same nets (bench/torch_qat.py) when given a Python with torch.
 
 Nets: the digits demo's LeNet (batch 64, 1x8x8) and a conv net of 5 convolutions of 64
-channels on 32x32x3 inputs (batch 32). Both are made quantization-aware with the public
-API; the ratio QAT / float is what the fake-quant layers cost. Aim: <= 1.10 on the conv net.
+channels on 32x32x3 inputs (batch 16 and 32). Ours are made quantization-aware with the public
+API; the ratio QAT / float is what the fake-quant layers cost. Aims: <= 1.05 on the conv net,
+<= 1.25 on the LeNet. Rounds interleave ours (float, QAT) and torch's (float, QAT); each figure
+is the best of the rounds.
 
-    .venv/bin/python bench/qat_overhead.py [--iters 20]
+    .venv/bin/python bench/qat_overhead.py [--iters 10] [--rounds 5] [--torch-python VENV/bin/python]
+
+torch (CPU) in its own environment, never a dependency of amct_retrain:
+``python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch==2.13.0 numpy``.
 """
 import argparse
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +34,7 @@ layer {{ name: "relu{i}" type: "ReLU" bottom: "conv{i}" top: "conv{i}" }}
 """
 CONV_NET = """name: "conv5x64"
 layer {{ name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param {{ shape {{ dim: 32 dim: 3 dim: 32 dim: 32 }} shape {{ dim: 32 }}
+  dummy_data_param {{ shape {{ dim: {batch} dim: 3 dim: 32 dim: 32 }} shape {{ dim: {batch} }}
     data_filler {{ type: "gaussian" std: 1 }} data_filler {{ type: "constant" value: 1 }} }} }}
 {convs}layer {{ name: "pool" type: "Pooling" bottom: "conv5" top: "pool" pooling_param {{ pool: AVE global_pooling: true }} }}
 layer {{ name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param {{ num_output: 10 weight_filler {{ type: "xavier" }} }} }}
@@ -46,18 +53,15 @@ solver_mode: CPU
 """
 
 
-def conv_net() -> str:
+def conv_net(batch: int) -> str:
     convs = "".join(CONV_LAYER.format(i=i, bottom="data" if i == 1 else f"conv{i - 1}") for i in range(1, 6))
-    return CONV_NET.format(convs=convs)
+    return CONV_NET.format(convs=convs, batch=batch)
 
 
 def digits_net(out: pathlib.Path) -> str:
     from samples.digits_demo import write_digits
     n_test = write_digits(out)
     return DIGITS_NET.format(out=out, test_batch=n_test)
-
-
-ROUNDS = 5
 
 
 def solver_for(model: pathlib.Path, weights: pathlib.Path):
@@ -75,9 +79,32 @@ def ms_per_iter(solver, iters: int) -> float:
     return (time.perf_counter() - start) * 1000 / iters
 
 
-def measure(name: str, net_text: str, out: pathlib.Path, iters: int) -> tuple[float, float]:
-    """(float, QAT) ms per iteration: the best of ROUNDS rounds, the two nets taking turns, so
-    that a slow spell of this shared machine hits both alike."""
+class TorchSide:
+    """bench/torch_qat.py in a Python that has torch, one round per request."""
+
+    def __init__(self, python: str) -> None:
+        script = pathlib.Path(__file__).with_name("torch_qat.py")
+        # Passive OpenMP threads: torch's would otherwise spin on after each round, into ours.
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env)
+
+    def round(self, net: str, batch: int, iters: int) -> tuple[float, float]:
+        self.proc.stdin.write(f"{net} {batch} {iters}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("bench/torch_qat.py stopped (see its error above)")
+        float_ms, qat_ms = map(float, line.split())
+        return float_ms, qat_ms
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def ours(name: str, net_text: str, out: pathlib.Path) -> tuple:
+    """(float solver, QAT solver) of ``net_text`` made quantization-aware with the public API."""
     model, weights = out / f"{name}.prototxt", out / f"{name}.caffemodel"
     model.write_text(net_text)
     caffe.Net(str(model), caffe.TRAIN).save(str(weights))
@@ -86,23 +113,43 @@ def measure(name: str, net_text: str, out: pathlib.Path, iters: int) -> tuple[fl
     qat_model, qat_weights = out / f"{name}_qat.prototxt", out / f"{name}_qat.caffemodel"
     amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(qat_model),
                                             str(qat_weights), str(out / f"{name}_record.txt"))
-    solvers = (solver_for(model, weights), solver_for(qat_model, qat_weights))
-    rounds = [[ms_per_iter(solver, iters) for solver in solvers] for _ in range(ROUNDS)]
-    return min(r[0] for r in rounds), min(r[1] for r in rounds)
+    return solver_for(model, weights), solver_for(qat_model, qat_weights)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per net and round (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--torch-python", help="a Python with torch, for PyTorch's eager QAT on the same nets")
     args = parser.parse_args()
     caffe.set_mode_cpu()
+    torch_side = TorchSide(args.torch_python) if args.torch_python else None
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
-        rows = [("digits LeNet, batch 64", *measure("digits", digits_net(out), out, args.iters)),
-                ("5 conv x 64 ch, 32x32x3, batch 32", *measure("conv5x64", conv_net(), out, args.iters))]
-    print(f"{'net':<36}{'float ms/iter':>15}{'QAT ms/iter':>13}{'QAT/float':>11}")
-    for name, float_ms, qat_ms in rows:
-        print(f"{name:<36}{float_ms:>15.2f}{qat_ms:>13.2f}{qat_ms / float_ms:>11.3f}")
+        nets = [("digits LeNet, batch 64", "digits", 64, digits_net(out)),
+                ("5 conv x 64 ch, 32x32x3, batch 16", "conv5x64", 16, conv_net(16)),
+                ("5 conv x 64 ch, 32x32x3, batch 32", "conv5x64", 32, conv_net(32))]
+        for label, net, batch, net_text in nets:
+            solvers = ours(f"{net}_{batch}", net_text, out)
+            best = [float("inf")] * 4  # ours float, ours QAT, torch float, torch QAT
+            for _ in range(args.rounds):
+                times = [ms_per_iter(solver, args.iters) for solver in solvers]
+                if torch_side is not None:
+                    times += torch_side.round(net, batch, args.iters)
+                best = [min(b, t) for b, t in zip(best, times)]
+            rows.append((label, best))
+            del solvers
+    if torch_side is not None:
+        torch_side.close()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; best of {args.rounds} rounds of {args.iters} iterations")
+    print(f"{'net':<36}{'float ms':>10}{'QAT ms':>9}{'QAT/float':>11}" +
+          (f"{'torch float':>13}{'torch QAT':>11}{'torch QAT/float':>17}" if torch_side else ""))
+    for label, (float_ms, qat_ms, *torch_ms) in rows:
+        line = f"{label:<36}{float_ms:>10.2f}{qat_ms:>9.2f}{qat_ms / float_ms:>11.3f}"
+        if torch_ms:
+            line += f"{torch_ms[0]:>13.2f}{torch_ms[1]:>11.2f}{torch_ms[1] / torch_ms[0]:>17.3f}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """ActivationULQ: int8 fake quantization of activations with learnable clips (ULQ)."""
 import caffe
 
-from amct_retrain import numerics, tensorboard
+from amct_retrain import kernels, numerics, tensorboard
 from amct_retrain.errors import LayerParamError
 from amct_retrain.feeding import is_constant, unfed_error
 from amct_retrain.layer_specs import ACTIVATION_ULQ, LAST_MAX, LAST_MIN, READY
@@ -58,14 +58,14 @@ class ActivationULQ(caffe.Layer):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
             state = self.blobs[CLIP_STATE].data
             if state[READY] < 0.5:
-                clip_min, clip_max = numerics.ifmr_search(x)
+                clip_min, clip_max = kernels.ifmr_search(x)
                 self.blobs[CLIP_MIN].data[0], self.blobs[CLIP_MAX].data[0] = clip_min, clip_max
                 state[...] = (1.0, clip_min, clip_max)
             self.clips = numerics.ulq_sanitize_clips(
                 float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
                 (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
             state[LAST_MIN], state[LAST_MAX] = self.clips
-            top[0].data[...] = numerics.ulq_forward(x, *self.clips)
+            top[0].data[...] = kernels.ulq_forward(x, *self.clips)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
             self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
@@ -91,7 +91,7 @@ class ActivationULQ(caffe.Layer):
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
-            grad_x, grad_min, grad_max = numerics.ulq_backward(bottom[0].data, top[0].diff, *self.clips)
+            grad_x, grad_min, grad_max = kernels.ulq_backward(bottom[0].data, top[0].diff, *self.clips)
         if propagate_down[0]:
             bottom[0].diff[...] = grad_x
         self.blobs[CLIP_MAX].diff[0] += grad_max

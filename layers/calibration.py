@@ -10,7 +10,7 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import numerics, record
+from amct_retrain import kernels, numerics, record
 from amct_retrain.errors import LayerParamError
 from amct_retrain.feeding import check_fed
 from amct_retrain.layer_specs import ACTIVATION_OBSERVER, SHIFT_N_OBSERVER
@@ -31,14 +31,24 @@ class _Observer(caffe.Layer):
                                   f">= 1, got {p['batch_num']}")
         self.batch_num = p["batch_num"]
         self.count, self.kept = 0, []
+        # The record is written once per forward pass, by the net's last observer.
+        self.record_writes = record.deferred_writes(p["record_file"])
+        self.writer_token = self.record_writes.join()
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
 
     def forward(self, bottom, top):
-        if self.phase != TEST or self.count >= self.batch_num:
+        if self.phase != TEST:
             return
-        x = bottom[0].data
+        try:
+            self._observe(bottom[0].data)
+        finally:
+            self.record_writes.forward_done(self.writer_token)
+
+    def _observe(self, x: np.ndarray) -> None:
+        if self.count >= self.batch_num:
+            return
         numerics.check_finite(x, f"calibration layer '{self.layer_name}' input")
         self.kept.append(x.copy())  # the blob is rewritten by the next forward pass
         self.count += 1
@@ -83,9 +93,9 @@ class ActivationObserver(_Observer):
     def complete(self, batches: list[np.ndarray]) -> None:
         check_fed(batches, f"calibration of layer(s) {', '.join(self.served)} (ActivationObserver "
                            f"'{self.layer_name}')", "calibration")
-        scale_d, offset_d = numerics.activation_factors(batches, self.ifmr, self.symmetric)
+        scale_d, offset_d = kernels.activation_factors(batches, self.ifmr, self.symmetric)
         for layer in self.served:
-            record.update_layer_record(self.record_file, layer, scale_d=scale_d, offset_d=offset_d)
+            self.record_writes.update(layer, scale_d=scale_d, offset_d=offset_d)
         LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,
                   ", ".join(self.served))
 
@@ -103,7 +113,7 @@ class ShiftNObserver(_Observer):
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
 
     def complete(self, batches: list[np.ndarray]) -> None:
-        rec = record.read_record(self.record_file).get(self.quantized_layer)
+        rec = self.record_writes.layer(self.quantized_layer)
         if rec is None or not rec.HasField("scale_d") or not rec.scale_w:
             raise record.RecordFileError(
                 f"ShiftNObserver layer '{self.layer_name}': {self.record_file} holds no scale_d / scale_w of layer "
@@ -115,8 +125,8 @@ class ShiftNObserver(_Observer):
         if global_conv:
             scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
-        errors = sum(numerics.accumulate_shift_errors(batch, deq, channel_axis=1) for batch in batches)
+        errors = sum(kernels.accumulate_shift_errors(batch, deq) for batch in batches)
         shift_bits = numerics.choose_shift_bits(errors)
-        record.update_layer_record(self.record_file, self.quantized_layer, shift_bit=shift_bits,
+        self.record_writes.update(self.quantized_layer, shift_bit=shift_bits,
                                    **({"scale_w": scale_w} if global_conv else {}))
         LOG.debug("%s: shift_bit %s written for %s", self.layer_name, shift_bits.tolist(), self.quantized_layer)

@@ -2,7 +2,7 @@
 import caffe
 import numpy as np
 
-from amct_retrain import numerics
+from amct_retrain import kernels, numerics
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import FAKE_QUANT_ACTIVATION, REQUANTIZE
 
@@ -21,7 +21,7 @@ class FakeQuantActivation(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         with numerics.errors_named(f"FakeQuantActivation layer '{self.layer_name}'"):
-            top[0].data[...] = numerics.fake_quantize_activation(x, self.scale_d, self.offset_d)
+            top[0].data[...] = kernels.fake_quantize_activation(x, self.scale_d, self.offset_d)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")
@@ -46,8 +46,8 @@ class Requantize(caffe.Layer):
         top[0].reshape(*bottom[0].data.shape)
 
     def forward(self, bottom, top):
-        acc = numerics.accumulator_from_output(bottom[0].data, self.deq)
-        top[0].data[...] = numerics.requantized_output(acc, self.deq, self.shift_bit)
+        with numerics.errors_named(f"Requantize layer '{self.layer_name}'"):
+            top[0].data[...] = kernels.requantize_output(bottom[0].data, self.deq, self.shift_bit)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")

@@ -5,7 +5,7 @@ import functools
 import caffe
 import numpy as np
 
-from amct_retrain import numerics
+from amct_retrain import kernels, numerics
 from amct_retrain.errors import ModelError
 from amct_retrain.layer_specs import INTEGER_LAYER
 from amct_retrain.layer_types import QUANTIZABLE_RULES
@@ -31,7 +31,7 @@ class IntegerLayer(caffe.Layer):
         params = integer_params(_deploy_blobs(p["weights_file"]), p["layer"], p["dequant"], p["weights_file"],
                                 rule.has_weights)
         # No weights (AVE Pooling): the accumulator is the sum of each window's codes.
-        self.weights = params.weights.astype(np.float64) if rule.has_weights else None
+        self.weights = params.weights.astype(np.float32) if rule.has_weights else None  # int8: exact
         self.bias, self.deq, self.shift_bit = params.bias.astype(np.float64), params.deq, params.shift_bit
 
     def reshape(self, bottom, top):
@@ -74,11 +74,10 @@ class IntegerLayer(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         with numerics.errors_named(f"IntegerLayer '{self.layer_name}'"):
-            q = numerics.quant_layer_forward(x, self.quant_scale, self.quant_offset)
-        xi = q.astype(np.float64) - self.quant_offset
-        acc = self.accumulate(xi, self.weights, self.geometry)
-        acc += self.bias.reshape((1, -1) + (1,) * (acc.ndim - 2))
-        top[0].data[...] = numerics.requantized_output(acc, self.deq, self.shift_bit)
+            codes = kernels.activation_codes(x, self.quant_scale, self.quant_offset)  # q - offset
+            with kernels.numpy_blas_single_threaded():
+                acc = self.accumulate(codes, self.weights, self.geometry)
+            top[0].data[...] = kernels.requantize_accumulator(acc, self.bias, self.deq, self.shift_bit)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"IntegerLayer '{self.layer_name}': the reference executor is for inference")

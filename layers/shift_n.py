@@ -4,7 +4,7 @@ import logging
 import caffe
 import numpy as np
 
-from amct_retrain import numerics, record, tensorboard
+from amct_retrain import kernels, numerics, record, tensorboard
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, SHIFT_N_SEARCH
 
@@ -48,6 +48,9 @@ class ShiftNSearch(caffe.Layer):
         self.errors = None
         self.batches = 0
         self.log = tensorboard.layer_log(p, "ShiftNSearch")
+        # The record is written once per TEST forward pass, by the net's last ShiftNSearch.
+        self.record_writes = record.deferred_writes(self.record_file)
+        self.writer_token = self.record_writes.join()
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
@@ -55,9 +58,14 @@ class ShiftNSearch(caffe.Layer):
     def forward(self, bottom, top):
         if self.phase != TEST:
             return
+        try:
+            self._search(bottom[0].data)
+        finally:
+            self.record_writes.forward_done(self.writer_token)
+
+    def _search(self, y: np.ndarray) -> None:
         if self.log is not None:
             self.log.count()
-        y = bottom[0].data
         factors = self._current_factors(y)
         key = (factors[0], factors[1], factors[2].tobytes())
         if key != self.factors_key:
@@ -66,15 +74,15 @@ class ShiftNSearch(caffe.Layer):
             return
         scale_d, offset_d, scale_w = factors
         deq = np.broadcast_to(numerics.deq_scales(scale_d, scale_w), (y.shape[1],))
-        errors = numerics.accumulate_shift_errors(y, deq, channel_axis=1)
+        errors = kernels.accumulate_shift_errors(y, deq)
         self.errors = errors if self.errors is None else self.errors + errors
         self.batches += 1
         if self.batches == self.batch_num:
             shift_bits = numerics.choose_shift_bits(self.errors)
-            record.update_layer_record(
-                self.record_file, self.quantized_layer, scale_d=scale_d, offset_d=offset_d,
+            self.record_writes.update(
+                self.quantized_layer, scale_d=scale_d, offset_d=offset_d,
                 scale_w=scale_w, offset_w=np.zeros(len(scale_w), np.int32), shift_bit=shift_bits)
-            LOG.debug("layer %s: shift_bit %s written to %s", self.quantized_layer,
+            LOG.debug("layer %s: shift_bit %s for %s", self.quantized_layer,
                      shift_bits.tolist(), self.record_file)
             if self.log is not None:
                 self.log.write(tensorboard.shift_n_scalars(self.layer_name, shift_bits))

@@ -1,7 +1,7 @@
 """WeightARQ: int8 fake quantization of a layer's weights from float master weights."""
 import caffe
 
-from amct_retrain import numerics, tensorboard
+from amct_retrain import kernels, numerics, tensorboard
 from amct_retrain.errors import LayerParamError
 from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, WEIGHT_ARQ
 
@@ -79,7 +79,7 @@ class WeightARQ(caffe.Layer):
                 state = self.blobs[CLIP_STATE].data
                 scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
                 scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
-            self.blobs[FAKE_QUANT_WEIGHTS].data[...] = numerics.arq_fake_quantize(master, scale_w, self.channel_axis)
+            self.blobs[FAKE_QUANT_WEIGHTS].data[...] = kernels.arq_fake_quantize(master, scale_w, self.channel_axis)
         self.blobs[self.scale_w_blob].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))

@@ -229,6 +229,17 @@ def _calibrate(fusion_model, tmp_path, **config_args):
     return graph, record_file, net
 
 
+def test_the_observers_write_the_record_once_per_calibration(fusion_model, tmp_path, monkeypatch):
+    writes = []
+    real_update = record.update_layer_records
+    monkeypatch.setattr(record, "update_layer_records", lambda path, updates: (
+        writes.append(sorted(updates)), real_update(path, updates))[1])
+    _, record_file, _ = _calibrate(fusion_model, tmp_path)
+    assert writes == [sorted(FUSION_LAYERS)], f"record writes of one calibration: {writes}"
+    records = record.read_record(record_file)
+    assert all(record.layer_record_complete(records[name]) for name in FUSION_LAYERS), records
+
+
 def test_bn_scale_conv_and_fc_bn_scale_are_fused_in_calibration(fusion_model, tmp_path):
     floats = caffe.Net(str(fusion_model["model"]), caffe.TEST, weights=str(fusion_model["weights"]))
     graph, record_file, calibrating = _calibrate(fusion_model, tmp_path)

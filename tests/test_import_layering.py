@@ -17,6 +17,7 @@ ROWS: list[tuple[str, ...]] = [
     ("errors", "caffe_build"),
     ("fileio",),
     ("numerics", "feeding", "caffe_proto"),
+    ("kernels",),
     ("record", "tensorboard", "analysis.metrics", "analysis.plots"),
     ("analysis.report",),
     ("layer_specs", "graph.caffe_params"),
@@ -38,7 +39,7 @@ ROWS: list[tuple[str, ...]] = [
 PEERS = {"graph"}  # graph passes compose: a pass may call another
 API_ROW = "retrain"  # (the row of) the API modules: they may use one another's public API only
 # The Python layers run inside Caffe: numerics and the small pure modules, never the graph or the API.
-LAYERS_MAY_IMPORT = {"errors", "fileio", "numerics", "feeding", "record", "tensorboard", "layer_specs",
+LAYERS_MAY_IMPORT = {"errors", "fileio", "numerics", "kernels", "feeding", "record", "tensorboard", "layer_specs",
                      "layer_types", "saved_models"}
 
 

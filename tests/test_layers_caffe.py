@@ -199,7 +199,7 @@ def test_invalid_record_file_is_an_error_naming_file_and_line(tmp_path):
     record_file = tmp_path / "record.txt"
     record_file.write_text('record {\n  key: "conv1"\n  value { scale_d: oops }\n}\n')
     model_file = nets.write_net(nets.quant_net(record_file, conv_clips=(-1.0, 1.0)), tmp_path / "m.prototxt")
-    net = caffe.Net(str(model_file), caffe.TEST)
+    net = weighted_net(model_file, caffe.TEST)
     with pytest.raises(record.RecordFileError, match=rf"{record_file}:3:"):
         net.forward()
     assert "oops" in record_file.read_text(), "the invalid record file must be left as it was"
@@ -232,6 +232,24 @@ def test_shift_n_waits_for_batch_num_batches_and_keeps_other_entries(tmp_path):
     records = record.read_record(record_file)
     assert set(records) == {"other_layer", "conv1", "ip1"}, f"record layers after 2 batches: {sorted(records)}"
     assert records["other_layer"].scale_d == 0.5 and records["other_layer"].offset_d == 3, "lost another entry"
+
+
+def test_shift_n_layers_write_the_record_once_per_test_pass(tmp_path, monkeypatch):
+    record_file = tmp_path / "record.txt"
+    model_file = nets.write_net(nets.quant_net(record_file, batch_num=1, conv_clips=(-1.0, 1.0)),
+                                tmp_path / "m.prototxt")
+    net = weighted_net(model_file, caffe.TEST)
+    writes = []
+    real_update = record.update_layer_records
+    monkeypatch.setattr(record, "update_layer_records", lambda path, updates: (
+        writes.append(sorted(updates)), real_update(path, updates))[1])
+    net.forward()
+    assert writes == [["conv1", "ip1"]], f"record writes in one TEST pass: {writes}"
+    # New conv1 weights: conv1 searches again in the next pass, ip1 (same factors) does not.
+    net.params["conv1_arq"][MASTER_WEIGHTS].data[...] = np.linspace(-1, 1, nets.CONV_WEIGHT_SHAPE[0])[:, None, None, None]
+    net.forward()
+    assert writes == [["conv1", "ip1"], ["conv1"]], f"record writes after two TEST passes: {writes}"
+    assert set(record.read_record(record_file)) == {"conv1", "ip1"}
 
 
 def test_shift_n_does_nothing_in_train_phase(tmp_path):

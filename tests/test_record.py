@@ -253,3 +253,38 @@ def test_plain_parser_agrees_with_text_format_on_written_records():
     assert fast == slow, "the plain parser reads a record differently from text_format"
     assert record._parse_plain(text.replace("scale_d", "# a comment\n  scale_d", 1)) is None, \
         "a file with a comment must go to text_format"
+
+
+def test_deferred_writes_give_the_file_of_the_updates_one_by_one(tmp_path):
+    one_by_one, deferred_file = tmp_path / "a.txt", tmp_path / "b.txt"
+    updates = [("conv1", {"scale_d": 0.5, "offset_d": 3}), ("fc", {"shift_bit": [3, 4]}),
+               ("conv1", {"scale_w": [0.25, 0.125], "offset_d": None}), ("a", {"skip_fusion": True})]
+    for path in (one_by_one, deferred_file):
+        record.update_layer_record(path, "kept", scale_d=2.0)
+    for layer, fields in updates:
+        record.update_layer_record(one_by_one, layer, **fields)
+    deferred = record.deferred_writes(deferred_file)
+    first, last = deferred.join(), deferred.join()
+    for layer, fields in updates:
+        deferred.update(layer, **fields)
+    assert deferred.layer("conv1").scale_w == [0.25, 0.125] and not deferred.layer("conv1").HasField("offset_d")
+    assert deferred.layer("kept").scale_d == 2.0 and deferred.layer("nothing") is None
+    deferred.forward_done(first)
+    assert set(record.read_record(one_by_one)) > set(_read_file_layers(deferred_file)), "first writer wrote"
+    deferred.forward_done(last)
+    assert deferred_file.read_bytes() == one_by_one.read_bytes()
+
+
+def test_deferred_writes_are_checked_at_once_and_flushed_by_a_read(tmp_path):
+    path = tmp_path / "r.txt"
+    deferred = record.deferred_writes(path)
+    with pytest.raises(TypeError, match="unknown record field 'scale'"):
+        deferred.update("conv1", scale=1.0)
+    deferred.update("conv1", scale_d=0.5)
+    assert not path.exists()
+    assert record.read_record(path)["conv1"].scale_d == 0.5, "read_record did not write the pending update"
+
+
+def _read_file_layers(path) -> set[str]:
+    text = path.read_text()
+    return {line.split('"')[1] for line in text.splitlines() if line.strip().startswith("key:")}

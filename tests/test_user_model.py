@@ -226,6 +226,22 @@ def test_cli_prepare_reports_each_fusion_once(cli_run):
     assert len(lines) == 1, f"the BatchNorm fold is reported {len(lines)} times: {lines}"
 
 
+def test_caffe_log_file_of_a_refused_run_is_removed_but_one_caffe_wrote_to_is_kept(tmp_path):
+    from amct_retrain.cli import _caffe_log_in
+
+    refused, failed, done = (tmp_path / f"{name}.log" for name in ("refused", "failed", "done"))
+    with pytest.raises(ModelError), _caffe_log_in(str(refused)):
+        raise ModelError("refused before Caffe ran")
+    assert not refused.exists(), "a run refused before Caffe logged anything left an empty log file"
+    with pytest.raises(ModelError), _caffe_log_in(str(failed)):
+        os.write(2, b"F1201 a Caffe CHECK failed\n")
+        raise ModelError("failed in Caffe")
+    assert failed.read_text() == "F1201 a Caffe CHECK failed\n", "the log of a run that failed in Caffe was lost"
+    with _caffe_log_in(str(done)):
+        pass
+    assert done.is_file(), "the log of a successful run must stay, even empty"
+
+
 def test_cli_train_shows_the_bar_and_the_test_means_and_keeps_caffe_log_in_a_file(cli_run):
     run = cli_run["runs"]["train"]
     console = run.stdout + run.stderr

@@ -1,0 +1,428 @@
+"""Fused, compiled (numba) versions of the per-element hot paths of :mod:`amct_retrain.numerics`.
+
+numerics stays the specification: every function here has the signature and the result of the
+numerics function of the same name (codes, outputs and input gradients bit for bit; float64 sums
+compensated, so within 1e-12 relative of numerics' pairwise sums; tests/test_kernels.py checks
+both), but makes one pass over the data instead of numpy's five to twelve. The scalar work
+(factors from clips, checks of the factors) is numerics' own; a NaN/Inf in the data is counted
+in the same pass and then reported by :func:`numerics.check_finite`, with its message.
+
+Threading: the kernels are single-threaded (no ``parallel=True``). Caffe's OpenBLAS already
+keeps the cores busy in the convolutions around them; a numba thread pool, whose OpenMP layer
+spins after each call, slowed a training iteration (bench/qat_overhead.py) instead of speeding it.
+
+Compiled code is cached (``cache=True``) in ``__pycache__`` beside this file, or, when that is
+not writable (an installed package), in numba's per-user cache directory; the first process
+compiles (a few seconds), later ones (``caffe train`` included) load it in milliseconds.
+
+Kernels take the bit width (2..8, default 8) where the grid or a gradient depends on it: the
+grid then has ``2**bits`` codes and ULQ's ``D(v)`` divides by ``2**bits - 1``.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Optional
+
+import numba
+import numpy as np
+import numpy.typing as npt
+from threadpoolctl import ThreadpoolController
+
+from amct_retrain import numerics
+from amct_retrain.numerics import NumericsError, _range_factors, _ulq_bounds
+
+__all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
+           "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
+           "activation_factors", "BITS_RANGE"]
+
+BITS_RANGE = range(2, 9)
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+def _levels(bits: int) -> int:
+    """``2**bits - 1``: the number of steps of a ``bits``-bit grid."""
+    if bits not in BITS_RANGE:
+        raise NumericsError(f"bit width must be in {BITS_RANGE.start}..{BITS_RANGE.stop - 1}, got {bits!r}")
+    return 2 ** bits - 1
+
+
+def _flat_f32(x: npt.ArrayLike) -> np.ndarray:
+    """x as a contiguous float32 array (a view when it already is one), kept in x's shape."""
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _raise_non_finite(*named: tuple[npt.ArrayLike, str]) -> None:
+    """Raise numerics' NonFiniteError for the first (array, what) pair holding NaN/Inf."""
+    for x, what in named:
+        numerics.check_finite(x, what)
+    raise AssertionError(f"{named[0][1]}: a kernel saw NaN/Inf values that numpy does not see")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@numba.njit(**_JIT)
+def _fake_quant_kernel(x, multiplier, scale, k_lo, k_hi, out):
+    """out = clip(rint(x * multiplier), k_lo, k_hi) * scale, all float32; returns whether x holds
+    NaN/Inf (out is then garbage)."""
+    bad = False
+    for i in range(x.size):
+        v = x[i]
+        bad |= (v - v) != (v - v)  # NaN exactly for NaN and Inf; branch-free, so the loop vectorizes
+        out[i] = min(max(np.rint(v * multiplier), k_lo), k_hi) * scale
+    return bad
+
+
+# Sums: each block of _BLOCK elements is summed with reassociation allowed (so LLVM vectorizes it
+# into lane-wise partial sums, the error of a 256-term pairwise sum at worst), the block sums are
+# added with Neumaier's compensation in functions compiled without it. Only "reassoc": no
+# reciprocal or contraction flags, so every rounded element-wise step stays as numerics does it.
+_BLOCK = 2048
+_SUM_JIT = dict(_JIT, fastmath={"reassoc"})
+
+
+@numba.njit(**_JIT)
+def _add_compensated(total, comp, j, value):
+    """Neumaier: total[j] + comp[j] becomes the sum with ``value`` to about one rounding."""
+    s = total[j]
+    t = s + value
+    if abs(s) >= abs(value):
+        comp[j] += (s - t) + value
+    else:
+        comp[j] += (value - t) + s
+    total[j] = t
+
+
+@numba.njit(**_SUM_JIT)
+def _ulq_backward_block(x, g, scale, lo, hi, grad_x, start, stop):
+    s_in = s_above = s_below = 0.0
+    bad = False
+    for i in range(start, stop):
+        v = x[i]
+        gi = g[i]
+        bad |= ((v - v) != (v - v)) | ((gi - gi) != (gi - gi))
+        above = v > hi
+        below = v < lo
+        inside = not (above or below)
+        gx = gi if inside else np.float32(0.0)
+        grad_x[i] = gx
+        r = v / scale                              # float32, as in the forward pass
+        s_in += np.float64(gx) * np.float64(np.rint(r) - r)  # exact product of two float32
+        s_above += np.float64(gi) if above else 0.0
+        s_below += np.float64(gi) if below else 0.0
+    return s_in, s_above, s_below, bad
+
+
+@numba.njit(**_JIT)
+def _ulq_backward_kernel(x, g, scale, lo, hi, grad_x):
+    """grad_x = g inside [lo, hi], 0 outside; returns ((sum of g * (rint(x/s) - x/s) inside, sum of
+    g above, sum of g below) as float64 (3,), whether x or g holds NaN/Inf)."""
+    total = np.zeros(3)
+    comp = np.zeros(3)
+    bad = False
+    for start in range(0, x.size, _BLOCK):
+        s_in, s_above, s_below, b = _ulq_backward_block(x, g, scale, lo, hi, grad_x, start,
+                                                        min(start + _BLOCK, x.size))
+        bad |= b
+        _add_compensated(total, comp, 0, s_in)
+        _add_compensated(total, comp, 1, s_above)
+        _add_compensated(total, comp, 2, s_below)
+    return total + comp, bad
+
+
+@numba.njit(**_JIT)
+def _arq_kernel(w, scale, out):
+    """w, out (A, C, B) float32, scale (C,): out = clip(rint(w / scale[c]), -128, 127) * scale[c]."""
+    for a in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            s = scale[c]
+            for b in range(w.shape[2]):
+                out[a, c, b] = min(max(np.rint(w[a, c, b] / s), np.float32(-128.0)), np.float32(127.0)) * s
+
+
+@numba.njit(inline="always")
+def _dequantized_shift(acc, inv, m):
+    """float32(t) * m with t = clip_int16(rint(acc * inv)) (float64; -0 becomes 0, as numerics'
+    int32 t does)."""
+    t = min(max(np.rint(acc * inv), -32768.0), 32767.0) + 0.0
+    return np.float32(t) * m
+
+
+@numba.njit(**_JIT)
+def _requantize_kernel(y, deq, inv_shift, mult, out):
+    """y, out (N, C, M) float32; per channel c: acc = rint(y / deq[c]) (float64),
+    out = _dequantized_shift(acc, inv_shift[c], mult[c]); returns whether y holds NaN/Inf."""
+    bad = False
+    for n in range(y.shape[0]):
+        for c in range(y.shape[1]):
+            d, inv, m = np.float64(deq[c]), inv_shift[c], mult[c]
+            for j in range(y.shape[2]):
+                v = np.float64(y[n, c, j])
+                bad |= (v - v) != (v - v)
+                out[n, c, j] = _dequantized_shift(np.rint(v / d), inv, m)
+    return bad
+
+
+@numba.njit(**_JIT)
+def _requantize_accumulator_kernel(acc, bias, inv_shift, mult, out):
+    """acc (N, C, M) integer-valued float32/float64, bias (C,) float64, out (N, C, M) float32:
+    out = _dequantized_shift(acc + bias[c], inv_shift[c], mult[c])."""
+    for n in range(acc.shape[0]):
+        for c in range(acc.shape[1]):
+            b, inv, m = bias[c], inv_shift[c], mult[c]
+            for j in range(acc.shape[2]):
+                out[n, c, j] = _dequantized_shift(np.float64(acc[n, c, j]) + b, inv, m)
+
+
+@numba.njit(**_SUM_JIT)
+def _shift_errors_block(a, step):
+    """sum over a of (clip_int16(rint(a / step)) * step - a)^2 (step a power of two)."""
+    total = 0.0
+    for i in range(a.size):
+        t = min(max(np.rint(a[i] / step), -32768.0), 32767.0)
+        e = t * step - a[i]
+        total += e * e
+    return total
+
+
+@numba.njit(**_JIT)
+def _shift_errors_kernel(y, deq, errors):
+    """y (N, C, M) float32, deq (C,) float64; errors (16, C) float64 += per shift N the sum over
+    n, j of (clip_int16(rint(a / 2^N)) * 2^N - a)^2, a = y / deq[c]; returns whether y holds
+    NaN/Inf."""
+    n_shift = errors.shape[0]
+    total = np.zeros(n_shift)
+    comp = np.zeros(n_shift)
+    a = np.empty(min(_BLOCK, y.shape[2]))
+    bad = False
+    for c in range(y.shape[1]):
+        d = deq[c]
+        total[:] = 0.0
+        comp[:] = 0.0
+        for n in range(y.shape[0]):
+            for start in range(0, y.shape[2], _BLOCK):
+                stop = min(start + _BLOCK, y.shape[2])
+                block = a[:stop - start]
+                for j in range(start, stop):
+                    v = np.float64(y[n, c, j])
+                    bad |= (v - v) != (v - v)
+                    block[j - start] = v / d
+                step = 1.0
+                for i in range(n_shift):
+                    step *= 2.0
+                    _add_compensated(total, comp, i, _shift_errors_block(block, step))
+        for i in range(n_shift):
+            errors[i, c] += total[i] + comp[i]
+    return bad
+
+
+@numba.njit(**_SUM_JIT)
+def _ifmr_block(x, multiplier, scale, k_lo, k_hi):
+    """sum over x of (clip(rint(x * multiplier), k_lo, k_hi) * scale - x)^2, the difference in
+    float64."""
+    total = 0.0
+    for i in range(x.size):
+        v = x[i]
+        e = np.float64(min(max(np.rint(v * multiplier), k_lo), k_hi) * scale) - np.float64(v)
+        total += e * e
+    return total
+
+
+@numba.njit(**_JIT)
+def _ifmr_errors_kernel(x, multipliers, scales, k_lo, k_hi):
+    """Per candidate j, the sum over x of (clip(rint(x * multipliers[j]), k_lo[j], k_hi[j]) *
+    scales[j] - x)^2: float64 (len(scales),). Block by block, every candidate on a block while
+    it is in the cache."""
+    total = np.zeros(scales.size)
+    comp = np.zeros(scales.size)
+    for start in range(0, x.size, _BLOCK):
+        block = x[start:start + _BLOCK]
+        for j in range(scales.size):
+            _add_compensated(total, comp, j, _ifmr_block(block, multipliers[j], scales[j], k_lo[j], k_hi[j]))
+    return total + comp
+
+
+# --------------------------------------------------------------------------- numerics' functions
+
+
+def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d: npt.ArrayLike,
+                             bits: int = 8) -> npt.NDArray[np.float32]:
+    """:func:`numerics.fake_quantize_activation`, fused: float32 of x's shape. With ``bits`` < 8
+    the codes are those of a ``bits``-bit grid: ``[-2**(bits-1) - offset_d, 2**(bits-1) - 1 - offset_d]``."""
+    half = (_levels(bits) + 1) // 2
+    s = numerics._positive_scale(scale_d, "scale_d")
+    off = numerics._offset_int8(offset_d)
+    x32 = _flat_f32(x)
+    out = np.empty_like(x32)
+    bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s,
+                             np.float32(-half - off), np.float32(half - 1 - off), out.reshape(-1))
+    if bad:
+        _raise_non_finite((x, "fake_quantize_activation input"))
+    return out
+
+
+def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
+                bits: int = 8) -> npt.NDArray[np.float32]:
+    """:func:`numerics.ulq_forward`, fused: float32 of x's shape. ``bits`` other than 8 needs
+    the scale and offset of that bit width, which numerics does not define yet."""
+    levels = _levels(bits)
+    if levels != 255:
+        raise NumericsError(f"ulq_forward: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
+    s, o = numerics.ulq_scale_offset(clip_min, clip_max)
+    x32 = _flat_f32(x)
+    out = np.empty_like(x32)
+    bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s, np.float32(o),
+                             np.float32(o + levels), out.reshape(-1))
+    if bad:
+        _raise_non_finite((x, "ulq_forward input"))
+    return out
+
+
+def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
+                 bits: int = 8) -> tuple[npt.NDArray[np.float32], float, float]:
+    """:func:`numerics.ulq_backward`, fused: ``(grad_x float32 of x's shape, grad_clip_min,
+    grad_clip_max)``; ``D(v)`` divides by ``2**bits - 1`` (the scale is numerics' 8-bit one)."""
+    levels = _levels(bits)
+    if levels != 255:
+        raise NumericsError(f"ulq_backward: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
+    s, o = numerics.ulq_scale_offset(clip_min, clip_max)
+    _, _, rmin = _range_factors(clip_min, clip_max)
+    x32, g32 = _flat_f32(x), _flat_f32(grad_y)
+    if g32.shape != x32.shape:
+        raise NumericsError(f"ulq_backward: grad_y shape {g32.shape} != x shape {x32.shape}")
+    lo, hi = _ulq_bounds(s, o)
+    grad_x = np.empty_like(x32)
+    sums, bad = _ulq_backward_kernel(x32.reshape(-1), g32.reshape(-1), s, lo, hi, grad_x.reshape(-1))
+    sum_in, sum_above, sum_below = (float(v) for v in sums)
+    if bad:
+        _raise_non_finite((x, "ulq_backward input"), (grad_y, "ulq_backward gradient"))
+    sum_in_d = sum_in / levels
+    d_min = float((np.rint(rmin) - rmin) / levels)
+    grad_max = sum_in_d + sum_above * (d_min + 1.0) + sum_below * d_min
+    grad_min = -sum_in_d - sum_above * d_min + sum_below * (1.0 - d_min)
+    return grad_x, float(grad_min), float(grad_max)
+
+
+def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
+                      channel_axis: Optional[int]) -> npt.NDArray[np.float32]:
+    """:func:`numerics.arq_fake_quantize`, fused: float32 of w's shape."""
+    w32 = numerics._as_f32(w, "arq_fake_quantize weights")
+    s = numerics._weight_scale_b(w32, scale_w, channel_axis).reshape(-1)
+    if channel_axis is None or w32.ndim == 0:
+        w3 = w32.reshape(1, 1, -1)
+    else:
+        ax = channel_axis % w32.ndim
+        w3 = w32.reshape(int(np.prod(w32.shape[:ax])), w32.shape[ax], -1)
+    w3 = np.ascontiguousarray(w3)
+    out = np.empty_like(w3)
+    _arq_kernel(w3, np.ascontiguousarray(s), out)
+    return out.reshape(w32.shape)
+
+
+def _channels_3d(y: np.ndarray, what: str) -> np.ndarray:
+    """A Caffe blob (N, C, ...) as a contiguous float32 (N, C, M) view."""
+    if y.ndim < 2:
+        raise NumericsError(f"{what}: needs (N, C, ...) data, got shape {y.shape}")
+    return np.ascontiguousarray(y, dtype=np.float32).reshape(y.shape[0], y.shape[1], -1)
+
+
+def _shift_factors(deq: npt.ArrayLike, shift_bits: npt.ArrayLike, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(deq float32 (C,), 2^-N float64 (C,), deq * 2^N float32 (C,)), checked as numerics checks them."""
+    d = numerics._per_channel(deq, c, "deq")
+    n = numerics._shift_vector(shift_bits, c, 0, numerics.SHIFT_BITS.stop - 1)
+    mult = np.ldexp(d, n.astype(np.int32)).astype(np.float32)
+    if not np.isfinite(mult).all():
+        raise NumericsError("requantized_output: deq * 2^N overflows float32")
+    return np.ascontiguousarray(d), np.ldexp(1.0, -n), mult
+
+
+@functools.cache
+def _numpy_blas() -> ThreadpoolController:
+    return ThreadpoolController().select(prefix="libscipy_openblas")
+
+
+def numpy_blas_single_threaded():
+    """Context manager: numpy's own OpenBLAS (the wheel's scipy-openblas, not Caffe's) on one
+    thread inside the block. Inside a Caffe net its threads and Caffe's OpenBLAS threads, each
+    pool spinning while the other works, slowed the integer executor's GEMMs tenfold on two cores
+    (bench/integer_executor.py)."""
+    return _numpy_blas().limit(limits=1)
+
+
+def activation_codes(x: npt.ArrayLike, quant_scale: npt.ArrayLike, offset_d: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``numerics.quant_layer_forward(x, quant_scale, offset_d) - offset_d`` as float32 of x's
+    shape: the codes an integer layer multiplies (a Quant layer's int8 minus its offset), fused."""
+    inv = numerics._positive_scale(quant_scale, "quant_scale")
+    off = numerics._offset_int8(offset_d)
+    x32 = _flat_f32(x)
+    out = np.empty_like(x32)
+    if _fake_quant_kernel(x32.reshape(-1), inv, np.float32(1), np.float32(numerics.INT8_MIN - off),
+                          np.float32(numerics.INT8_MAX - off), out.reshape(-1)):
+        _raise_non_finite((x, "Quant layer input"))
+    return out
+
+
+def requantize_accumulator(acc: np.ndarray, bias: np.ndarray, deq: npt.ArrayLike,
+                           shift_bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``numerics.requantized_output(acc + bias[c], deq, shift_bits)`` fused, channel axis 1: the
+    DeQuant output of an integer layer's accumulator (N, C, ...), integer-valued float32 or
+    float64 without the int32 ``bias`` (C,); float32 of acc's shape."""
+    a = np.ascontiguousarray(acc)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    a3 = a.reshape(a.shape[0], a.shape[1], -1)
+    _, inv_shift, mult = _shift_factors(deq, shift_bits, a3.shape[1])
+    out = np.empty(a3.shape, np.float32)
+    b = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (a3.shape[1],))
+    _requantize_accumulator_kernel(a3, np.ascontiguousarray(b), inv_shift, mult, out)
+    return out.reshape(a.shape)
+
+
+def requantize_output(y: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``numerics.requantized_output(numerics.accumulator_from_output(y, deq), deq, shift_bits)``
+    fused, channel axis 1: what a Requantize layer outputs (float32 of y's shape)."""
+    ya = np.asarray(y)
+    y3 = _channels_3d(ya, "requantize_output")
+    d, inv_shift, mult = _shift_factors(deq, shift_bits, y3.shape[1])
+    out = np.empty_like(y3)
+    bad = _requantize_kernel(y3, d, inv_shift, mult, out)
+    if bad:
+        _raise_non_finite((ya, "fake-quant layer output"))
+    return out.reshape(ya.shape)
+
+
+def accumulate_shift_errors(y: npt.ArrayLike, deq: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """:func:`numerics.accumulate_shift_errors` with channel axis 1, fused: float64 (16, C)."""
+    ya = np.asarray(y)
+    y3 = _channels_3d(ya, "shift-N search input")
+    c = y3.shape[1]
+    d = numerics._per_channel(deq, c, "deq").astype(np.float64)
+    errors = np.zeros((len(numerics.SHIFT_BITS), c))
+    if _shift_errors_kernel(y3, d, errors):
+        _raise_non_finite((ya, "shift-N search input"))
+    return errors
+
+
+def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: float = 0.999999,
+                search_start: float = 0.70, search_end: float = 1.30,
+                search_step: float = 0.01) -> tuple[float, float]:
+    """:func:`numerics.ifmr_search` with the candidates' squared errors summed in one pass over
+    the data (every candidate per element) instead of one numpy pass per candidate."""
+    x32, data_min, cand_max, scales, offsets = numerics.ifmr_grids(x, min_percentile, max_percentile, search_start,
+                                                                   search_end, search_step)
+    return numerics.ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
+
+
+def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
+                       symmetric: bool) -> tuple[np.float32, int]:
+    """:func:`numerics.activation_factors` with the fused :func:`ifmr_search`."""
+    return numerics.activation_factors(batches, ifmr, symmetric, search=ifmr_search)
+
+
+def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> npt.NDArray[np.float64]:
+    """:func:`numerics.ifmr_squared_errors`, fused: float64 (len(scales),)."""
+    k_lo = (numerics.INT8_MIN - offsets).astype(np.float32)
+    k_hi = (numerics.INT8_MAX - offsets).astype(np.float32)
+    return _ifmr_errors_kernel(np.ascontiguousarray(x32.reshape(-1), dtype=np.float32),
+                               numerics.quant_multiplier(scales), scales.astype(np.float32), k_lo, k_hi)
