@@ -208,10 +208,12 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         # The first error names the node (``<layer>/...``); the rest follow from it.
-        # Node names start with the layer's name ("fc/float_accumulator").
-        node = re.search(r"node name: ([^/\s)]+)/", str(err))
-        layer = f" at layer '{node.group(1)}'" if node else ""
-        raise ModelError(f"{model_file} / {weights_file}: the ONNX graph does not check{layer} (weights that do not "
+        # Node names are the layer's name or start with it ("fc", "fc/Gemm"); layer names may hold "/".
+        node = re.search(r"node name: ([^\s)]+)", str(err))
+        owners = [layer.name for layer in net.layer
+                  if node and (node.group(1) == layer.name or node.group(1).startswith(layer.name + "/"))]
+        at = f" at layer '{max(owners, key=len)}'" if owners else ""
+        raise ModelError(f"{model_file} / {weights_file}: the ONNX graph does not check{at} (weights that do not "
                          f"fit the model?): {str(err).splitlines()[0]}") from None
     atomic_write(onnx_file, model.SerializeToString())
     LOG.info("exported %s (%s, %d quantized layers, %d nodes) to %s", model_file, mode,
