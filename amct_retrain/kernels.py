@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Optional
 
 import numba
 import numpy as np
@@ -307,7 +306,7 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
 
 
 def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                      channel_axis: Optional[int]) -> npt.NDArray[np.float32]:
+                      channel_axis: int | None) -> npt.NDArray[np.float32]:
     """:func:`numerics.arq_fake_quantize`, fused: float32 of w's shape."""
     w32 = numerics._as_f32(w, "arq_fake_quantize weights")
     s = numerics._weight_scale_b(w32, scale_w, channel_axis).reshape(-1)

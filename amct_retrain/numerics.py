@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -399,7 +398,7 @@ def _valid_clip_pair(cmin: float, cmax: float) -> bool:
 
 
 def ulq_sanitize_clips(clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                       last_valid: Optional[tuple[float, float]],
+                       last_valid: tuple[float, float] | None,
                        fixed_min: bool) -> tuple[float, float]:
     """The clip pair ULQ actually uses this step.
 
@@ -710,7 +709,7 @@ def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
 # --------------------------------------------------------------------------- ARQ weights
 
 
-def arq_scale(w: npt.ArrayLike, channel_axis: Optional[int]) -> npt.NDArray[np.float32]:
+def arq_scale(w: npt.ArrayLike, channel_axis: int | None) -> npt.NDArray[np.float32]:
     """ARQ symmetric weight scales, ``offset_w = 0``.
 
     Per channel (or per tensor): ``a`` = the one of max/min with the larger magnitude
@@ -742,7 +741,7 @@ def arq_scale(w: npt.ArrayLike, channel_axis: Optional[int]) -> npt.NDArray[np.f
     return scale
 
 
-def _weight_scale_b(w32: np.ndarray, scale_w: npt.ArrayLike, channel_axis: Optional[int]) -> np.ndarray:
+def _weight_scale_b(w32: np.ndarray, scale_w: npt.ArrayLike, channel_axis: int | None) -> np.ndarray:
     """scale_w as float32, shaped to broadcast against w32 on channel_axis."""
     if channel_axis is None:
         s = np.asarray(scale_w, dtype=np.float32).reshape(-1)
@@ -755,7 +754,7 @@ def _weight_scale_b(w32: np.ndarray, scale_w: npt.ArrayLike, channel_axis: Optio
 
 
 def arq_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                 channel_axis: Optional[int]) -> npt.NDArray[np.int8]:
+                 channel_axis: int | None) -> npt.NDArray[np.int8]:
     """``clamp(rint(w / scale_w), -128, 127)`` with scale_w broadcast on channel_axis.
 
     Args:
@@ -772,7 +771,7 @@ def arq_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
 
 
 def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                      channel_axis: Optional[int]) -> npt.NDArray[np.float32]:
+                      channel_axis: int | None) -> npt.NDArray[np.float32]:
     """``arq_quantize(w, scale_w, channel_axis) * scale_w`` in float32 (w's shape)."""
     w32 = _as_f32(w, "arq_fake_quantize weights")
     s = _weight_scale_b(w32, scale_w, channel_axis)

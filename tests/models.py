@@ -171,7 +171,7 @@ def resnet_net(batch: int = 2, size: int = 32, classes: int = 10) -> caffe_pb2.N
     bottom = n.pool1
     for block, (mid, out, stride, project) in {"2a": (8, 32, 1, True), "2b": (8, 32, 1, False),
                                                "3a": (16, 64, 2, True)}.items():
-        def conv(branch, bottom_, num_output, kernel, stride_=1, pad=0, relu=True):
+        def conv(branch, bottom_, num_output, kernel, stride_=1, pad=0, relu=True, block=block):
             return _conv_bn(n, f"res{block}_{branch}", bottom_, num_output, kernel, stride_, pad,
                             bn=f"bn{block}_{branch}", scale=f"scale{block}_{branch}",
                             relu=f"res{block}_{branch}_relu" if relu else None)

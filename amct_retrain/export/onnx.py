@@ -176,7 +176,7 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
 
     final_writers = {top: unit_name(u) for u in units for top in unit_tops(u)}
     g = Graph(model_file, set(inputs) | set(final_writers), final_writers)
-    finish: Callable[[Graph], None] = lambda g: None
+    finish: Callable[[Graph], None] | None = None  # the standard form's pass over the whole graph
     if mode == "exact":
         convert_quantized: QuantizedConverter = _exact_quantized
     else:
@@ -196,7 +196,8 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
             g.scope = unit.name
             params = [model_io.blob_to_array(b, weights_file, unit.name) for b in deploy.get(unit.name, [])]
             fl.FLOAT_CONVERTERS[unit.type](g, unit, params)
-    finish(g)
+    if finish is not None:
+        finish(g)
 
     graph = helper.make_graph(g.nodes, net.name or "caffe_net", g.inputs, g.output_infos(), g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
