@@ -205,7 +205,7 @@ class DeferredWrites:
 
     Writers ``join()`` when they are set up and get a token; the latest token stands for the last
     writer of the net built last, which runs after the others in each forward pass and calls
-    ``forward_done(token)``: the updates collected in that pass are then written at once.
+    ``forward_pass(token)`` around its forward: the updates collected in that pass are then written at once.
     """
 
     def __init__(self, path: str) -> None:
@@ -227,8 +227,15 @@ class DeferredWrites:
         _make_patch(self.path, layer, fields)
         self.pending.setdefault(layer, {}).update(fields)
 
-    def forward_done(self, token: int) -> None:
-        """Called by each writer after its forward; the last writer writes what is pending."""
+    @contextlib.contextmanager
+    def forward_pass(self, token: int) -> Iterator[None]:
+        """Around each writer's forward: after the last writer's, what is pending is written; a
+        forward that raises drops what is pending, so a failed pass leaves the record as it was."""
+        try:
+            yield
+        except BaseException:
+            self.pending = {}
+            raise
         if token == self.last_token:
             self.flush()
 

@@ -41,10 +41,8 @@ class _Observer(caffe.Layer):
     def forward(self, bottom, top):
         if self.phase != TEST:
             return
-        try:
+        with self.record_writes.forward_pass(self.writer_token):
             self._observe(bottom[0].data)
-        finally:
-            self.record_writes.forward_done(self.writer_token)
 
     def _observe(self, x: np.ndarray) -> None:
         if self.count >= self.batch_num:

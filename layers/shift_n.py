@@ -58,10 +58,8 @@ class ShiftNSearch(caffe.Layer):
     def forward(self, bottom, top):
         if self.phase != TEST:
             return
-        try:
+        with self.record_writes.forward_pass(self.writer_token):
             self._search(bottom[0].data)
-        finally:
-            self.record_writes.forward_done(self.writer_token)
 
     def _search(self, y: np.ndarray) -> None:
         if self.log is not None:

@@ -269,10 +269,28 @@ def test_deferred_writes_give_the_file_of_the_updates_one_by_one(tmp_path):
         deferred.update(layer, **fields)
     assert deferred.layer("conv1").scale_w == [0.25, 0.125] and not deferred.layer("conv1").HasField("offset_d")
     assert deferred.layer("kept").scale_d == 2.0 and deferred.layer("nothing") is None
-    deferred.forward_done(first)
-    assert set(record.read_record(one_by_one)) > set(_read_file_layers(deferred_file)), "first writer wrote"
-    deferred.forward_done(last)
+    with deferred.forward_pass(first):
+        pass
+    assert set(record.read_record(one_by_one)) > set(_read_file_layers(deferred_file)), \
+        "a writer other than the last one wrote the pending updates"
+    with deferred.forward_pass(last):
+        pass
     assert deferred_file.read_bytes() == one_by_one.read_bytes()
+
+
+def test_a_pass_that_raises_leaves_the_record_as_it_was(tmp_path):
+    path = tmp_path / "r.txt"
+    record.update_layer_record(path, "conv1", scale_d=2.0)
+    before = path.read_bytes()
+    deferred = record.deferred_writes(path)
+    first, last = deferred.join(), deferred.join()
+    with deferred.forward_pass(first):
+        deferred.update("conv1", scale_d=0.5)
+    with pytest.raises(RuntimeError), deferred.forward_pass(last):
+        deferred.update("fc", shift_bit=[3])
+        raise RuntimeError("a layer failed in the pass")
+    deferred.flush()  # what process exit would write
+    assert path.read_bytes() == before, "a failed pass wrote part of its updates"
 
 
 def test_deferred_writes_are_checked_at_once_and_flushed_by_a_read(tmp_path):
