@@ -31,7 +31,10 @@ import numpy.typing as npt
 from threadpoolctl import ThreadpoolController
 
 from amct_retrain import numerics
-from amct_retrain.numerics import NumericsError, _range_factors, _ulq_bounds
+from amct_retrain.numerics import NumericsError
+from amct_retrain.numerics.activation import _range_factors, _ulq_bounds
+from amct_retrain.numerics.arq import _weight_scale_b
+from amct_retrain.numerics.checks import _as_f32, _offset_int8, _per_channel, _positive_scale, _shift_vector
 
 __all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
            "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
@@ -252,8 +255,8 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d:
     """:func:`numerics.fake_quantize_activation`, fused: float32 of x's shape. With ``bits`` < 8
     the codes are those of a ``bits``-bit grid: ``[-2**(bits-1) - offset_d, 2**(bits-1) - 1 - offset_d]``."""
     half = (_levels(bits) + 1) // 2
-    s = numerics._positive_scale(scale_d, "scale_d")
-    off = numerics._offset_int8(offset_d)
+    s = _positive_scale(scale_d, "scale_d")
+    off = _offset_int8(offset_d)
     x32 = _flat_f32(x)
     out = np.empty_like(x32)
     bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s,
@@ -308,8 +311,8 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
 def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
                       channel_axis: int | None) -> npt.NDArray[np.float32]:
     """:func:`numerics.arq_fake_quantize`, fused: float32 of w's shape."""
-    w32 = numerics._as_f32(w, "arq_fake_quantize weights")
-    s = numerics._weight_scale_b(w32, scale_w, channel_axis).reshape(-1)
+    w32 = _as_f32(w, "arq_fake_quantize weights")
+    s = _weight_scale_b(w32, scale_w, channel_axis).reshape(-1)
     if channel_axis is None or w32.ndim == 0:
         w3 = w32.reshape(1, 1, -1)
     else:
@@ -330,8 +333,8 @@ def _channels_3d(y: np.ndarray, what: str) -> np.ndarray:
 
 def _shift_factors(deq: npt.ArrayLike, shift_bits: npt.ArrayLike, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(deq float32 (C,), 2^-N float64 (C,), deq * 2^N float32 (C,)), checked as numerics checks them."""
-    d = numerics._per_channel(deq, c, "deq")
-    n = numerics._shift_vector(shift_bits, c, 0, numerics.SHIFT_BITS.stop - 1)
+    d = _per_channel(deq, c, "deq")
+    n = _shift_vector(shift_bits, c, 0, numerics.SHIFT_BITS.stop - 1)
     mult = np.ldexp(d, n.astype(np.int32)).astype(np.float32)
     if not np.isfinite(mult).all():
         raise NumericsError("requantized_output: deq * 2^N overflows float32")
@@ -354,8 +357,8 @@ def numpy_blas_single_threaded():
 def activation_codes(x: npt.ArrayLike, quant_scale: npt.ArrayLike, offset_d: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """``numerics.quant_layer_forward(x, quant_scale, offset_d) - offset_d`` as float32 of x's
     shape: the codes an integer layer multiplies (a Quant layer's int8 minus its offset), fused."""
-    inv = numerics._positive_scale(quant_scale, "quant_scale")
-    off = numerics._offset_int8(offset_d)
+    inv = _positive_scale(quant_scale, "quant_scale")
+    off = _offset_int8(offset_d)
     x32 = _flat_f32(x)
     out = np.empty_like(x32)
     if _fake_quant_kernel(x32.reshape(-1), inv, np.float32(1), np.float32(numerics.INT8_MIN - off),
@@ -398,7 +401,7 @@ def accumulate_shift_errors(y: npt.ArrayLike, deq: npt.ArrayLike) -> npt.NDArray
     ya = np.asarray(y)
     y3 = _channels_3d(ya, "shift-N search input")
     c = y3.shape[1]
-    d = numerics._per_channel(deq, c, "deq").astype(np.float64)
+    d = _per_channel(deq, c, "deq").astype(np.float64)
     errors = np.zeros((len(numerics.SHIFT_BITS), c))
     if _shift_errors_kernel(y3, d, errors):
         _raise_non_finite((ya, "shift-N search input"))

@@ -16,6 +16,9 @@ PACKAGE, LAYERS_PACKAGE = "amct_retrain", "amct_retrain_layers"  # layers/ insta
 ROWS: list[tuple[str, ...]] = [
     ("errors", "caffe_build"),
     ("fileio",),
+    ("numerics.checks",),  # the numerics package, its modules bottom up
+    ("numerics.activation", "numerics.arq"),
+    ("numerics.ifmr", "numerics.integer"),
     ("numerics", "feeding", "caffe_proto"),
     ("kernels",),
     ("record", "tensorboard", "analysis.metrics", "analysis.plots"),

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from amct_retrain import numerics as nq
+from amct_retrain.numerics.ifmr import _ifmr_candidates
 
 F32 = np.float32
 TINY = float(np.finfo(np.float32).tiny)
@@ -303,7 +304,7 @@ def test_fraction_clipped_hand():
 
 
 def test_ifmr_candidates_are_exact():
-    k = nq._ifmr_candidates(0.70, 1.30, 0.01)
+    k = _ifmr_candidates(0.70, 1.30, 0.01)
     assert k.size == 61, f"expected 61 candidates, got {k.size}"
     assert k[0] == 0.7 and k[30] == 1.0 and k[60] == 1.3, f"drift in candidates: {k[[0, 30, 60]]}"
     assert np.array_equal(k, np.arange(70, 131) / 100), "candidates must be i/100 exactly"

@@ -1,0 +1,162 @@
+"""Shared pieces of the numerics: the integer ranges, the errors, argument checks and the
+float32 grid rounding every weight path uses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from amct_retrain.errors import NumericsError
+
+
+INT8_MIN, INT8_MAX = -128, 127
+INT16_MIN, INT16_MAX = -32768, 32767
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+SHIFT_BITS = range(1, 17)
+
+#: Width given to an activation range whose scale would not be a positive normal
+#: float32 (a layer that saw only zeros). A unit width rather than the smallest
+#: normal one keeps ``1/scale_d`` (the Quant layer's parameter) and
+#: ``bias / (scale_d * scale_w)`` (the int32 bias) far from overflow for such a layer.
+DEGENERATE_RANGE_WIDTH = 1.0
+
+_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest positive normal float32
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_EPS = np.float32(np.finfo(np.float32).eps)
+
+
+class NonFiniteError(NumericsError):
+    """An array that must be finite holds NaN or Inf values."""
+
+
+class BiasOverflowError(NumericsError):
+    """A quantized bias does not fit int32; the layer must be skipped."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_finite(x: npt.ArrayLike, what: str) -> None:
+    """Raise NonFiniteError if ``x`` holds NaN or Inf.
+
+    Args:
+        x: any array-like; integer and boolean arrays are finite by construction.
+        what: names the data in the message, e.g. ``"layer 'conv1' input"``.
+
+    Raises:
+        NonFiniteError: the message names ``what`` and counts the NaN and Inf values.
+    """
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.inexact):
+        return
+    if np.isfinite(a).all():
+        return
+    n_nan = int(np.count_nonzero(np.isnan(a)))
+    n_inf = int(np.count_nonzero(np.isinf(a)))
+    raise NonFiniteError(
+        f"{what}: {n_nan + n_inf} of {a.size} values are NaN/Inf "
+        f"({n_nan} NaN, {n_inf} Inf); the numbers diverged or the data is corrupt")
+
+
+@contextlib.contextmanager
+def errors_named(who: str) -> Iterator[None]:
+    """Prefix ``who`` (e.g. "ActivationULQ layer 'conv1_ulq'") to any NumericsError raised in
+    the block, so a caller names itself without checking its arrays a second time."""
+    try:
+        yield
+    except NumericsError as err:
+        raise type(err)(f"{who}: {err}") from None
+
+
+def _scalar(v: npt.ArrayLike, what: str, finite: bool = True) -> float:
+    """A python float from a number or a size-1 array (Caffe blobs are (1,)); finite if asked."""
+    a = np.asarray(v, dtype=np.float64)
+    if a.size != 1:
+        raise NumericsError(f"{what}: expected one number, got shape {a.shape}")
+    f = float(a.reshape(()))
+    if finite and not np.isfinite(f):
+        raise NonFiniteError(f"{what}: value is NaN/Inf ({f})")
+    return f
+
+
+def _positive_scale(v: npt.ArrayLike, what: str) -> np.float32:
+    """A scale as np.float32, checked positive and finite after the float32 rounding."""
+    f = _scalar(v, what)
+    s = np.float32(f) if abs(f) <= _F32_MAX else np.float32(np.inf)  # no overflow warning
+    if not (np.isfinite(s) and s > 0):
+        raise NumericsError(f"{what}: a scale must be a positive finite float32, got {s!r}")
+    return s
+
+
+def _offset_int8(v: npt.ArrayLike, what: str = "offset_d") -> int:
+    f = _scalar(v, what)
+    if f != round(f) or not INT8_MIN <= f <= INT8_MAX:
+        raise NumericsError(f"{what}: must be an integer in [{INT8_MIN}, {INT8_MAX}], got {f!r}")
+    return int(f)
+
+
+def _as_f32(x: npt.ArrayLike, what: str) -> np.ndarray:
+    """Check finiteness on the caller's data, then view/convert it as float32."""
+    check_finite(x, what)
+    return np.asarray(x, dtype=np.float32)
+
+
+def _norm_axis(axis: int, ndim: int, what: str) -> int:
+    if not -ndim <= axis < ndim:
+        raise NumericsError(f"{what}: channel_axis {axis} out of range for a {ndim}-D array")
+    return axis % ndim
+
+
+def _per_channel(v: npt.ArrayLike, n: int, what: str) -> np.ndarray:
+    """A float32 vector of length ``n`` from length ``n`` or 1 (broadcast), positive finite."""
+    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    if a.size not in (1, n):
+        raise NumericsError(f"{what}: expected 1 or {n} values, got {a.size}")
+    bad = ~(np.isfinite(a) & (a > 0))
+    if bad.any():
+        c = int(np.argmax(bad))
+        raise NumericsError(f"{what}: must be positive finite float32 values; entry {c} is {a[c]!r}")
+    return np.broadcast_to(a, (n,))
+
+
+def _int_vector(values: npt.ArrayLike, n: int, lo: int, hi: int, what: str) -> np.ndarray:
+    """An int64 vector of length ``n`` (length 1 broadcasts) of integers in [lo, hi]."""
+    a = np.asarray(values).reshape(-1)
+    if a.size not in (1, n):
+        raise NumericsError(f"{what}: expected 1 or {n} values, got {a.size}")
+    if not (np.issubdtype(a.dtype, np.integer) or np.all(a == np.round(a))):
+        raise NumericsError(f"{what}: must be integers, got {a!r}")
+    a = a.astype(np.int64)
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise NumericsError(f"{what}: must lie in [{lo}, {hi}], got {a.min()}..{a.max()}")
+    return np.broadcast_to(a, (n,))
+
+
+def _shift_vector(shift_bits: npt.ArrayLike, n: int, lo: int, hi: int) -> np.ndarray:
+    """Shift bits as an int64 vector of length ``n`` (length 1 broadcasts) in [lo, hi]."""
+    return _int_vector(shift_bits, n, lo, hi, "shift_bits")
+
+
+def _channel_shape(ndim: int, axis: int, n: int) -> tuple[int, ...]:
+    """Shape that broadcasts a length-``n`` vector along ``axis`` of an ``ndim``-D array."""
+    shape = [1] * ndim
+    shape[axis] = n
+    return tuple(shape)
+
+
+def _grid_f32(x32: np.ndarray, scale: npt.ArrayLike, k_lo: npt.ArrayLike,
+              k_hi: npt.ArrayLike) -> np.ndarray:
+    """``clip(rint(x / scale), k_lo, k_hi)`` in float32 (integer-valued); shapes broadcast.
+
+    Every weight path goes through this one function (activations through
+    ``_activation_codes_f32``), which is why they agree bit for bit.
+    """
+    shape = np.broadcast_shapes(np.shape(x32), np.shape(scale), np.shape(k_lo), np.shape(k_hi))
+    k = np.empty(shape, dtype=np.float32)
+    np.divide(x32, scale, out=k)
+    np.rint(k, out=k)
+    np.clip(k, k_lo, k_hi, out=k)
+    return k
