@@ -17,8 +17,9 @@ Compiled code is cached (``cache=True``) in ``__pycache__`` beside this file, or
 not writable (an installed package), in numba's per-user cache directory; the first process
 compiles (a few seconds), later ones (``caffe train`` included) load it in milliseconds.
 
-Kernels take the bit width (2..8, default 8) where the grid or a gradient depends on it: the
-grid then has ``2**bits`` codes and ULQ's ``D(v)`` divides by ``2**bits - 1``.
+Kernels take the bit width ``num_bits`` (2..8, default 8) where numerics does, with its meaning
+(:func:`numerics.bit_width`): the grid has ``2**num_bits`` codes and ULQ's ``D(v)`` divides by
+``2**num_bits - 1``.
 """
 from __future__ import annotations
 
@@ -32,23 +33,15 @@ from threadpoolctl import ThreadpoolController
 
 from amct_retrain import numerics
 from amct_retrain.numerics import NumericsError
-from amct_retrain.numerics.activation import _range_factors, _ulq_bounds
+from amct_retrain.numerics.activation import _range_factors
 from amct_retrain.numerics.arq import _weight_scale_b
-from amct_retrain.numerics.checks import _as_f32, _offset_int8, _per_channel, _positive_scale, _shift_vector
+from amct_retrain.numerics.checks import DEFAULT_BITS, _as_f32, _offset_code, _per_channel, _positive_scale, _shift_vector
 
 __all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
            "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
-           "activation_factors", "BITS_RANGE"]
+           "activation_factors"]
 
-BITS_RANGE = range(2, 9)
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
-
-
-def _levels(bits: int) -> int:
-    """``2**bits - 1``: the number of steps of a ``bits``-bit grid."""
-    if bits not in BITS_RANGE:
-        raise NumericsError(f"bit width must be in {BITS_RANGE.start}..{BITS_RANGE.stop - 1}, got {bits!r}")
-    return 2 ** bits - 1
 
 
 def _flat_f32(x: npt.ArrayLike) -> np.ndarray:
@@ -136,13 +129,13 @@ def _ulq_backward_kernel(x, g, scale, lo, hi, grad_x):
 
 
 @numba.njit(**_JIT)
-def _arq_kernel(w, scale, out):
-    """w, out (A, C, B) float32, scale (C,): out = clip(rint(w / scale[c]), -128, 127) * scale[c]."""
+def _arq_kernel(w, scale, k_lo, k_hi, out):
+    """w, out (A, C, B) float32, scale (C,): out = clip(rint(w / scale[c]), k_lo, k_hi) * scale[c]."""
     for a in range(w.shape[0]):
         for c in range(w.shape[1]):
             s = scale[c]
             for b in range(w.shape[2]):
-                out[a, c, b] = min(max(np.rint(w[a, c, b] / s), np.float32(-128.0)), np.float32(127.0)) * s
+                out[a, c, b] = min(max(np.rint(w[a, c, b] / s), k_lo), k_hi) * s
 
 
 @numba.njit(inline="always")
@@ -251,29 +244,25 @@ def _ifmr_errors_kernel(x, multipliers, scales, k_lo, k_hi):
 
 
 def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d: npt.ArrayLike,
-                             bits: int = 8) -> npt.NDArray[np.float32]:
-    """:func:`numerics.fake_quantize_activation`, fused: float32 of x's shape. With ``bits`` < 8
-    the codes are those of a ``bits``-bit grid: ``[-2**(bits-1) - offset_d, 2**(bits-1) - 1 - offset_d]``."""
-    half = (_levels(bits) + 1) // 2
+                             num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
+    """:func:`numerics.fake_quantize_activation`, fused: float32 of x's shape."""
+    bw = numerics.bit_width(num_bits)
     s = _positive_scale(scale_d, "scale_d")
-    off = _offset_int8(offset_d)
+    off = _offset_code(offset_d, bw)
     x32 = _flat_f32(x)
     out = np.empty_like(x32)
-    bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s,
-                             np.float32(-half - off), np.float32(half - 1 - off), out.reshape(-1))
+    bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s, *numerics.code_bounds(bw, off),
+                             out.reshape(-1))
     if bad:
         _raise_non_finite((x, "fake_quantize_activation input"))
     return out
 
 
 def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                bits: int = 8) -> npt.NDArray[np.float32]:
-    """:func:`numerics.ulq_forward`, fused: float32 of x's shape. ``bits`` other than 8 needs
-    the scale and offset of that bit width, which numerics does not define yet."""
-    levels = _levels(bits)
-    if levels != 255:
-        raise NumericsError(f"ulq_forward: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
-    s, o = numerics.ulq_scale_offset(clip_min, clip_max)
+                num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
+    """:func:`numerics.ulq_forward`, fused: float32 of x's shape."""
+    levels = numerics.bit_width(num_bits).levels
+    s, o = numerics.ulq_scale_offset(clip_min, clip_max, num_bits)
     x32 = _flat_f32(x)
     out = np.empty_like(x32)
     bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s, np.float32(o),
@@ -284,18 +273,16 @@ def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLi
 
 
 def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                 bits: int = 8) -> tuple[npt.NDArray[np.float32], float, float]:
+                 num_bits: int = DEFAULT_BITS) -> tuple[npt.NDArray[np.float32], float, float]:
     """:func:`numerics.ulq_backward`, fused: ``(grad_x float32 of x's shape, grad_clip_min,
-    grad_clip_max)``; ``D(v)`` divides by ``2**bits - 1`` (the scale is numerics' 8-bit one)."""
-    levels = _levels(bits)
-    if levels != 255:
-        raise NumericsError(f"ulq_backward: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
-    s, o = numerics.ulq_scale_offset(clip_min, clip_max)
-    _, _, rmin = _range_factors(clip_min, clip_max)
+    grad_clip_max)``."""
+    levels = numerics.bit_width(num_bits).levels
+    s, o = numerics.ulq_scale_offset(clip_min, clip_max, num_bits)
+    _, _, rmin = _range_factors(clip_min, clip_max, num_bits)
     x32, g32 = _flat_f32(x), _flat_f32(grad_y)
     if g32.shape != x32.shape:
         raise NumericsError(f"ulq_backward: grad_y shape {g32.shape} != x shape {x32.shape}")
-    lo, hi = _ulq_bounds(s, o)
+    lo, hi = numerics.ulq_bounds(s, o, num_bits)
     grad_x = np.empty_like(x32)
     sums, bad = _ulq_backward_kernel(x32.reshape(-1), g32.reshape(-1), s, lo, hi, grad_x.reshape(-1))
     sum_in, sum_above, sum_below = (float(v) for v in sums)
@@ -308,8 +295,8 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
     return grad_x, float(grad_min), float(grad_max)
 
 
-def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                      channel_axis: int | None) -> npt.NDArray[np.float32]:
+def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: int | None,
+                      num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
     """:func:`numerics.arq_fake_quantize`, fused: float32 of w's shape."""
     w32 = _as_f32(w, "arq_fake_quantize weights")
     s = _weight_scale_b(w32, scale_w, channel_axis).reshape(-1)
@@ -320,7 +307,7 @@ def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
         w3 = w32.reshape(int(np.prod(w32.shape[:ax])), w32.shape[ax], -1)
     w3 = np.ascontiguousarray(w3)
     out = np.empty_like(w3)
-    _arq_kernel(w3, np.ascontiguousarray(s), out)
+    _arq_kernel(w3, np.ascontiguousarray(s), *numerics.weight_code_bounds(num_bits), out)
     return out.reshape(w32.shape)
 
 
@@ -354,15 +341,16 @@ def numpy_blas_single_threaded():
     return _numpy_blas().limit(limits=1)
 
 
-def activation_codes(x: npt.ArrayLike, quant_scale: npt.ArrayLike, offset_d: npt.ArrayLike) -> npt.NDArray[np.float32]:
-    """``numerics.quant_layer_forward(x, quant_scale, offset_d) - offset_d`` as float32 of x's
-    shape: the codes an integer layer multiplies (a Quant layer's int8 minus its offset), fused."""
+def activation_codes(x: npt.ArrayLike, quant_scale: npt.ArrayLike, offset_d: npt.ArrayLike,
+                     num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
+    """``numerics.quant_layer_forward(x, quant_scale, offset_d, num_bits) - offset_d`` as float32 of
+    x's shape: the codes an integer layer multiplies (a Quant layer's int8 minus its offset), fused."""
+    bw = numerics.bit_width(num_bits)
     inv = _positive_scale(quant_scale, "quant_scale")
-    off = _offset_int8(offset_d)
+    off = _offset_code(offset_d, bw)
     x32 = _flat_f32(x)
     out = np.empty_like(x32)
-    if _fake_quant_kernel(x32.reshape(-1), inv, np.float32(1), np.float32(numerics.INT8_MIN - off),
-                          np.float32(numerics.INT8_MAX - off), out.reshape(-1)):
+    if _fake_quant_kernel(x32.reshape(-1), inv, np.float32(1), *numerics.code_bounds(bw, off), out.reshape(-1)):
         _raise_non_finite((x, "Quant layer input"))
     return out
 
@@ -410,23 +398,24 @@ def accumulate_shift_errors(y: npt.ArrayLike, deq: npt.ArrayLike) -> npt.NDArray
 
 def ifmr_search(x: npt.ArrayLike, min_percentile: float = 1e-6, max_percentile: float = 0.999999,
                 search_start: float = 0.70, search_end: float = 1.30,
-                search_step: float = 0.01) -> tuple[float, float]:
+                search_step: float = 0.01, num_bits: int = DEFAULT_BITS) -> tuple[float, float]:
     """:func:`numerics.ifmr_search` with the candidates' squared errors summed in one pass over
     the data (every candidate per element) instead of one numpy pass per candidate."""
     x32, data_min, cand_max, scales, offsets = numerics.ifmr_grids(x, min_percentile, max_percentile, search_start,
-                                                                   search_end, search_step)
-    return numerics.ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets) / x32.size)
+                                                                   search_end, search_step, num_bits)
+    return numerics.ifmr_choice(data_min, cand_max, ifmr_squared_errors(x32, scales, offsets, num_bits) / x32.size,
+                                num_bits)
 
 
 def activation_factors(batches: Iterable[np.ndarray], ifmr: Mapping[str, float],
-                       symmetric: bool) -> tuple[np.float32, int]:
+                       symmetric: bool, num_bits: int = DEFAULT_BITS) -> tuple[np.float32, int]:
     """:func:`numerics.activation_factors` with the fused :func:`ifmr_search`."""
-    return numerics.activation_factors(batches, ifmr, symmetric, search=ifmr_search)
+    return numerics.activation_factors(batches, ifmr, symmetric, search=ifmr_search, num_bits=num_bits)
 
 
-def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray) -> npt.NDArray[np.float64]:
+def ifmr_squared_errors(x32: np.ndarray, scales: np.ndarray, offsets: np.ndarray,
+                        num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float64]:
     """:func:`numerics.ifmr_squared_errors`, fused: float64 (len(scales),)."""
-    k_lo = (numerics.INT8_MIN - offsets).astype(np.float32)
-    k_hi = (numerics.INT8_MAX - offsets).astype(np.float32)
+    k_lo, k_hi = numerics.ifmr_code_bounds(offsets, num_bits)
     return _ifmr_errors_kernel(np.ascontiguousarray(x32.reshape(-1), dtype=np.float32),
                                numerics.quant_multiplier(scales), scales.astype(np.float32), k_lo, k_hi)

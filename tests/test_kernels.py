@@ -107,13 +107,30 @@ def test_non_finite_data_raises_numerics_error_and_message(bad):
         assert str(got.value) == str(spec.value)
 
 
-def test_ulq_kernels_refuse_a_shape_mismatch_and_bit_widths_numerics_lacks():
+def test_ulq_kernels_refuse_a_shape_mismatch_and_a_bit_width_outside_2_to_8():
     with pytest.raises(numerics.NumericsError, match="shape"):
         kernels.ulq_backward(np.ones(3, np.float32), np.ones(4, np.float32), -1, 1)
-    with pytest.raises(numerics.NumericsError, match="8 bits only"):
-        kernels.ulq_forward(np.ones(3, np.float32), -1, 1, bits=4)
-    with pytest.raises(numerics.NumericsError, match="bit width"):
-        kernels.fake_quantize_activation(np.ones(3, np.float32), 0.1, 0, bits=9)
+    for bad in (1, 9, 4.0, True):
+        with pytest.raises(numerics.NumericsError, match="bit width"):
+            kernels.ulq_forward(np.ones(3, np.float32), -1, 1, num_bits=bad)
+        with pytest.raises(numerics.NumericsError, match="bit width"):
+            kernels.fake_quantize_activation(np.ones(3, np.float32), 0.1, 0, num_bits=bad)
+
+
+@pytest.mark.parametrize("num_bits", [2, 3, 4, 7, 8])
+@pytest.mark.parametrize("clips", [(-1.0, 1.0), (0.0, 6.0), (-3.7, 0.2), (-1e-3, 250.0)])
+def test_ulq_kernels_are_numerics_at_every_bit_width(num_bits, clips):
+    x = np.concatenate([edge_values(*clips), np.linspace(clips[0] * 2 - 1, clips[1] * 2, 3001, dtype=np.float32)])
+    g = np.linspace(-2, 3, x.size, dtype=np.float32)
+    y = kernels.ulq_forward(x, *clips, num_bits=num_bits)
+    assert same_bits(y, numerics.ulq_forward(x, *clips, num_bits=num_bits))
+    s, o = numerics.ulq_scale_offset(*clips, num_bits=num_bits)
+    codes = np.unique(np.rint(y / s))
+    assert codes.size == 2 ** num_bits and codes[0] == o, f"{num_bits}-bit ULQ grid: {codes.size} codes from {codes[0]}"
+    got, spec = (kernels.ulq_backward(x, g, *clips, num_bits=num_bits),
+                 numerics.ulq_backward(x, g, *clips, num_bits=num_bits))
+    assert same_bits(got[0], spec[0])
+    assert got[1:] == pytest.approx(spec[1:], rel=1e-12, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- fixed fake quant, ARQ
@@ -126,16 +143,43 @@ def test_fake_quantize_activation_is_numerics_bit_for_bit(x, scale, offset):
                      numerics.fake_quantize_activation(x, scale, offset))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 7])
-def test_a_lower_bit_width_keeps_the_codes_on_its_grid(bits):
+@pytest.mark.parametrize("num_bits", [2, 4, 7, 8])
+def test_a_lower_bit_width_keeps_the_codes_on_its_grid(num_bits):
     x = np.linspace(-40, 40, 1001, dtype=np.float32)
     scale, offset = F32(0.05), 1
-    y = kernels.fake_quantize_activation(x, scale, offset, bits=bits)
+    y = kernels.fake_quantize_activation(x, scale, offset, num_bits=num_bits)
+    assert same_bits(y, numerics.fake_quantize_activation(x, scale, offset, num_bits=num_bits))
     k = np.rint(y / scale) + offset
-    half = 2 ** (bits - 1)
-    assert k.min() == -half and k.max() == half - 1, f"{bits}-bit codes span {k.min()}..{k.max()}"
+    half = 2 ** (num_bits - 1)
+    assert k.min() == -half and k.max() == half - 1, f"{num_bits}-bit codes span {k.min()}..{k.max()}"
     inside = (x / scale + offset > -half + 1) & (x / scale + offset < half - 2)
     assert same_bits(y[inside], numerics.fake_quantize_activation(x, scale, offset)[inside])
+    codes = kernels.activation_codes(x, numerics.quant_multiplier(scale), offset, num_bits)
+    assert np.array_equal(codes, numerics.quant_layer_forward(x, numerics.quant_multiplier(scale), offset,
+                                                              num_bits).astype(np.float32) - F32(offset))
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+def test_arq_kernel_is_numerics_at_every_bit_width(num_bits):
+    w = np.random.default_rng(num_bits).standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w[1] *= -1  # channels whose extreme is negative too (scale a / -2**(b-1))
+    for axis in (0, 1, None):
+        scale = numerics.arq_scale(w, axis, num_bits)
+        fq = kernels.arq_fake_quantize(w, scale, axis, num_bits)
+        assert same_bits(fq, numerics.arq_fake_quantize(w, scale, axis, num_bits))
+        codes = numerics.arq_quantize(w, scale, axis, num_bits)
+        assert codes.min() >= -2 ** (num_bits - 1) and codes.max() <= 2 ** (num_bits - 1) - 1
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+def test_ifmr_kernels_are_numerics_at_every_bit_width(num_bits):
+    rng = np.random.default_rng(num_bits)
+    x = (np.maximum(rng.standard_normal(20_001), -0.3) * 3).astype(np.float32)
+    assert kernels.ifmr_search(x, num_bits=num_bits) == numerics.ifmr_search(x, num_bits=num_bits)
+    batches = [x[:10_000].reshape(4, -1), x[10_000:]]
+    for symmetric in (False, True):
+        assert (kernels.activation_factors(batches, {}, symmetric, num_bits)
+                == numerics.activation_factors(batches, {}, symmetric, num_bits=num_bits))
 
 
 @FAST

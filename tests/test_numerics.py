@@ -562,3 +562,95 @@ def test_errors_named_prefixes_the_caller_and_keeps_the_error_type():
     ((2, 8, 1, 1), 8, True), ((2, 8, 1, 1), 1, False), ((2, 8, 2, 1), 8, False), ((2, 8), 8, False), ((), 8, False)])
 def test_a_global_conv_has_a_1x1_output_and_per_channel_scales(shape, scales, expected):
     assert nq.is_global_conv(shape, scales) is expected, f"output {shape} with {scales} scales"
+
+
+# --------------------------------------------------------------------------- bit widths
+
+
+@pytest.mark.parametrize("num_bits", range(2, 9))
+def test_bit_width_gives_the_signed_code_range_and_the_steps(num_bits):
+    bw = nq.bit_width(num_bits)
+    assert (bw.code_min, bw.code_max, bw.levels) == (-(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1,
+                                                     2 ** num_bits - 1)
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, -8, 4.0, True, "8", None])
+def test_a_bit_width_outside_2_to_8_is_refused_by_name(bad):
+    with pytest.raises(nq.NumericsError, match=r"num_bits.*2\.\.8"):
+        nq.bit_width(bad)
+    with pytest.raises(nq.NumericsError, match="num_bits"):
+        nq.scale_offset_from_range(-1.0, 1.0, bad)
+
+
+@pytest.mark.parametrize("num_bits", [2, 3, 4, 6, 8])
+def test_activation_factors_at_a_bit_width(num_bits):
+    bw = nq.bit_width(num_bits)
+    s, off = nq.scale_offset_from_range(-1.0, 1.0, num_bits)
+    assert s == np.float32(2.0 / bw.levels) and off == 0, "a symmetric range has offset 0 at every width"
+    s, off = nq.scale_offset_from_range(0.0, 3.0, num_bits)
+    assert s == np.float32(3.0 / bw.levels) and off == bw.code_min, "a ReLU range starts at the lowest code"
+    x = np.linspace(-2, 5, 2001, dtype=np.float32)
+    q = nq.quantize_activation(x, s, off, num_bits)
+    assert q.dtype == np.int8 and (q.min(), q.max()) == (bw.code_min, bw.code_max)
+    assert np.array_equal(nq.dequantize_activation(q, s, off, num_bits), nq.fake_quantize_activation(x, s, off, num_bits))
+    lo, hi = nq.activation_grid_bounds(s, off, num_bits)
+    assert lo == 0 and hi == np.float32(bw.levels) * s
+    with pytest.raises(nq.NumericsError, match=f"{num_bits}-bit codes"):
+        nq.fake_quantize_activation(x, s, bw.code_max + 1, num_bits)
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+@pytest.mark.parametrize("clips", [(-1.0, 1.0), (0.0, 6.0), (-3.7, 0.2)])
+def test_ulq_at_a_bit_width_is_the_fixed_quantizer_of_its_deploy_factors(num_bits, clips):
+    x = np.linspace(clips[0] * 2 - 1, clips[1] * 2 + 1, 4001, dtype=np.float32)
+    y = nq.ulq_forward(x, *clips, num_bits=num_bits)
+    scale_d, offset_d = nq.ulq_deploy_factors(*clips, num_bits=num_bits)
+    assert y.tobytes() == nq.fake_quantize_activation(x, scale_d, offset_d, num_bits).tobytes()
+    assert np.unique(y).size == 2 ** num_bits
+    s, o = nq.ulq_scale_offset(*clips, num_bits=num_bits)
+    assert s == np.float32((clips[1] - clips[0]) / (2 ** num_bits - 1))
+    assert nq.ulq_to_deploy_offset(o, num_bits) == offset_d
+    lo, hi = nq.ulq_bounds(s, o, num_bits)
+    inside = (x >= lo) & (x <= hi)
+    grad_x, _, _ = nq.ulq_backward(x, np.ones_like(x), *clips, num_bits=num_bits)
+    assert np.array_equal(grad_x != 0, inside), "straight-through exactly inside the b-bit grid"
+    assert nq.fraction_clipped(x, *clips, num_bits=num_bits) == pytest.approx(1 - inside.mean())
+
+
+def test_ulq_clip_gradient_divides_by_the_steps_of_the_bit_width():
+    """Inside the grid the clip gradient is sum(g * (rint(x/s) - x/s)) / L: with the same x/s
+    values, a 4-bit grid (L = 15) gives 255/15 = 17 times the 8-bit gradient."""
+    s8, _ = nq.ulq_scale_offset(0.0, 255.0)  # s = 1 at 8 bits
+    s4, _ = nq.ulq_scale_offset(0.0, 15.0, 4)  # s = 1 at 4 bits
+    assert s8 == s4 == 1
+    x = np.array([0.3, 1.2, 2.45, 7.9], np.float32)
+    g = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+    _, gmin8, gmax8 = nq.ulq_backward(x, g, 0.0, 255.0)
+    _, gmin4, gmax4 = nq.ulq_backward(x, g, 0.0, 15.0, 4)
+    assert gmax4 == pytest.approx(17 * gmax8) and gmin4 == pytest.approx(17 * gmin8)
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+def test_arq_at_a_bit_width_uses_the_symmetric_b_bit_range(num_bits):
+    bw = nq.bit_width(num_bits)
+    w = np.array([[0.5, -0.1, 1.4], [-2.0, 0.3, 1.9]], np.float32)  # row 0: max wins, row 1: min wins
+    scale = nq.arq_scale(w, 0, num_bits)
+    assert scale.tolist() == [np.float32(1.4) / np.float32(bw.code_max), np.float32(-2.0) / np.float32(bw.code_min)]
+    q = nq.arq_quantize(w, scale, 0, num_bits)
+    assert q[0].max() == bw.code_max and q[1].min() == bw.code_min
+    assert q.max() <= bw.code_max, "1.9 / (2.0 / 2**(b-1)) rounds above the range and is clamped"
+    assert np.array_equal(nq.arq_fake_quantize(w, scale, 0, num_bits), q.astype(np.float32) * scale[:, None])
+
+
+@pytest.mark.parametrize("num_bits", [2, 4])
+def test_ifmr_at_a_bit_width_measures_the_error_of_its_own_grid(num_bits):
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(5000), 0).astype(np.float32)
+    lo, hi = nq.ifmr_search(x, num_bits=num_bits)
+    s, off = nq.scale_offset_from_range(lo, hi, num_bits)
+    mse = float(np.mean((nq.fake_quantize_activation(x, s, off, num_bits).astype(np.float64) - x) ** 2))
+    for k in (0.7, 1.0, 1.3):  # candidates of the default grid
+        sk, ok = nq.scale_offset_from_range(0.0, k * float(np.max(x)), num_bits)
+        other = float(np.mean((nq.fake_quantize_activation(x, sk, ok, num_bits).astype(np.float64) - x) ** 2))
+        assert mse <= other * (1 + 1e-12)
+    assert hi < nq.ifmr_search(x)[1], "fewer levels clip more of the tail"

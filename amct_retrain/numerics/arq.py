@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import numpy.typing as npt
 
 from amct_retrain.errors import NumericsError
 from amct_retrain.numerics.checks import (
-    BiasOverflowError, INT32_MAX, INT32_MIN, INT8_MAX, INT8_MIN, _F32_EPS, _as_f32, _channel_shape, _grid_f32,
-    _norm_axis, _per_channel, _positive_scale, check_finite,
+    DEFAULT_BITS, INT32_MAX, INT32_MIN, _F32_EPS, BiasOverflowError, _as_f32, _channel_shape, _grid_f32, _norm_axis,
+    _per_channel, _positive_scale, bit_width, check_finite,
 )
 
 
 # --------------------------------------------------------------------------- ARQ weights
 
 
-def arq_scale(w: npt.ArrayLike, channel_axis: int | None) -> npt.NDArray[np.float32]:
+def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
     """ARQ symmetric weight scales, ``offset_w = 0``.
 
     Per channel (or per tensor): ``a`` = the one of max/min with the larger magnitude
     (max on a tie); ``scale_w = a/127`` if ``a > 0`` else ``a/-128`` (float32
-    division); a scale below float32 eps (incl. an all-zero channel) becomes 1.
+    division; at ``num_bits`` b: ``a/(2**(b-1) - 1)`` and ``a/-2**(b-1)``); a scale below
+    float32 eps (incl. an all-zero channel) becomes 1.
 
     Args:
         w: weights (float32), non-empty, finite. Convolution filters are
             (C_out, C_in/g, kh, kw), Deconvolution (C_in, C_out/g, kh, kw).
         channel_axis: 0 for Convolution, 1 for Deconvolution, None for per tensor.
+        num_bits: the bit width, 2..8.
 
     Returns:
         float32 array of shape (w.shape[channel_axis],), or (1,) when None.
     """
+    bw = bit_width(num_bits)
     w32 = _as_f32(w, "arq_scale weights")
     if w32.size == 0:
         raise NumericsError("arq_scale: empty weights")
@@ -43,7 +45,7 @@ def arq_scale(w: npt.ArrayLike, channel_axis: int | None) -> npt.NDArray[np.floa
         mx = np.asarray(w32.max(axis=others), dtype=np.float32).reshape(-1)
         mn = np.asarray(w32.min(axis=others), dtype=np.float32).reshape(-1)
     a = np.where(np.abs(mx) >= np.abs(mn), mx, mn)
-    scale = np.where(a > 0, a / np.float32(127), a / np.float32(-128)).astype(np.float32)
+    scale = np.where(a > 0, a / np.float32(bw.code_max), a / np.float32(bw.code_min)).astype(np.float32)
     scale[~(scale >= _F32_EPS)] = np.float32(1)  # covers 0 and -0 of all-zero channels
     return scale
 
@@ -60,29 +62,37 @@ def _weight_scale_b(w32: np.ndarray, scale_w: npt.ArrayLike, channel_axis: int |
     return _per_channel(scale_w, c, "scale_w").reshape(_channel_shape(w32.ndim, ax, c))
 
 
-def arq_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                 channel_axis: int | None) -> npt.NDArray[np.int8]:
-    """``clamp(rint(w / scale_w), -128, 127)`` with scale_w broadcast on channel_axis.
+def arq_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: int | None,
+                 num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.int8]:
+    """``clamp(rint(w / scale_w), -128, 127)`` with scale_w broadcast on channel_axis; at
+    ``num_bits`` b the clamp is to ``[-2**(b-1), 2**(b-1) - 1]`` (codes held in int8).
 
     Args:
         w: weights (float32), any shape, finite.
         scale_w: (C,) or (1,) positive float32 scales (from ``arq_scale``).
         channel_axis: the channel axis of w, or None for a per-tensor scale.
+        num_bits: the bit width, 2..8.
 
     Returns:
         int8 array of w's shape.
     """
     w32 = _as_f32(w, "arq_quantize weights")
     s = _weight_scale_b(w32, scale_w, channel_axis)
-    return _grid_f32(w32, s, np.float32(INT8_MIN), np.float32(INT8_MAX)).astype(np.int8)
+    return _grid_f32(w32, s, *weight_code_bounds(num_bits)).astype(np.int8)
 
 
-def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                      channel_axis: int | None) -> npt.NDArray[np.float32]:
-    """``arq_quantize(w, scale_w, channel_axis) * scale_w`` in float32 (w's shape)."""
+def weight_code_bounds(num_bits: int = DEFAULT_BITS) -> tuple[np.float32, np.float32]:
+    """float32 ``(-2**(b-1), 2**(b-1) - 1)``: the codes of ``num_bits`` b weights."""
+    bw = bit_width(num_bits)
+    return np.float32(bw.code_min), np.float32(bw.code_max)
+
+
+def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: int | None,
+                      num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
+    """``arq_quantize(w, scale_w, channel_axis, num_bits) * scale_w`` in float32 (w's shape)."""
     w32 = _as_f32(w, "arq_fake_quantize weights")
     s = _weight_scale_b(w32, scale_w, channel_axis)
-    k = _grid_f32(w32, s, np.float32(INT8_MIN), np.float32(INT8_MAX))
+    k = _grid_f32(w32, s, *weight_code_bounds(num_bits))
     k *= s
     return k
 

@@ -4,7 +4,9 @@ float32 grid rounding every weight path uses."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +18,10 @@ INT8_MIN, INT8_MAX = -128, 127
 INT16_MIN, INT16_MAX = -32768, 32767
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 SHIFT_BITS = range(1, 17)
+#: The bit widths of activations and weights the toolkit quantizes to; 8 is the default and the
+#: contract's int8. Every width's codes fit the deploy format's int8 containers.
+BITS_RANGE = range(2, 9)
+DEFAULT_BITS = 8
 
 #: Width given to an activation range whose scale would not be a positive normal
 #: float32 (a layer that saw only zeros). A unit width rather than the smallest
@@ -34,6 +40,53 @@ class NonFiniteError(NumericsError):
 
 class BiasOverflowError(NumericsError):
     """A quantized bias does not fit int32; the layer must be skipped."""
+
+
+# --------------------------------------------------------------------------- bit width
+
+
+@dataclass(frozen=True)
+class BitWidth:
+    """The integer ranges of a ``bits``-bit quantization, the one place every quantizer reads them.
+
+    Activations (asymmetric): codes ``q`` and offsets ``offset_d`` in ``[code_min, code_max]``,
+    ``scale_d = (max - min) / levels``, ULQ's grid has ``levels`` steps between the clips.
+    Weights (ARQ, symmetric): codes in ``[code_min, code_max]``, ``scale_w = a / code_max``
+    (a > 0) or ``a / code_min``. At 8 bits: levels 255, codes -128..127 (contract section 3).
+    """
+    bits: int
+
+    @property
+    def levels(self) -> int:
+        """``2**bits - 1``: the steps between the ends of the grid."""
+        return 2 ** self.bits - 1
+
+    @property
+    def code_min(self) -> int:
+        """``-2**(bits-1)``: the smallest signed code."""
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def code_max(self) -> int:
+        """``2**(bits-1) - 1``: the largest signed code."""
+        return 2 ** (self.bits - 1) - 1
+
+
+def bit_width(num_bits: int = DEFAULT_BITS) -> BitWidth:
+    """The :class:`BitWidth` of ``num_bits``, an int in 2..8.
+
+    Raises:
+        NumericsError: num_bits is not an int in 2..8.
+    """
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)) or num_bits not in BITS_RANGE:
+        raise NumericsError(f"bit width (num_bits) must be an integer in {BITS_RANGE.start}..{BITS_RANGE.stop - 1}, "
+                            f"got {num_bits!r}")
+    return _bit_widths(int(num_bits))
+
+
+@functools.cache
+def _bit_widths(num_bits: int) -> BitWidth:
+    return BitWidth(num_bits)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -91,10 +144,12 @@ def _positive_scale(v: npt.ArrayLike, what: str) -> np.float32:
     return s
 
 
-def _offset_int8(v: npt.ArrayLike, what: str = "offset_d") -> int:
+def _offset_code(v: npt.ArrayLike, bw: BitWidth, what: str = "offset_d") -> int:
+    """An activation offset checked to be a code of ``bw``: an integer in [code_min, code_max]."""
     f = _scalar(v, what)
-    if f != round(f) or not INT8_MIN <= f <= INT8_MAX:
-        raise NumericsError(f"{what}: must be an integer in [{INT8_MIN}, {INT8_MAX}], got {f!r}")
+    if f != round(f) or not bw.code_min <= f <= bw.code_max:
+        raise NumericsError(f"{what}: must be an integer in [{bw.code_min}, {bw.code_max}] "
+                            f"({bw.bits}-bit codes), got {f!r}")
     return int(f)
 
 
