@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amct_retrain.errors import LayerParamError
+from amct_retrain.numerics import BITS_RANGE, DEFAULT_BITS
 from amct_retrain.tensorboard import LAYER_LOG_EVERY
 
 LAYERS_MODULE = "amct_retrain_layers"
@@ -27,10 +28,12 @@ READY, LAST_MIN, LAST_MAX = 0, 1, 2
 
 @dataclass(frozen=True)
 class Key:
-    """One accepted param_str key: its JSON type(s), and whether it must be present."""
+    """One accepted param_str key: its JSON type(s), whether it must be present, and the values it
+    may take (``choices``; None: any of its types)."""
     types: tuple
     required: bool = False
     default: Any = None
+    choices: Collection | None = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,15 @@ class LayerSpec:
             if wrong_bool or not isinstance(value, spec.types):
                 names = "/".join("null" if t is NULL else t.__name__ for t in spec.types)
                 raise LayerParamError(f"{where}: param_str key '{key}' must be {names}, got {value!r}")
+            if spec.choices is not None and value not in spec.choices:
+                raise LayerParamError(f"{where}: param_str key '{key}' must be one of {_shown(spec.choices)}, "
+                                      f"got {value!r}")
             parsed[key] = value
         return parsed
+
+
+def _shown(choices: Collection) -> str:
+    return f"{choices.start}..{choices.stop - 1}" if isinstance(choices, range) else ", ".join(map(repr, choices))
 
 
 def param_name(owner: str, blob: str) -> str:
@@ -110,6 +120,11 @@ def param_name(owner: str, blob: str) -> str:
 
 _NAME = {"name": Key((str,), required=True)}
 _LOG = {"log_dir": Key((str, NULL)), "log_every": Key((int,), default=LAYER_LOG_EVERY)}
+# The bit widths of a layer's activations (``num_bits_d``) and weights (``num_bits_w``), as in the
+# record; absent (every model saved before there were bit widths) is 8. The builders write them only
+# when they are not 8, so the param_str of an 8-bit layer stays as it was.
+BITS_D = {"num_bits_d": Key((int,), default=DEFAULT_BITS, choices=BITS_RANGE)}
+BITS_W = {"num_bits_w": Key((int,), default=DEFAULT_BITS, choices=BITS_RANGE)}
 
 ACTIVATION_ULQ = LayerSpec("activation", "ActivationULQ", {
     **_NAME,
@@ -119,6 +134,7 @@ ACTIVATION_ULQ = LayerSpec("activation", "ActivationULQ", {
     **_LOG,
     # The TEST batches of a shift-N search: a constant input in all of them (an unfed net) is an error.
     "batch_num": Key((int,), default=1),
+    **BITS_D,
 }, blobs=("clip_max", "clip_min", "clip_state"))
 """Retraining: fake-quantizes a layer's input with learnable clips. Blobs (1,), (1,) and (3,)
 (clip_state: READY, LAST_MIN, LAST_MAX)."""
@@ -132,6 +148,8 @@ WEIGHT_ARQ = LayerSpec("weight", "WeightARQ", {
     # convolution's geometry, to tell a 1 x 1 output ("global conv") from the input shape.
     "activation_quantizer": Key((str, NULL)),
     "conv": Key((dict, NULL)),
+    **BITS_W,
+    **BITS_D,  # of that ActivationULQ: a global conv's unified scale_w is deq_max / scale_d
 }, blobs=("fake_quant_weights", "master_weights", "clip_state", "scale_w"), optional_blobs=frozenset({"clip_state"}))
 """Retraining: fake-quantizes a layer's weights from its float master weights. ``clip_state`` (its
 ActivationULQ's, shared) only with ``activation_quantizer``; ``scale_w`` is the scale of its last
@@ -148,6 +166,8 @@ SHIFT_N_SEARCH = LayerSpec("shift_n", "ShiftNSearch", {
     "scale_w": Key((list, NULL)),  # a layer without weights (AVE Pooling): its fixed scale_w
     "channel_axis": Key((int, NULL)),
     "log_dir": Key((str, NULL)),
+    **BITS_D,
+    **BITS_W,
 }, blobs=("clip_state", "scale_w"), optional_blobs=frozenset({"scale_w"}))
 """Retraining: searches the shift_bit of a layer's output in TEST and writes its record. Its blobs
 are shared: the ActivationULQ's clip_state and, for a layer with weights, the WeightARQ's scale_w."""
@@ -159,6 +179,7 @@ ACTIVATION_OBSERVER = LayerSpec("calibration", "ActivationObserver", {
     "batch_num": Key((int,), default=1),
     "ifmr": Key((dict,), required=True),  # numerics.ifmr_search's keyword arguments
     "symmetric": Key((bool,), default=False),
+    **BITS_D,
 })
 """Calibration: IFMR of the quantized layers' common input; writes their scale_d / offset_d."""
 
@@ -174,6 +195,7 @@ FAKE_QUANT_ACTIVATION = LayerSpec("fixed", "FakeQuantActivation", {
     **_NAME,
     "scale_d": Key(NUMBER, required=True),
     "offset_d": Key((int,), required=True),
+    **BITS_D,
 })
 """The saved fake-quant model: the fixed activation quantizer before a quantized layer."""
 
@@ -193,6 +215,7 @@ INTEGER_LAYER = LayerSpec("integer", "IntegerLayer", {
     "quant_scale": Key(NUMBER, required=True),
     "quant_offset": Key((int,), required=True),
     "conv": Key((dict, NULL)),
+    **BITS_D,  # the Quant layer's codes (the deploy model does not hold it: the quant info file does)
 })
 """The integer reference executor: a deploy model's Quant -> layer -> DeQuant in integers."""
 

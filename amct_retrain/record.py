@@ -7,6 +7,11 @@ section 2)::
              scale_w: 0.0041 scale_w: 0.0038  offset_w: 0 offset_w: 0
              shift_bit: 3 shift_bit: 4  channels: 3 height: 224 width: 224 } }
 
+``num_bits_d`` / ``num_bits_w`` (fields 10 and 11) are the bit widths (2..8) the layer's
+activations and weights were quantized to; absent means 8, the only width records held before
+(:func:`bit_widths`). A writer that sets a width of 8 clears the field, so an 8-bit record reads
+and prints exactly as before.
+
 The schema is built at import time from a ``FileDescriptorProto`` so the repo
 needs neither protoc nor a generated ``_pb2`` file.  It is proto2 so optional
 scalars have presence (a layer whose data scale is not known yet differs from
@@ -50,6 +55,7 @@ __all__ = [
     "write_record",
     "update_layer_record",
     "update_layer_records",
+    "bit_widths",
     "deferred_writes",
     "DeferredWrites",
     "create_empty_record",
@@ -84,6 +90,8 @@ def _build_schema() -> tuple[type, type]:
         ("height", 7, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
         ("width", 8, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
         ("skip_fusion", 9, _F.LABEL_OPTIONAL, _F.TYPE_BOOL),
+        ("num_bits_d", 10, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
+        ("num_bits_w", 11, _F.LABEL_OPTIONAL, _F.TYPE_UINT32),
     ]:
         layer.field.add(name=name, number=number, label=label, type=ftype)
 
@@ -122,7 +130,25 @@ _FIELDS: dict[str, tuple[bool, str]] = {
     "height": (False, "iu"),
     "width": (False, "iu"),
     "skip_fusion": (False, "b"),
+    "num_bits_d": (False, "iu"),
+    "num_bits_w": (False, "iu"),
 }
+_BIT_FIELDS = ("num_bits_d", "num_bits_w")
+_DEFAULT_BITS = 8  # numerics.DEFAULT_BITS: what a record without a bit-width field means
+
+
+def bit_widths(rec: SingleLayerRecord, where: str = "record") -> tuple[int, int]:
+    """``(num_bits_d, num_bits_w)`` of a layer's record, 8 for an absent field; ``where`` (file and
+    layer) prefixes the error.
+
+    Raises:
+        RecordFileError: a width outside 2..8.
+    """
+    widths = tuple(getattr(rec, f) if rec.HasField(f) else _DEFAULT_BITS for f in _BIT_FIELDS)
+    for field, bits in zip(_BIT_FIELDS, widths):
+        if not 2 <= bits <= 8:
+            raise RecordFileError(f"{where}: field {field} must be a bit width in 2..8, got {bits}")
+    return widths
 
 
 def read_record(path: str | os.PathLike) -> dict[str, SingleLayerRecord]:
@@ -192,7 +218,7 @@ def update_layer_records(path: str | os.PathLike, updates: Mapping[str, Mapping[
 
 def _apply(rec: SingleLayerRecord, fields: Mapping[str, Any], patch: SingleLayerRecord) -> None:
     for name in fields:
-        if fields[name] is None:
+        if fields[name] is None or (name in _BIT_FIELDS and int(fields[name]) == _DEFAULT_BITS):
             rec.ClearField(name)
         elif _FIELDS[name][0]:  # repeated
             getattr(rec, name)[:] = getattr(patch, name)

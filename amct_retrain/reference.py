@@ -22,13 +22,15 @@ from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.layer_specs import INTEGER_LAYER
 from amct_retrain.layer_types import QUANTIZABLE_RULES
-from amct_retrain.saved_models import (QUANTIZED_TYPES, check_quantized_layer, integer_params, output_files,
-                                       read_deploy_blobs)
+from amct_retrain.saved_models import (QUANTIZED_TYPES, activation_bit_widths, check_quantized_layer,
+                                       integer_params, output_files, read_deploy_blobs)
 
 
-def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
+def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str,
+                  num_bits_d: dict[str, int] | None = None) -> caffe_pb2.NetParameter:
     """Graph pass: each Quant -> layer -> DeQuant triple of ``deploy_net`` becomes one
-    IntegerLayer reading its integers from ``weights_file``; other layers stay."""
+    IntegerLayer reading its integers from ``weights_file``; other layers stay. ``num_bits_d``:
+    quantized layer -> the bit width of its Quant layer's codes (8 where absent)."""
     deploy = read_deploy_blobs(weights_file)
     layers = list(deploy_net.layer)
     out = caffe_pb2.NetParameter()
@@ -53,7 +55,8 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
             "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
             "weights_file": os.path.abspath(weights_file),
             "quant_scale": float(quant.quant_param.scale),
-            "quant_offset": struct.unpack("b", quant.quant_param.offset)[0], "conv": geometry})
+            "quant_offset": struct.unpack("b", quant.quant_param.offset)[0], "conv": geometry,
+            **ql.bits_params((num_bits_d or {}).get(layer.name))})
         integer.include.extend(layer.include)
         integer.exclude.extend(layer.exclude)
         out.layer.append(integer)
@@ -98,7 +101,7 @@ def saved_model_parity(save_path: str, record_file: str) -> dict[str, float]:
     files = output_files(save_path)
     fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
     fake.forward()
-    reference = ReferenceExecutor(files["deploy_model"], files["deploy_weights"])
+    reference = ReferenceExecutor(files["deploy_model"], files["deploy_weights"], files["quant_info"])
     with open(files["quant_info"], encoding="utf-8") as f:
         info = json.load(f)["quantized_layers"]
     return parity_in_output_steps(fake, reference.net, info, record.read_record(record_file))
@@ -108,13 +111,16 @@ class ReferenceExecutor:
     """A deploy model run with integer arithmetic where the target would (TEST phase).
 
     ``net`` is the pycaffe net: ``net.forward()`` reads the model's data layers, or set
-    input blobs and call ``net.forward(start=...)``.
+    input blobs and call ``net.forward(start=...)``. The bit widths of the Quant layers' codes come
+    from the quant info file (``quant_info_file``, by default the one beside the deploy model:
+    :func:`~amct_retrain.saved_models.activation_bit_widths`).
     """
 
-    def __init__(self, deploy_model_file: str, deploy_weights_file: str) -> None:
+    def __init__(self, deploy_model_file: str, deploy_weights_file: str, quant_info_file: str | None = None) -> None:
         import caffe  # pycaffe only where a net is run
 
-        net = reference_net(model_io.read_prototxt(deploy_model_file), deploy_weights_file)
+        bits = activation_bit_widths(os.fspath(deploy_model_file), quant_info_file)
+        net = reference_net(model_io.read_prototxt(deploy_model_file), deploy_weights_file, bits)
         # Caffe builds it in a child first: a net it cannot build (or integers that do not fit a
         # layer's input) is a ModelError naming the layer, not an abort of this process.
         model_io.probe_net(net, os.fspath(deploy_model_file), phases=("TEST",))

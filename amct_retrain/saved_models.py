@@ -4,6 +4,8 @@ What the saver writes (contract section 1) and what the integer executor (layers
 reference executor and the ONNX export read from a deploy model: every layer's raw blobs, and the int8
 weights, int32 bias and packed deq_scale of each quantized layer, checked.
 """
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,38 @@ def output_files(save_path: str) -> dict[str, str]:
             "deploy_model": f"{save_path}_deploy_model.prototxt",
             "deploy_weights": f"{save_path}_deploy_weights.caffemodel",
             "quant_info": f"{save_path}_quant.json"}
+
+
+DEPLOY_MODEL_SUFFIX = "_deploy_model.prototxt"
+
+
+def activation_bit_widths(deploy_model_file: str, quant_info_file: str | None = None) -> dict[str, int]:
+    """Quantized layer -> the bit width of its Quant layer's codes (``num_bits_d``), from the quant
+    info file the saver wrote beside the deploy model (``<prefix>_quant.json`` for
+    ``<prefix>_deploy_model.prototxt``, or ``quant_info_file``). The deploy format has no field for
+    it (a low-bit layer's codes live in the int8 fields); a layer not listed, or no quant info file
+    (a deploy model of another tool), is 8-bit.
+
+    Raises:
+        ModelError: the quant info file is given but unreadable, or holds a width outside 2..8.
+    """
+    path = quant_info_file
+    if path is None and deploy_model_file.endswith(DEPLOY_MODEL_SUFFIX):
+        path = output_files(deploy_model_file[:-len(DEPLOY_MODEL_SUFFIX)])["quant_info"]
+        if not os.path.isfile(path):
+            return {}
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            layers = json.load(f)["quantized_layers"]
+        widths = {name: layer.get("num_bits_d", numerics.DEFAULT_BITS) for name, layer in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelError(f"{path}: not a quant info file with 'quantized_layers' ({err})") from None
+    for name, bits in widths.items():
+        if bits not in numerics.BITS_RANGE or isinstance(bits, bool):
+            raise ModelError(f"{path}: layer '{name}' field num_bits_d must be a bit width in 2..8, got {bits!r}")
+    return widths
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class LayerFactors:
     offset_d: int
     scale_w: np.ndarray     # float32 (C,) channel-wise, or (1,) per tensor
     shift_bit: np.ndarray   # uint32 (C,)
+    num_bits_d: int = numerics.DEFAULT_BITS  # the bit widths of the activation and weight codes
+    num_bits_w: int = numerics.DEFAULT_BITS
 
     @property
     def deq(self) -> np.ndarray:
@@ -64,10 +66,13 @@ def _float32_text(value: float) -> str:
 
 
 def _record_differences(name: str, rec: record.SingleLayerRecord, scale_d: np.float32, offset_d: int,
-                        scale_w: np.ndarray | None) -> list[str]:
+                        scale_w: np.ndarray | None, bits: tuple[int, int]) -> list[str]:
     """What the record of layer ``name`` holds against what the weights give: one line per field
-    (per channel for scale_w, at most 4 of them); ``scale_w`` None when it matches."""
-    lines = []
+    (per channel for scale_w, at most 4 of them); ``scale_w`` None when it matches; ``bits`` the
+    (num_bits_d, num_bits_w) of the retrained model."""
+    lines = [f"layer '{name}' field {field}: record {got}, model {want}"
+             for field, got, want in zip(("num_bits_d", "num_bits_w"), record.bit_widths(rec, name), bits)
+             if got != want]
     if np.float32(rec.scale_d) != scale_d:
         lines.append(f"layer '{name}' field scale_d: record {_float32_text(rec.scale_d)}, "
                      f"weights {_float32_text(scale_d)}")
@@ -105,7 +110,7 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
     # The TEST pass sanitised the snapshot's clips with the last valid pair, as here.
     try:
         scale_d, offset_d = numerics.ulq_deploy_factors(*numerics.ulq_sanitize_clips(
-            clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min))
+            clip_min, clip_max, (float(last_min), float(last_max)), layer.fixed_min), layer.num_bits_d)
     except numerics.NumericsError as err:
         raise ModelError(f"{files}: layer '{name}': the clips of '{layer.ulq_name}' (clip_min {clip_min}, clip_max "
                          f"{clip_max}, last valid pair ({last_min}, {last_max})) give no quantization grid: {err}") from None
@@ -114,14 +119,15 @@ def layer_factors(layer: QuantizedLayer, rec: record.SingleLayerRecord, params: 
         master = params[ql.arq_layer_name(name)][WEIGHT_ARQ.blob("master_weights")]
         numerics.check_finite(master, f"{files}: layer '{name}' master weights (blob 'master_weights' of "
                                       f"'{ql.arq_layer_name(name)}')")
-        expected_w = numerics.arq_scale(master, layer.channel_axis)
+        expected_w = numerics.arq_scale(master, layer.channel_axis, layer.num_bits_w)
         matches_w = np.array_equal(scale_w, expected_w) or (
             scale_w.size > 1 and np.array_equal(scale_w, numerics.unify_global_conv_scales(scale_d, expected_w)))
     else:  # AVE Pooling: the fixed [1/n] the retrained model's ShiftNSearch searched with
         expected_w = np.asarray(layer.fixed_scale_w, np.float32)
         matches_w = np.array_equal(scale_w, expected_w)
-    differences = _record_differences(name, rec, scale_d, offset_d, None if matches_w else expected_w)
-    return LayerFactors(scale_d, offset_d, scale_w, np.asarray(rec.shift_bit, np.uint32)), differences
+    bits = (layer.num_bits_d, layer.num_bits_w)
+    differences = _record_differences(name, rec, scale_d, offset_d, None if matches_w else expected_w, bits)
+    return LayerFactors(scale_d, offset_d, scale_w, np.asarray(rec.shift_bit, np.uint32), *bits), differences
 
 
 def regenerate_command(retrained_model_file: str, retrained_weights_file: str) -> str:
@@ -167,10 +173,10 @@ def regenerate_record(retrained_model_file: str, retrained_weights_file: str) ->
 def quantized_params(name: str, weights: np.ndarray, bias: np.ndarray | None, f: LayerFactors,
                      channel_axis: int | None) -> tuple[list, list]:
     """(fake-quant blobs, deploy blobs) of quantized layer ``name`` from its float weights and
-    bias: float32 weights on the int8 grid and the int32 bias times deq; int8 weights and
-    int32 bias."""
-    fake = [numerics.arq_fake_quantize(weights, f.scale_w, channel_axis)]
-    deploy = [numerics.arq_quantize(weights, f.scale_w, channel_axis)]
+    bias: float32 weights on the ``num_bits_w`` grid and the int32 bias times deq; int8 weights (holding
+    ``num_bits_w``-bit codes) and int32 bias."""
+    fake = [numerics.arq_fake_quantize(weights, f.scale_w, channel_axis, f.num_bits_w)]
+    deploy = [numerics.arq_quantize(weights, f.scale_w, channel_axis, f.num_bits_w)]
     if bias is not None:
         bias_int32 = numerics.quantize_bias(bias, f.scale_d, f.scale_w, name)
         fake.append(numerics.dequantize_bias(bias_int32, f.deq))
@@ -215,7 +221,9 @@ def write_quantized_models(float_net, float_params: Mapping[str, list[np.ndarray
     info = {"version": 1, "record_file": os.path.abspath(record_file),
             "fused_layers": dict(fused or {}),
             "quantized_layers": {name: {"input_blob": q.input_blob, "output_blob": tops[name],
-                                        **quant_layer_names(name)} for name, q in layers.items()}}
+                                        **quant_layer_names(name), **ql.bits_params(factors[name].num_bits_d,
+                                                                                     factors[name].num_bits_w)}
+                                 for name, q in layers.items()}}
     with staged_outputs() as out:
         if save_type in ("Fakequant", "Both"):
             out.write(outputs["fake_quant_model"], text_format.MessageToString(fake_quant_net(float_net, factors)))

@@ -140,17 +140,19 @@ def read_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
 # --------------------------------------------------------------------------- what is logged
 
 
-def ulq_scalars(layer: str, x: npt.ArrayLike, clips: tuple[float, float]) -> dict[str, float]:
+def ulq_scalars(layer: str, x: npt.ArrayLike, clips: tuple[float, float],
+                num_bits: int = numerics.DEFAULT_BITS) -> dict[str, float]:
     """An ActivationULQ layer's clips, ``scale_d`` and the share of its input it clipped.
 
     Args:
         layer: the ULQ layer's name (the tag prefix).
         x: the layer's input (bottom) of the batch it quantized, any shape.
         clips: the sanitised ``(clip_min, clip_max)`` it quantized that batch with.
+        num_bits: the bit width of its grid.
     """
-    scale_d, _ = numerics.ulq_deploy_factors(*clips)
+    scale_d, _ = numerics.ulq_deploy_factors(*clips, num_bits)
     return {f"{layer}/clip_min": clips[0], f"{layer}/clip_max": clips[1], f"{layer}/scale_d": float(scale_d),
-            f"{layer}/fraction_clipped": numerics.fraction_clipped(x, *clips)}
+            f"{layer}/fraction_clipped": numerics.fraction_clipped(x, *clips, num_bits)}
 
 
 def arq_scalars(layer: str, scale_w: npt.ArrayLike) -> dict[str, float]:

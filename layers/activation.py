@@ -1,4 +1,4 @@
-"""ActivationULQ: int8 fake quantization of activations with learnable clips (ULQ)."""
+"""ActivationULQ: fake quantization of activations (2 to 8 bits) with learnable clips (ULQ)."""
 import caffe
 
 from amct_retrain import kernels, numerics, tensorboard
@@ -11,7 +11,7 @@ TRAIN, TEST = 0, 1
 
 
 class ActivationULQ(caffe.Layer):
-    """Fake-quantizes bottom[0] onto the int8 grid of [clip_min, clip_max] (not in place).
+    """Fake-quantizes bottom[0] onto the ``num_bits_d`` grid of [clip_min, clip_max] (not in place).
 
     Blobs (saved in the caffemodel): 0 ``clip_max``, 1 ``clip_min`` (shape (1,), learnable,
     contract ULQ gradients), 2 ``clip_state`` (shape (3,), never learnt): [ready, min, max]
@@ -27,7 +27,7 @@ class ActivationULQ(caffe.Layer):
 
     def setup(self, bottom, top):
         p = ACTIVATION_ULQ.parse(self.param_str)
-        self.layer_name, self.fixed_min = p["name"], p["fixed_min"]
+        self.layer_name, self.fixed_min, self.num_bits = p["name"], p["fixed_min"], p["num_bits_d"]
         if len(bottom) != 1 or len(top) != 1:
             raise LayerParamError(f"ActivationULQ layer '{self.layer_name}': needs 1 bottom and 1 top")
         given = [p["clip_min"] is not None, p["clip_max"] is not None]
@@ -58,16 +58,16 @@ class ActivationULQ(caffe.Layer):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
             state = self.blobs[CLIP_STATE].data
             if state[READY] < 0.5:
-                clip_min, clip_max = kernels.ifmr_search(x)
+                clip_min, clip_max = kernels.ifmr_search(x, num_bits=self.num_bits)
                 self.blobs[CLIP_MIN].data[0], self.blobs[CLIP_MAX].data[0] = clip_min, clip_max
                 state[...] = (1.0, clip_min, clip_max)
             self.clips = numerics.ulq_sanitize_clips(
                 float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
                 (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
             state[LAST_MIN], state[LAST_MAX] = self.clips
-            top[0].data[...] = kernels.ulq_forward(x, *self.clips)
+            top[0].data[...] = kernels.ulq_forward(x, *self.clips, self.num_bits)
         if self.log is not None and self.phase == TRAIN and self.log.count():
-            self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
+            self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips, self.num_bits))
             self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
 
     def _check_fed(self, x) -> None:
@@ -91,7 +91,7 @@ class ActivationULQ(caffe.Layer):
 
     def backward(self, top, propagate_down, bottom):
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
-            grad_x, grad_min, grad_max = kernels.ulq_backward(bottom[0].data, top[0].diff, *self.clips)
+            grad_x, grad_min, grad_max = kernels.ulq_backward(bottom[0].data, top[0].diff, *self.clips, self.num_bits)
         if propagate_down[0]:
             bottom[0].diff[...] = grad_x
         self.blobs[CLIP_MAX].diff[0] += grad_max

@@ -83,7 +83,7 @@ class ActivationObserver(_Observer):
                 raise LayerParamError(f"{where}: param_str key 'ifmr' holds {key!r}: {value!r}; "
                                       f"expected numbers for {', '.join(IFMR_KEYS)}")
         self.served, self.record_file = p["layers"], p["record_file"]
-        self.ifmr, self.symmetric = p["ifmr"], p["symmetric"]
+        self.ifmr, self.symmetric, self.num_bits = p["ifmr"], p["symmetric"], p["num_bits_d"]
 
     def seen(self, count: int) -> None:
         record.note_forward_passes(self.record_file, self.served, count)
@@ -91,9 +91,9 @@ class ActivationObserver(_Observer):
     def complete(self, batches: list[np.ndarray]) -> None:
         check_fed(batches, f"calibration of layer(s) {', '.join(self.served)} (ActivationObserver "
                            f"'{self.layer_name}')", "calibration")
-        scale_d, offset_d = kernels.activation_factors(batches, self.ifmr, self.symmetric)
+        scale_d, offset_d = kernels.activation_factors(batches, self.ifmr, self.symmetric, self.num_bits)
         for layer in self.served:
-            self.record_writes.update(layer, scale_d=scale_d, offset_d=offset_d)
+            self.record_writes.update(layer, scale_d=scale_d, offset_d=offset_d, num_bits_d=self.num_bits)
         LOG.debug("%s: scale_d %r offset_d %d written for %s", self.layer_name, float(scale_d), offset_d,
                   ", ".join(self.served))
 

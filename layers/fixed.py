@@ -14,6 +14,7 @@ class FakeQuantActivation(caffe.Layer):
     def setup(self, bottom, top):
         p = FAKE_QUANT_ACTIVATION.parse(self.param_str)
         self.layer_name, self.scale_d, self.offset_d = p["name"], np.float32(p["scale_d"]), p["offset_d"]
+        self.num_bits = p["num_bits_d"]
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].data.shape)
@@ -21,7 +22,7 @@ class FakeQuantActivation(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         with numerics.errors_named(f"FakeQuantActivation layer '{self.layer_name}'"):
-            top[0].data[...] = kernels.fake_quantize_activation(x, self.scale_d, self.offset_d)
+            top[0].data[...] = kernels.fake_quantize_activation(x, self.scale_d, self.offset_d, self.num_bits)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")

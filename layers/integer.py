@@ -28,6 +28,7 @@ class IntegerLayer(caffe.Layer):
         self.accumulate, self.output_hw = rule.integer_accumulate, rule.integer_output_hw
         self.channel_axis = rule.channel_axis  # the output channels' weight axis
         self.quant_scale, self.quant_offset = np.float32(p["quant_scale"]), p["quant_offset"]
+        self.num_bits = p["num_bits_d"]  # the Quant layer's codes: [-2**(b-1), 2**(b-1) - 1]
         params = integer_params(_deploy_blobs(p["weights_file"]), p["layer"], p["dequant"], p["weights_file"],
                                 rule.has_weights)
         # No weights (AVE Pooling): the accumulator is the sum of each window's codes.
@@ -74,7 +75,7 @@ class IntegerLayer(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         with numerics.errors_named(f"IntegerLayer '{self.layer_name}'"):
-            codes = kernels.activation_codes(x, self.quant_scale, self.quant_offset)  # q - offset
+            codes = kernels.activation_codes(x, self.quant_scale, self.quant_offset, self.num_bits)  # q - offset
             with kernels.numpy_blas_single_threaded():
                 acc = self.accumulate(codes, self.weights, self.geometry)
             top[0].data[...] = kernels.requantize_accumulator(acc, self.bias, self.deq, self.shift_bit)

@@ -35,6 +35,7 @@ class ShiftNSearch(caffe.Layer):
                                   f"must be >= 1, got {p['batch_num']}")
         self.quantized_layer, self.record_file = p["quantized_layer"], p["record_file"]
         self.batch_num, self.channel_axis = p["batch_num"], p["channel_axis"]
+        self.num_bits_d, self.num_bits_w = p["num_bits_d"], p["num_bits_w"]
         # Exactly one of weight_shape (ARQ of the shared master weights) and scale_w (fixed).
         if (p["weight_shape"] is None) == (p["scale_w"] is None):
             raise LayerParamError(f"ShiftNSearch layer '{self.layer_name}': param_str needs exactly one of "
@@ -79,7 +80,8 @@ class ShiftNSearch(caffe.Layer):
             shift_bits = numerics.choose_shift_bits(self.errors)
             self.record_writes.update(
                 self.quantized_layer, scale_d=scale_d, offset_d=offset_d,
-                scale_w=scale_w, offset_w=np.zeros(len(scale_w), np.int32), shift_bit=shift_bits)
+                scale_w=scale_w, offset_w=np.zeros(len(scale_w), np.int32), shift_bit=shift_bits,
+                num_bits_d=self.num_bits_d, num_bits_w=self.num_bits_w)
             LOG.debug("layer %s: shift_bit %s for %s", self.quantized_layer,
                      shift_bits.tolist(), self.record_file)
             if self.log is not None:
@@ -92,7 +94,8 @@ class ShiftNSearch(caffe.Layer):
         """(scale_d, offset_d, scale_w): scale_w has one value per channel, or one per tensor."""
         # The pair ActivationULQ used in this very forward pass (it runs before this layer).
         state = self.blobs[CLIP_STATE].data
-        scale_d, offset_d = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
+        scale_d, offset_d = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]),
+                                                        self.num_bits_d)
         if self.fixed_scale_w is not None:
             return scale_d, offset_d, self.fixed_scale_w
         scale_w = self.blobs[WEIGHT_SCALE].data.copy()  # what WeightARQ used in this forward pass

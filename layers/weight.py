@@ -1,4 +1,4 @@
-"""WeightARQ: int8 fake quantization of a layer's weights from float master weights."""
+"""WeightARQ: fake quantization of a layer's weights (2 to 8 bits) from float master weights."""
 import caffe
 
 from amct_retrain import kernels, numerics, tensorboard
@@ -33,6 +33,7 @@ class WeightARQ(caffe.Layer):
     def setup(self, bottom, top):
         p = WEIGHT_ARQ.parse(self.param_str)
         self.layer_name, self.channel_axis = p["name"], p["channel_axis"]
+        self.num_bits_w, self.num_bits_d = p["num_bits_w"], p["num_bits_d"]
         shape = p["weight_shape"]
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             raise LayerParamError(f"WeightARQ layer '{self.layer_name}': param_str key 'weight_shape' "
@@ -73,13 +74,15 @@ class WeightARQ(caffe.Layer):
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
         with numerics.errors_named(f"WeightARQ layer '{self.layer_name}' (master weights)"):
-            scale_w = numerics.arq_scale(master, self.channel_axis)
+            scale_w = numerics.arq_scale(master, self.channel_axis, self.num_bits_w)
             if numerics.is_global_conv(self.output_shape, scale_w.size):
                 # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
                 state = self.blobs[CLIP_STATE].data
-                scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
+                scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]),
+                                                         self.num_bits_d)
                 scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
-            self.blobs[FAKE_QUANT_WEIGHTS].data[...] = kernels.arq_fake_quantize(master, scale_w, self.channel_axis)
+            self.blobs[FAKE_QUANT_WEIGHTS].data[...] = kernels.arq_fake_quantize(master, scale_w, self.channel_axis,
+                                                                                 self.num_bits_w)
         self.blobs[self.scale_w_blob].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))

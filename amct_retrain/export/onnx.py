@@ -21,7 +21,9 @@ Two forms (``export_onnx(..., mode=...)``):
   ``numerics.requantized_output``. A Deconvolution (group 1, dilation 1) is a ConvInteger
   of its flipped kernel over the codes spread ``stride`` apart (a ConvTranspose by a 1x1
   one, exact) and padded by ``kernel - 1 - pad``; an AVE Pooling's window sums are a
-  depthwise ConvInteger by ones (its 1/n is in deq).
+  depthwise ConvInteger by ones (its 1/n is in deq). A layer of ``num_bits_d`` b < 8 (from the
+  quant info file, as for the integer executor) clips its codes to ``[-2**(b-1), 2**(b-1) - 1]``
+  and keeps them in int8, as the deploy model does: ConvInteger / MatMulInteger take no int4.
 * ``"standard"`` (:mod:`amct_retrain.export.standard`): the QuantizeLinear/DequantizeLinear
   pattern onnxruntime fuses into integer kernels, for speed, within a step of the exact one.
 
@@ -31,6 +33,7 @@ data top, with a symbolic batch axis (labels are dropped); loss and accuracy lay
 and their first bottom (the logits) becomes a graph output, as does every blob that no later
 layer reads.
 """
+import functools
 import logging
 import os
 import re
@@ -63,12 +66,12 @@ def _channel_const(g: Graph, hint: str, values: np.ndarray, rank: int) -> str:
     return g.const(hint, values.reshape((values.size,) + (1,) * (rank - 2)))
 
 
-def _codes(g: Graph, x: str, quant_scale: float, offset: int) -> str:
-    """The Quant layer's float codes ``k = clip(rint(x * quant_scale), -128 - o, 127 - o)``
-    (``numerics.quant_layer_forward`` minus the offset)."""
+def _codes(g: Graph, x: str, quant_scale: float, offset: int, num_bits: int) -> str:
+    """The Quant layer's float codes ``k = clip(rint(x * quant_scale), -128 - o, 127 - o)`` (the
+    ``num_bits`` range; ``numerics.quant_layer_forward`` minus the offset)."""
     k = g.op("Round", [g.op("Mul", [x, g.const("quant_scale", np.float32(quant_scale))])])
-    return g.op("Clip", [k, g.const("code_min", np.float32(numerics.INT8_MIN - offset)),
-                         g.const("code_max", np.float32(numerics.INT8_MAX - offset))], rank=g.rank(x))
+    code_min, code_max = numerics.code_bounds(numerics.bit_width(num_bits), offset)
+    return g.op("Clip", [k, g.const("code_min", code_min), g.const("code_max", code_max)], rank=g.rank(x))
 
 
 def _int8(g: Graph, k: str, offset: int) -> str:
@@ -88,14 +91,15 @@ def _spread_for_deconv(g: Graph, layer: caffe_pb2.LayerParameter, k: str, channe
 
 
 def _exact_quantized(g: Graph, q: QuantizedLayer, deploy: Mapping[str, list[caffe_pb2.BlobProto]],
-                     weights_file: str) -> None:
-    """The integer form of a Quant -> layer -> DeQuant triple (see the module docstring)."""
+                     weights_file: str, num_bits_d: Mapping[str, int]) -> None:
+    """The integer form of a Quant -> layer -> DeQuant triple (see the module docstring);
+    ``num_bits_d``: quantized layer -> its codes' bit width (8 where absent)."""
     layer = q.layer
     ints, quant_scale, offset = quantized_params(g, q, deploy, weights_file)
     channels = ints.deq.size
     g.scope = q.quant.name
     x = fl.linear_input(g, layer, g.read(q.quant.bottom[0], q.quant))
-    k = _codes(g, x, quant_scale, offset)
+    k = _codes(g, x, quant_scale, offset, num_bits_d.get(layer.name, numerics.DEFAULT_BITS))
     zero_point = g.const("zero_point", np.int8(offset))
 
     g.scope = layer.name
@@ -142,7 +146,7 @@ QuantizedConverter = Callable[[Graph, QuantizedLayer, Mapping[str, list[caffe_pb
 
 def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str | os.PathLike,
                 onnx_file: str | os.PathLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                mode: str = "standard") -> None:
+                mode: str = "standard", quant_info_file: str | os.PathLike | None = None) -> None:
     """Write the deploy model (``*_deploy_model.prototxt`` + ``*_deploy_weights.caffemodel``) as an
     opset-21 ONNX model that onnxruntime runs on the CPU, with a symbolic batch axis.
 
@@ -158,6 +162,8 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
             into integer kernels (uint8 activations, per-channel int8 weights), within about a
             step of the deploy model's output; ``"exact"``: the deploy model's integer
             arithmetic bit for bit (see the module docstring).
+        quant_info_file: the saver's quant info file, for the bit widths of the Quant layers'
+            codes (``"exact"``); default: the one beside the deploy model, if any (else 8 bits).
 
     Raises:
         ModelError (a ValueError): an unsupported layer type or parameter, or blobs that
@@ -178,7 +184,8 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
     g = Graph(model_file, set(inputs) | set(final_writers), final_writers)
     finish: Callable[[Graph], None] | None = None  # the standard form's pass over the whole graph
     if mode == "exact":
-        convert_quantized: QuantizedConverter = _exact_quantized
+        bits = saved_models.activation_bit_widths(model_file, quant_info_file and os.fspath(quant_info_file))
+        convert_quantized: QuantizedConverter = functools.partial(_exact_quantized, num_bits_d=bits)
     else:
         standard = Standard()
         convert_quantized, finish = standard.convert, standard.finish

@@ -45,7 +45,7 @@ def fake_quant_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe
         return _phase_rules_of(
             layer,
             ql.fake_quant_activation_layer(names["fake_quant"], layer.bottom[0], quantized_input,
-                                           f.scale_d, f.offset_d),
+                                           f.scale_d, f.offset_d, f.num_bits_d),
             _copy_with_input(layer, quantized_input),
             ql.requantize_layer(names["requantize"], layer.top[0], f.deq.tolist(), f.shift_bit.tolist()))
     return _rewrite(float_net, factors, block)
@@ -53,7 +53,8 @@ def fake_quant_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe
 
 def deploy_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe_pb2.NetParameter:
     """Each quantized layer between a ``Quant`` layer (scale 1/scale_d, offset_d as one int8
-    byte) and an in-place ``DeQuant`` layer (its blob 0 holds the packed deq_scale)."""
+    byte) and an in-place ``DeQuant`` layer (its blob 0 holds the packed deq_scale). A layer of
+    fewer bits holds its codes in the same int8 fields; its bit widths are in the quant info file."""
     def block(layer, f):
         names = quant_layer_names(layer.name)
         int8_input = f"{layer.name}_input_int8"

@@ -5,6 +5,7 @@ from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ
+from amct_retrain.numerics import DEFAULT_BITS
 
 RETRAIN_SPECS = (ACTIVATION_ULQ, WEIGHT_ARQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG)
 
@@ -21,6 +22,8 @@ class QuantizedLayer:
     batch_num: int
     fused: dict | None = None  # {"kind", "removed"}: the BatchNorm/Scale folded into it
     fixed_scale_w: tuple[float, ...] | None = None  # a layer without weights (AVE Pooling): its scale_w
+    num_bits_d: int = DEFAULT_BITS  # the bit widths of its activations and weights
+    num_bits_w: int = DEFAULT_BITS
 
     @property
     def has_weights(self) -> bool:
@@ -46,7 +49,7 @@ def find_quantized_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[
         fixed_min = ACTIVATION_ULQ.parse(ulq.python_param.param_str)["fixed_min"]
         found[name] = QuantizedLayer(name, ulq.name, ulq.bottom[0], p["channel_axis"], fixed_min,
                                      p["record_file"], p["batch_num"], p.get("fused"),
-                                     None if needs_arq else tuple(fixed_scale_w))
+                                     None if needs_arq else tuple(fixed_scale_w), p["num_bits_d"], p["num_bits_w"])
     if not found:
         raise ModelError(f"{model_file}: has no quantized layers: not a model made by create_quant_retrain_model")
     return found
