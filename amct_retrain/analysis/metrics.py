@@ -70,10 +70,11 @@ class OutputStats:
 
 @dataclass
 class ActivationStats:
-    """A quantized layer's input in the fake-quant model against the int8 grid it is clipped
-    to (``numerics.activation_grid_bounds`` of its ``scale_d`` / ``offset_d``)."""
+    """A quantized layer's input in the fake-quant model against the grid it is clipped
+    to (``numerics.activation_grid_bounds`` of its ``scale_d`` / ``offset_d`` / ``num_bits``)."""
     scale_d: float
     offset_d: int
+    num_bits: int = numerics.DEFAULT_BITS
     elements: int = 0
     below: int = 0
     above: int = 0
@@ -85,7 +86,7 @@ class ActivationStats:
     bounds: tuple[float, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        lo, hi = numerics.activation_grid_bounds(self.scale_d, self.offset_d)
+        lo, hi = numerics.activation_grid_bounds(self.scale_d, self.offset_d, self.num_bits)
         self.bounds = (float(lo), float(hi))
 
     def add(self, x: np.ndarray) -> None:

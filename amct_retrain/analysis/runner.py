@@ -36,7 +36,6 @@ LOG = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 Inputs = Callable[[int], Batch] | Sequence[Batch] | None
 FOLDED_TYPES = ("BatchNorm", "Scale")
-DEFAULT_BIT_WIDTH = 8
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def fake_quant_layers(net: caffe_pb2.NetParameter, model_file: str) -> dict[str,
             found[layer.name] = FakeQuantLayer(
                 layer.name, layer.type, fq.bottom[0], layer.top[0], float(np.float32(fq_params["scale_d"])),
                 int(fq_params["offset_d"]), np.asarray(rq_params["deq"], np.float32),
-                np.asarray(rq_params["shift_bit"], np.int64), int(fq_params.get("num_bits", DEFAULT_BIT_WIDTH)))
+                np.asarray(rq_params["shift_bit"], np.int64), int(fq_params["num_bits_d"]))
         except (LayerParamError, ValueError, KeyError, TypeError) as err:
             raise ModelError(f"{model_file}: layer '{fq.name}' or '{rq.name}': param_str does not describe "
                              f"a fake-quant layer ({err!r})") from None
@@ -307,7 +306,7 @@ def analyze(model_file: str, weights_file: str, fake_quant_model_file: str, fake
     points = _comparison_points(float_net, layers, {layer.name for layer in fake_param.layer}, model_file)
     fake_names = list(fake_net._layer_names)
     outputs = {name: metrics.OutputStats(numerics.output_steps(q.deq, q.shift_bit)) for name, q in layers.items()}
-    activations = {name: metrics.ActivationStats(q.scale_d, q.offset_d) for name, q in layers.items()}
+    activations = {name: metrics.ActivationStats(q.scale_d, q.offset_d, q.bit_width) for name, q in layers.items()}
 
     fed: dict[str, np.ndarray] = {}
     reference: dict[str, np.ndarray] = {}
