@@ -66,7 +66,7 @@ def _channel_const(g: Graph, hint: str, values: np.ndarray, rank: int) -> str:
     return g.const(hint, values.reshape((values.size,) + (1,) * (rank - 2)))
 
 
-def _codes(g: Graph, x: str, quant_scale: float, offset: int, num_bits: int) -> str:
+def _codes(g: Graph, x: str, quant_scale: float, offset: int, num_bits: int = numerics.DEFAULT_BITS) -> str:
     """The Quant layer's float codes ``k = clip(rint(x * quant_scale), -128 - o, 127 - o)`` (the
     ``num_bits`` range; ``numerics.quant_layer_forward`` minus the offset)."""
     k = g.op("Round", [g.op("Mul", [x, g.const("quant_scale", np.float32(quant_scale))])])
