@@ -11,13 +11,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import Message
-
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.config.common import (CALIBRATION_DATA_ALGO, CALIBRATION_WEIGHT_ALGO, CONFIG_VERSION, DATA_ALGO,
                                         WEIGHT_ALGO, IfmrParams, check_clips, check_ifmr, config_error)
 from amct_retrain.config.schema import validate_calibration_config, validate_retrain_config
-from amct_retrain.config.simplified import SimplifiedCalibrationConfig, SimplifiedRetrainConfig, read_simplified_config
+from amct_retrain.config.simplified import (SimplifiedCalibrationConfig, SimplifiedMessage, SimplifiedRetrainConfig,
+                                            read_simplified_config)
 from amct_retrain.errors import ConfigError
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph.model_io import probe_net, read_prototxt
@@ -54,7 +53,7 @@ class _DataSettings:
     fixed_min: bool = False
 
 
-def _data_settings(path: str, block: Message, key: str, layer: str | None) -> _DataSettings:
+def _data_settings(path: str, block: SimplifiedMessage, key: str, layer: str | None) -> _DataSettings:
     ulq = block.ulq_quantize
     clip_min = clip_max = None
     if ulq.HasField("clip_max_min"):
@@ -68,7 +67,7 @@ def _data_settings(path: str, block: Message, key: str, layer: str | None) -> _D
     return _DataSettings(clip_min, clip_max, ulq.fixed_min)
 
 
-def _channel_wise_setting(arq: Message) -> bool | None:
+def _channel_wise_setting(arq: SimplifiedMessage) -> bool | None:
     return arq.channel_wise if arq.HasField("channel_wise") else None
 
 
@@ -79,7 +78,7 @@ class _Override:
     weight_given: bool
 
 
-def _override_of(path: str, layer: str | None, rule: QuantRule | None, data: Any, arq: Message | None,
+def _override_of(path: str, layer: str | None, rule: QuantRule | None, data: Any, arq: SimplifiedMessage | None,
                  arq_key: str) -> _Override:
     """An override with activation settings ``data`` and the weight block ``arq`` (None: not given)."""
     channel_wise = None if arq is None else _channel_wise_setting(arq)
@@ -88,7 +87,7 @@ def _override_of(path: str, layer: str | None, rule: QuantRule | None, data: Any
     return _Override(data, channel_wise, arq is not None)
 
 
-def _override(path: str, entry: Message, key: str, layer: str | None, rule: QuantRule | None) -> _Override:
+def _override(path: str, entry: SimplifiedMessage, key: str, layer: str | None, rule: QuantRule | None) -> _Override:
     data = None
     if entry.HasField("retrain_data_quant_config"):
         data = _data_settings(path, entry.retrain_data_quant_config, f"{key}.retrain_data_quant_config", layer)
@@ -97,7 +96,7 @@ def _override(path: str, entry: Message, key: str, layer: str | None, rule: Quan
                         f"{key}.retrain_weight_quant_config.arq_retrain")
 
 
-def _batch_num(path: str, spec: Message) -> int:
+def _batch_num(path: str, spec: SimplifiedMessage) -> int:
     if not spec.HasField("batch_num"):
         return 1
     if spec.batch_num < 1:
@@ -105,10 +104,10 @@ def _batch_num(path: str, spec: Message) -> int:
     return spec.batch_num
 
 
-ReadOverride = Callable[[str, Message, str, str | None, QuantRule | None], _Override]
+ReadOverride = Callable[[str, SimplifiedMessage, str, str | None, QuantRule | None], _Override]
 
 
-def _resolve_layers(path: str, spec: Message, net: caffe_pb2.NetParameter, model_path: str,
+def _resolve_layers(path: str, spec: SimplifiedMessage, net: caffe_pb2.NetParameter, model_path: str,
                     read_override: ReadOverride) -> list[tuple[str, QuantRule, list[_Override]]]:
     """The quantizable layers of ``net`` that the simplified config ``spec`` does not skip, in net
     order, each with its rule and its overrides (layer override first, then type override), read
@@ -194,7 +193,7 @@ def _settings(chain: list[_Override], global_data: Any, global_cw: bool | None, 
     return data, rule.channel_wise_default if channel_wise is None else channel_wise
 
 
-def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, model_path: str) -> dict[str, Any]:
+def _generate(path: str, spec: SimplifiedMessage | None, net: caffe_pb2.NetParameter, model_path: str) -> dict[str, Any]:
     """Build the retrain config dict for ``net``, shaped by the simplified config ``spec``."""
     spec = spec if spec is not None else SimplifiedRetrainConfig()
     batch_num = _batch_num(path, spec)
@@ -221,7 +220,7 @@ def _generate(path: str, spec: Message | None, net: caffe_pb2.NetParameter, mode
 
 
 def _read_create_inputs(out_path: str, model_path: str, weights_path: str, def_path: str | None,
-                        schema: type) -> tuple[caffe_pb2.NetParameter, Message | None]:
+                        schema: type) -> tuple[caffe_pb2.NetParameter, SimplifiedMessage | None]:
     """The net and the simplified config (or None) of a config generator, checked: the output is
     neither an input nor a directory, the weights file exists and Caffe can build the net (asked
     in a child process, as the model builders do, so that a net Caffe cannot build is refused at
@@ -297,7 +296,7 @@ def create_quant_retrain_config(
 _IFMR_CFG_KEYS = {"search_start": "search_range_start", "search_end": "search_range_end"}
 
 
-def _ifmr_settings(path: str, block: Message, key: str, layer: str | None) -> IfmrParams:
+def _ifmr_settings(path: str, block: SimplifiedMessage, key: str, layer: str | None) -> IfmrParams:
     """IfmrParams from a simplified config's ``ifmr_quantize`` block (unset fields: the defaults)."""
     default = IfmrParams()
     def cfg_key(field: str) -> str:
@@ -308,7 +307,7 @@ def _ifmr_settings(path: str, block: Message, key: str, layer: str | None) -> If
     return check_ifmr(path, layer, lambda field: f"{key}.{cfg_key(field)}", IfmrParams(**values))
 
 
-def _calibration_override(path: str, entry: Message, key: str, layer: str | None,
+def _calibration_override(path: str, entry: SimplifiedMessage, key: str, layer: str | None,
                           rule: QuantRule | None) -> _Override:
     block, bkey = entry.calibration_config, f"{key}.calibration_config"
     data = (_ifmr_settings(path, block.ifmr_quantize, f"{bkey}.ifmr_quantize", layer)
@@ -322,7 +321,7 @@ def _ifmr_json(p: IfmrParams) -> dict[str, Any]:
             "search_range": [p.search_start, p.search_end], "search_step": p.search_step}
 
 
-def _generate_calibration(path: str, spec: Message, net: caffe_pb2.NetParameter,
+def _generate_calibration(path: str, spec: SimplifiedMessage, net: caffe_pb2.NetParameter,
                           model_path: str) -> dict[str, Any]:
     """Build the calibration config dict for ``net``, shaped by the simplified config ``spec``."""
     global_ifmr, global_cw = IfmrParams(), None
@@ -342,7 +341,7 @@ def _generate_calibration(path: str, spec: Message, net: caffe_pb2.NetParameter,
     return out
 
 
-def _spec_from_arguments(skip_layers: Any, batch_num: Any, activation_offset: Any) -> Message:
+def _spec_from_arguments(skip_layers: Any, batch_num: Any, activation_offset: Any) -> SimplifiedMessage:
     """The simplified calibration config that create_quant_config's arguments amount to."""
     where = "create_quant_config"
     if not isinstance(batch_num, int) or isinstance(batch_num, bool) or not 1 <= batch_num < 2**32:
@@ -397,7 +396,7 @@ def create_quant_config(
     out_path, model_path, weights_path = os.fspath(config_file), os.fspath(model_file), os.fspath(weights_file)
     def_path = os.fspath(config_defination) if config_defination is not None else None
     net, spec = _read_create_inputs(out_path, model_path, weights_path, def_path, SimplifiedCalibrationConfig)
-    if spec is None:
+    if def_path is None:
         data = _generate_calibration("create_quant_config", _spec_from_arguments(
             skip_layers, batch_num, activation_offset), net, model_path)
     else:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from amct_retrain.caffe_proto import caffe_pb2
-from amct_retrain.config.common import (CALIBRATION_DATA_ALGO, CALIBRATION_WEIGHT_ALGO, CONFIG_VERSION, DATA_ALGO,
-                                        WEIGHT_ALGO, IfmrParams, check_clips, check_ifmr, config_error)
+from amct_retrain.config.common import (CONFIG_VERSION, CalibrationDataAlgo, CalibrationWeightAlgo, DataAlgo,
+                                        IfmrParams, WeightAlgo, check_clips, check_ifmr, config_error)
 from amct_retrain.errors import ConfigError
 from amct_retrain.fileio import read_text_file
 from amct_retrain.layer_types import QUANTIZABLE_RULES, QuantRule, layers_by_name, quantizable_layers, rule_for
@@ -57,16 +60,6 @@ class CalibrationConfig:
     batch_num: int
     activation_offset: bool
     layers: dict[str, LayerCalibrationConfig]
-
-
-_TOP_KEYS = ("version", "batch_num", "log_dir")
-_LAYER_KEYS = ("retrain_enable", "retrain_data_config", "retrain_weight_config")
-_DATA_KEYS = ("algo", "clip_max", "clip_min", "fixed_min")
-_WEIGHT_KEYS = ("algo", "channel_wise")
-_CALIBRATION_TOP_KEYS = ("version", "batch_num", "activation_offset")
-_CALIBRATION_LAYER_KEYS = ("quant_enable", "activation_quant_params", "weight_quant_params")
-_ACTIVATION_KEYS = ("algo", "max_percentile", "min_percentile", "search_range", "search_step")
-_CALIBRATION_WEIGHT_KEYS = ("wts_algo", "channel_wise")
 
 
 class _DuplicateKey(Exception):
@@ -117,93 +110,176 @@ def load_calibration_config(config_file: str | os.PathLike, net: caffe_pb2.NetPa
     return validate_calibration_config(path, read_config_json(path, "calibration config"), net)
 
 
-def _want(path: str, value: Any, kind: str, layer: str | None, key: str) -> None:
-    if kind == "bool":
-        ok = isinstance(value, bool)
-    elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "number":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind == "str":
-        ok = isinstance(value, str)
-    elif kind == "array":
-        ok = isinstance(value, list)
-    else:  # "object"
-        ok = isinstance(value, dict)
-    if not ok:
-        names = {"bool": "a boolean", "int": "an integer", "number": "a number", "str": "a string",
-                 "array": "an array", "object": "an object"}
-        raise config_error(path, f"expected {names[kind]}, got {_json_type(value)} {json.dumps(value)[:80]}", layer, key)
-    if kind == "number" and isinstance(value, int) and not -1e308 < value < 1e308:  # float() would overflow
-        raise config_error(path, f"number {str(value)[:20]}... is out of range", layer, key)
+# The structure of the JSON files, declared with pydantic: each model is one JSON object, its fields
+# the keys it may hold with their JSON types and defaults; `_JsonObject` makes an unknown key an error
+# and keeps the JSON types apart (no "1" -> 1, no true -> 1). A new key is one field line, e.g.
+# `num_bits: Annotated[int, Field(ge=2, le=8)] = 8`; the error naming file, layer and key comes with it.
 
 
-def _json_type(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+class _JsonObject(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-def _check_keys(path: str, obj: Mapping[str, Any], allowed: Iterable[str], layer: str | None, key: str) -> None:
-    allowed = tuple(allowed)
-    for k in obj:
-        if k not in allowed:
-            raise config_error(path, f"unknown key; expected one of: {', '.join(allowed)}", layer, f"{key}.{k}" if key else k)
+_Object = TypeVar("_Object", bound=_JsonObject)
+_Given = TypeVar("_Given")
 
 
-def _validate_top(path: str, data: Any, what: str) -> int:
-    """Check the top level of a config JSON (an object, its version); return its batch_num."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the {what} must be a JSON object, got {_json_type(data)}")
-    if "version" not in data:
-        raise config_error(path, f"missing; expected {CONFIG_VERSION}", key="version")
-    version = data["version"]
-    _want(path, version, "int", None, "version")
+def _not_null(value: Any) -> Any:
+    """An optional key given as JSON null is an error (leaving it out is how to not set it)."""
+    if value is None:
+        raise PydanticCustomError("null_given", "null is not allowed here; leave the key out to use the default")
+    return value
+
+
+def _supported_version(version: int) -> int:
     if version != CONFIG_VERSION:
-        raise config_error(path, f"unsupported version {version}; expected {CONFIG_VERSION}", key="version")
-    batch_num = data.get("batch_num", 1)
-    _want(path, batch_num, "int", None, "batch_num")
-    if batch_num < 1:
-        raise config_error(path, f"batch_num must be >= 1, got {batch_num}", key="batch_num")
-    return batch_num
+        raise PydanticCustomError("version", f"unsupported version {version}; expected {CONFIG_VERSION}")
+    return version
 
 
-def _validate_layers(path: str, data: dict[str, Any], net: caffe_pb2.NetParameter, top_keys: tuple[str, ...],
-                     validate_layer: Callable[..., Any]) -> dict[str, Any]:
-    """``validate_layer(path, name, entry, layer, broken)`` of every layer entry; the enabled
-    ones (not None) in net order. Any other key than ``top_keys`` must name a layer."""
+Version = Annotated[int, AfterValidator(_supported_version)]
+BatchNum = Annotated[int, Field(ge=1)]
+OptionalNumber = Annotated[float | None, BeforeValidator(_not_null)]  # left out: None
+OptionalBool = Annotated[bool | None, BeforeValidator(_not_null)]
+
+
+class RetrainDataJson(_JsonObject):
+    """A layer's ``retrain_data_config``; clips both left out: IFMR initialises them."""
+    algo: DataAlgo
+    clip_max: OptionalNumber = None
+    clip_min: OptionalNumber = None
+    fixed_min: bool = False
+
+
+class RetrainWeightJson(_JsonObject):
+    """A layer's ``retrain_weight_config``; ``channel_wise`` left out: the layer type's default."""
+    algo: WeightAlgo
+    channel_wise: OptionalBool = None
+
+
+class RetrainLayerJson(_JsonObject):
+    """One layer's entry of the retrain config."""
+    retrain_enable: bool
+    retrain_data_config: RetrainDataJson | None = None
+    retrain_weight_config: RetrainWeightJson | None = None
+
+
+class RetrainTopJson(_JsonObject):
+    """The top-level keys of the retrain config (every other key names a layer)."""
+    version: Version
+    batch_num: BatchNum = 1
+    log_dir: Annotated[str, Field(min_length=1)] | None = None  # where the quant layers write TensorBoard logs
+
+
+class ActivationJson(_JsonObject):
+    """A layer's ``activation_quant_params`` (see :class:`IfmrParams`)."""
+    algo: CalibrationDataAlgo
+    max_percentile: float = IfmrParams.max_percentile
+    min_percentile: float = IfmrParams.min_percentile
+    search_range: Annotated[list[float], Field(min_length=2, max_length=2)] = [IfmrParams.search_start,
+                                                                                IfmrParams.search_end]
+    search_step: float = IfmrParams.search_step
+
+
+class CalibrationWeightJson(_JsonObject):
+    """A layer's ``weight_quant_params``; ``channel_wise`` left out: the layer type's default."""
+    wts_algo: CalibrationWeightAlgo
+    channel_wise: OptionalBool = None
+
+
+class CalibrationLayerJson(_JsonObject):
+    """One layer's entry of the calibration config."""
+    quant_enable: bool
+    activation_quant_params: ActivationJson | None = None
+    weight_quant_params: CalibrationWeightJson | None = None
+
+
+class CalibrationTopJson(_JsonObject):
+    """The top-level keys of the calibration config (every other key names a layer)."""
+    version: Version
+    batch_num: BatchNum = 1
+    activation_offset: bool = True
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+               type(None): "null"}
+_EXPECTED = {"bool_type": "a boolean", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+             "list_type": "an array", "model_type": "an object"}
+
+
+def _object_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The model of the JSON object at ``loc`` (keys only) below ``model``."""
+    for key in loc:
+        annotation = model.model_fields[str(key)].annotation
+        model = next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel))
+    return model
+
+
+def _error_message(model: type[BaseModel], error: ErrorDetails) -> str:
+    kind, value, ctx = error["type"], error["input"], error.get("ctx", {})
+    got = f"{_JSON_TYPES.get(type(value), type(value).__name__)} {json.dumps(value)[:80]}"
+    if kind == "extra_forbidden":
+        return f"unknown key; expected one of: {', '.join(_object_at(model, error['loc'][:-1]).model_fields)}"
+    if kind == "missing":
+        field = _object_at(model, error["loc"][:-1]).model_fields[str(error["loc"][-1])]
+        literal = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+        return f"missing; expected {literal[0]!r}" if literal else "missing"
+    if kind == "float_type" and type(value) is int:  # float() would overflow
+        return f"number {str(value)[:20]}... is out of range"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    if kind == "literal_error":
+        return f"unsupported value {value!r}; expected {ctx['expected']}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}, got {value}"
+    if kind == "string_too_short":
+        return "must not be empty (leave the key out instead)"
+    if kind in ("too_short", "too_long"):
+        return f"expected {ctx.get('min_length', ctx.get('max_length'))} values, got {ctx['actual_length']}"
+    return error["msg"]
+
+
+def _parse(path: str, model: type[_Object], data: Any, layer: str | None = None) -> _Object:
+    """``data`` validated as ``model``; else a ConfigError naming the file, the layer and the key (the first
+    unknown key if any, as a typo there explains the other errors)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        error = errors[0]
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+        raise config_error(path, _error_message(model, error), layer, key or layer) from None
+
+
+def _validated(path: str, data: Any, what: str, top: type[_Object], entry_model: type[_JsonObject],
+               net: caffe_pb2.NetParameter, layer_config: Callable[..., Any]) -> tuple[_Object, dict[str, Any]]:
+    """The top-level keys of a config JSON parsed as ``top``, and ``layer_config(path, name, entry,
+    layer, broken)`` of each layer's entry parsed as ``entry_model``: the enabled ones (not None), in
+    net order. Every key but the top-level ones must name a layer of ``net``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the {what} must be a JSON object, got {_JSON_TYPES.get(type(data), 'a value')}")
+    parsed = _parse(path, top, {k: v for k, v in data.items() if k in top.model_fields})
     by_name = layers_by_name(net)
     _, broken = quantizable_layers(net)
-    configs: dict[str, Any] = {}
-    for name, entry in data.items():
-        if name in top_keys:
+    configs = {}
+    for name, value in data.items():
+        if name in top.model_fields:
             continue
         if name not in by_name:
             raise config_error(path, f"unknown key: the model has no layer named {name!r} "
-                       f"(top-level keys are {', '.join(top_keys)} and layer names)", name)
-        parsed = validate_layer(path, name, entry, by_name[name], broken.get(name))
-        if parsed is not None:
-            configs[name] = parsed
+                               f"(top-level keys are {', '.join(top.model_fields)} and layer names)", name)
+        # Structure and types are checked even for disabled layers: a typo is a typo.
+        config = layer_config(path, name, _parse(path, entry_model, value, name), by_name[name], broken.get(name))
+        if config is not None:
+            configs[name] = config
     # Net order, not file order: the graph passes walk the net.
-    return {name: configs[name] for name in by_name if name in configs}
+    return parsed, {name: configs[name] for name in by_name if name in configs}
 
 
 def validate_retrain_config(path: str, data: Any, net: caffe_pb2.NetParameter) -> RetrainConfig:
-    batch_num = _validate_top(path, data, "retrain config")
-    log_dir = data.get("log_dir")
-    if log_dir is not None:
-        _want(path, log_dir, "str", None, "log_dir")
-        if not log_dir:
-            raise config_error(path, "log_dir must not be empty (leave it out for no logs)", key="log_dir")
-    layers = _validate_layers(path, data, net, _TOP_KEYS, _validate_layer)
-    return RetrainConfig(batch_num=batch_num, log_dir=log_dir, layers=layers)
-
-
-def _check_algo(path: str, name: str, cfg: Mapping[str, Any], key: str, field: str, algo: str) -> None:
-    if field not in cfg:
-        raise config_error(path, f"missing; expected {algo!r}", name, f"{key}.{field}")
-    _want(path, cfg[field], "str", name, f"{key}.{field}")
-    if cfg[field] != algo:
-        raise config_error(path, f"unsupported algorithm {cfg[field]!r}; expected {algo!r}", name, f"{key}.{field}")
+    """The retrain config ``data`` (read from ``path``) validated against ``net``."""
+    top, layers = _validated(path, data, "retrain config", RetrainTopJson, RetrainLayerJson, net, _retrain_layer)
+    return RetrainConfig(batch_num=top.batch_num, log_dir=top.log_dir, layers=layers)
 
 
 def _enabled_rule(path: str, name: str, layer: caffe_pb2.LayerParameter, broken: str | None,
@@ -212,140 +288,79 @@ def _enabled_rule(path: str, name: str, layer: caffe_pb2.LayerParameter, broken:
     rule = rule_for(layer)
     if rule is None:
         raise config_error(path, f"layer of type {layer.type} is not quantizable "
-                   f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set {enable_key} false or remove it",
-                   name, enable_key)
+                           f"(quantizable: {', '.join(QUANTIZABLE_RULES)}); set {enable_key} false or remove it",
+                           name, enable_key)
     if broken is not None:
         raise config_error(path, f"layer cannot be quantized: {broken}", name, enable_key)
     return rule
 
 
+def _required(path: str, name: str, block: _Given | None, key: str, enable_key: str) -> _Given:
+    if block is None:
+        raise config_error(path, f"missing (needed when {enable_key} is true)", name, key)
+    return block
+
+
 def _channel_wise(path: str, name: str, layer: caffe_pb2.LayerParameter, rule: QuantRule,
-                  weight_cfg: Mapping[str, Any] | None, key: str) -> bool:
-    channel_wise = rule.channel_wise_default
-    if weight_cfg is not None and "channel_wise" in weight_cfg:
-        channel_wise = weight_cfg["channel_wise"]
+                  weight: RetrainWeightJson | CalibrationWeightJson | None, key: str) -> bool:
+    channel_wise = rule.channel_wise_default if weight is None or weight.channel_wise is None else weight.channel_wise
     if channel_wise and not rule.channel_wise_allowed:
         raise config_error(path, f"channel_wise must be false for {layer.type}", name, f"{key}.channel_wise")
     return channel_wise
 
 
-def _layer_entry_enabled(path: str, name: str, entry: Any, keys, flag: str) -> bool:
-    """Check a layer's entry is an object of known keys with the boolean ``flag``; return it."""
-    _want(path, entry, "object", name, name)
-    _check_keys(path, entry, keys, name, "")
-    if flag not in entry:
-        raise config_error(path, "missing", name, flag)
-    _want(path, entry[flag], "bool", name, flag)
-    return entry[flag]
-
-
-def _validate_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
-                    broken: str | None) -> LayerQuantConfig | None:
-    enabled = _layer_entry_enabled(path, name, entry, _LAYER_KEYS, "retrain_enable")
-
-    # Structure and types are checked even for disabled layers: a typo is a typo.
-    data_cfg = entry.get("retrain_data_config")
-    if data_cfg is not None or enabled:
-        if data_cfg is None:
-            raise config_error(path, "missing (needed when retrain_enable is true)", name, "retrain_data_config")
-        _want(path, data_cfg, "object", name, "retrain_data_config")
-        _check_keys(path, data_cfg, _DATA_KEYS, name, "retrain_data_config")
-    weight_cfg = entry.get("retrain_weight_config")
-    if weight_cfg is not None:
-        _want(path, weight_cfg, "object", name, "retrain_weight_config")
-        _check_keys(path, weight_cfg, _WEIGHT_KEYS, name, "retrain_weight_config")
-    for cfg, key, algo in ((data_cfg, "retrain_data_config", DATA_ALGO),
-                           (weight_cfg, "retrain_weight_config", WEIGHT_ALGO)):
-        if cfg is not None:
-            _check_algo(path, name, cfg, key, "algo", algo)
-    if data_cfg is not None:
-        for k in ("clip_max", "clip_min"):
-            if k in data_cfg:
-                _want(path, data_cfg[k], "number", name, f"retrain_data_config.{k}")
-        if "fixed_min" in data_cfg:
-            _want(path, data_cfg["fixed_min"], "bool", name, "retrain_data_config.fixed_min")
-    if weight_cfg is not None and "channel_wise" in weight_cfg:
-        _want(path, weight_cfg["channel_wise"], "bool", name, "retrain_weight_config.channel_wise")
-    if not enabled:
+def _retrain_layer(path: str, name: str, entry: RetrainLayerJson, layer: caffe_pb2.LayerParameter,
+                   broken: str | None) -> LayerQuantConfig | None:
+    if not entry.retrain_enable:
         return None
-
+    data = _required(path, name, entry.retrain_data_config, "retrain_data_config", "retrain_enable")
     rule = _enabled_rule(path, name, layer, broken, "retrain_enable")
-    clip_min, clip_max = data_cfg.get("clip_min"), data_cfg.get("clip_max")
-    if (clip_min is None) != (clip_max is None):
-        missing = "clip_min" if clip_min is None else "clip_max"
+    if (data.clip_min is None) != (data.clip_max is None):
+        missing = "clip_min" if data.clip_min is None else "clip_max"
         raise config_error(path, "clip_max and clip_min must be given together (or neither, for IFMR)",
-                   name, f"retrain_data_config.{missing}")
-    if clip_min is not None:
-        check_clips(path, name, "retrain_data_config", float(clip_min), float(clip_max))
-        clip_min, clip_max = float(clip_min), float(clip_max)
-
-    if rule.has_weights and weight_cfg is None:
-        raise config_error(path, "missing (needed when retrain_enable is true)", name, "retrain_weight_config")
+                           name, f"retrain_data_config.{missing}")
+    if data.clip_min is not None and data.clip_max is not None:
+        check_clips(path, name, "retrain_data_config", data.clip_min, data.clip_max)
+    if rule.has_weights:
+        _required(path, name, entry.retrain_weight_config, "retrain_weight_config", "retrain_enable")
     return LayerQuantConfig(
         layer_type=layer.type,
-        clip_min=clip_min,
-        clip_max=clip_max,
-        fixed_min=data_cfg.get("fixed_min", False),
-        channel_wise=_channel_wise(path, name, layer, rule, weight_cfg, "retrain_weight_config"),
+        clip_min=data.clip_min,
+        clip_max=data.clip_max,
+        fixed_min=data.fixed_min,
+        channel_wise=_channel_wise(path, name, layer, rule, entry.retrain_weight_config, "retrain_weight_config"),
     )
 
 
 def validate_calibration_config(path: str, data: Any, net: caffe_pb2.NetParameter) -> CalibrationConfig:
-    batch_num = _validate_top(path, data, "calibration config")
-    activation_offset = data.get("activation_offset", True)
-    _want(path, activation_offset, "bool", None, "activation_offset")
-    layers = _validate_layers(path, data, net, _CALIBRATION_TOP_KEYS, _validate_calibration_layer)
-    return CalibrationConfig(batch_num=batch_num, activation_offset=activation_offset, layers=layers)
+    """The calibration config ``data`` (read from ``path``) validated against ``net``."""
+    top, layers = _validated(path, data, "calibration config", CalibrationTopJson, CalibrationLayerJson, net,
+                             _calibration_layer)
+    return CalibrationConfig(batch_num=top.batch_num, activation_offset=top.activation_offset, layers=layers)
 
 
-def _ifmr_from_json(path: str, name: str, cfg: Mapping[str, Any]) -> IfmrParams:
-    key = "activation_quant_params"
-    default = IfmrParams()
-    for field in ("max_percentile", "min_percentile", "search_step"):
-        if field in cfg:
-            _want(path, cfg[field], "number", name, f"{key}.{field}")
-    search_range = cfg.get("search_range", [default.search_start, default.search_end])
-    _want(path, search_range, "array", name, f"{key}.search_range")
-    if len(search_range) != 2:
-        raise config_error(path, f"expected [start, end], got {len(search_range)} values", name, f"{key}.search_range")
-    for i, v in enumerate(search_range):
-        _want(path, v, "number", name, f"{key}.search_range[{i}]")
-    params = IfmrParams(max_percentile=float(cfg.get("max_percentile", default.max_percentile)),
-                        min_percentile=float(cfg.get("min_percentile", default.min_percentile)),
-                        search_start=float(search_range[0]), search_end=float(search_range[1]),
-                        search_step=float(cfg.get("search_step", default.search_step)))
-    json_key = {"search_start": "search_range[0]", "search_end": "search_range[1]"}
-    return check_ifmr(path, name, lambda f: f"{key}.{json_key.get(f, f)}", params)
+_IFMR_JSON_KEYS = {"search_start": "search_range[0]", "search_end": "search_range[1]"}
 
 
-def _validate_calibration_layer(path: str, name: str, entry: Any, layer: caffe_pb2.LayerParameter,
-                                broken: str | None) -> LayerCalibrationConfig | None:
-    enabled = _layer_entry_enabled(path, name, entry, _CALIBRATION_LAYER_KEYS, "quant_enable")
+def _ifmr_params(path: str, name: str, activation: ActivationJson) -> IfmrParams:
+    params = IfmrParams(max_percentile=activation.max_percentile, min_percentile=activation.min_percentile,
+                        search_start=activation.search_range[0], search_end=activation.search_range[1],
+                        search_step=activation.search_step)
+    return check_ifmr(path, name, lambda f: f"activation_quant_params.{_IFMR_JSON_KEYS.get(f, f)}", params)
 
-    # Structure and types are checked even for disabled layers: a typo is a typo.
-    act_cfg, ifmr = entry.get("activation_quant_params"), None
-    if act_cfg is not None or enabled:
-        if act_cfg is None:
-            raise config_error(path, "missing (needed when quant_enable is true)", name, "activation_quant_params")
-        _want(path, act_cfg, "object", name, "activation_quant_params")
-        _check_keys(path, act_cfg, _ACTIVATION_KEYS, name, "activation_quant_params")
-        _check_algo(path, name, act_cfg, "activation_quant_params", "algo", CALIBRATION_DATA_ALGO)
-        ifmr = _ifmr_from_json(path, name, act_cfg)
-    weight_cfg = entry.get("weight_quant_params")
-    if weight_cfg is not None:
-        _want(path, weight_cfg, "object", name, "weight_quant_params")
-        _check_keys(path, weight_cfg, _CALIBRATION_WEIGHT_KEYS, name, "weight_quant_params")
-        _check_algo(path, name, weight_cfg, "weight_quant_params", "wts_algo", CALIBRATION_WEIGHT_ALGO)
-        if "channel_wise" in weight_cfg:
-            _want(path, weight_cfg["channel_wise"], "bool", name, "weight_quant_params.channel_wise")
-    if not enabled:
+
+def _calibration_layer(path: str, name: str, entry: CalibrationLayerJson, layer: caffe_pb2.LayerParameter,
+                       broken: str | None) -> LayerCalibrationConfig | None:
+    activation = entry.activation_quant_params
+    ifmr = None if activation is None else _ifmr_params(path, name, activation)  # checked if given, even disabled
+    if not entry.quant_enable:
         return None
-
+    ifmr = _required(path, name, ifmr, "activation_quant_params", "quant_enable")
     rule = _enabled_rule(path, name, layer, broken, "quant_enable")
-    if rule.has_weights and weight_cfg is None:
-        raise config_error(path, "missing (needed when quant_enable is true)", name, "weight_quant_params")
+    if rule.has_weights:
+        _required(path, name, entry.weight_quant_params, "weight_quant_params", "quant_enable")
     return LayerCalibrationConfig(
         layer_type=layer.type,
-        channel_wise=_channel_wise(path, name, layer, rule, weight_cfg, "weight_quant_params"),
+        channel_wise=_channel_wise(path, name, layer, rule, entry.weight_quant_params, "weight_quant_params"),
         ifmr=ifmr,
     )

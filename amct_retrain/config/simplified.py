@@ -19,10 +19,12 @@ from amct_retrain.fileio import parse_text_proto, read_text_file
 
 
 _PACKAGE = "amct_retrain.retrain_config"
+# A message of the schemas below: its class is built at import time, so a type checker knows none of its fields.
+SimplifiedMessage = Any
 _F = descriptor_pb2.FieldDescriptorProto
 
 
-def _build_schema() -> tuple[type, type]:
+def _build_schema() -> tuple[type[SimplifiedMessage], type[SimplifiedMessage]]:
     fdp = descriptor_pb2.FileDescriptorProto(
         name="amct_retrain/retrain_config.proto", package=_PACKAGE, syntax="proto2"
     )
@@ -84,8 +86,10 @@ def _build_schema() -> tuple[type, type]:
     # A private pool, as in record.py: no clash with the process-wide default pool.
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-                 for name in ("SimplifiedRetrainConfig", "SimplifiedCalibrationConfig"))
+    def message_class(name: str) -> type[Message]:
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+
+    return message_class("SimplifiedRetrainConfig"), message_class("SimplifiedCalibrationConfig")
 
 
 SimplifiedRetrainConfig, SimplifiedCalibrationConfig = _build_schema()
@@ -166,7 +170,7 @@ def _scalar(path: str, field: Any, value: Any, key: str) -> Any:
 
 
 def read_simplified_config(config_defination: str | os.PathLike,
-                           schema: type = SimplifiedRetrainConfig) -> Message:
+                           schema: type = SimplifiedRetrainConfig) -> SimplifiedMessage:
     """Parse a simplified config (YAML or protobuf-text ``.cfg``) into a ``schema`` message:
     ``SimplifiedRetrainConfig`` (retraining) or ``SimplifiedCalibrationConfig`` (calibration).
 
