@@ -205,10 +205,11 @@ def _check_shared_settings(net: caffe_pb2.NetParameter, layers: Mapping[str, Lay
                            owners: Mapping[str, str], config_file: str) -> None:
     by_name = layers_by_name(net)
     for name, owner in owners.items():
-        if layers[name].ifmr != layers[owner].ifmr:
+        if (layers[name].ifmr, layers[name].num_bits_d) != (layers[owner].ifmr, layers[owner].num_bits_d):
             raise ConfigError(f"{config_file}: layer {name!r}: key 'activation_quant_params': the layer reads blob "
                               f"'{by_name[name].bottom[0]}' as layer {owner!r} does and shares its activation "
-                              "quantizer (one scale_d), so their activation_quant_params must be equal")
+                              "quantizer (one scale_d), so their activation_quant_params (num_bits included) "
+                              "must be equal")
 
 
 def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_weights_file: str) -> None:
@@ -238,16 +239,20 @@ def quantize_model(graph: CalibrationGraph, modified_model_file: str, modified_w
             weights = fused.params[name][0]
             numerics.check_finite(weights, f"{graph.weights_file}: layer '{name}' weights")
             scale_w = numerics.arq_scale(weights, weight_channel_axis(layer_config.layer_type,
-                                                                      layer_config.channel_wise))
+                                                                      layer_config.channel_wise),
+                                         layer_config.num_bits_w)
         rec = records.setdefault(name, record.SingleLayerRecord())
         rec.scale_w[:] = scale_w.tolist()
         rec.offset_w[:] = [0] * len(scale_w)
+        if layer_config.num_bits_w != numerics.DEFAULT_BITS:  # absent is 8: an 8-bit record as before
+            rec.num_bits_w = layer_config.num_bits_w
     for name in _required_layers(fused.net):
         records.setdefault(name, record.SingleLayerRecord())  # no factors: kept in float
     config = graph.config
     ifmr = {name: layer_config.ifmr.ifmr_kwargs() for name, layer_config in layers.items()}
     modified = insert_calibration_layers(fused.net, ifmr, owners, graph.record_file, config.batch_num,
-                                         config.activation_offset)
+                                         config.activation_offset,
+                                         {name: layer_config.num_bits_d for name, layer_config in layers.items()})
     with staged_outputs() as out:
         out.write(modified_model_file, text_format.MessageToString(modified))
         out.write(modified_weights_file, model_io.caffemodel_chunks(modified.name, fused.params))
@@ -343,10 +348,16 @@ def _layer_factors(layer: caffe_pb2.LayerParameter, rec: record.SingleLayerRecor
     if len(rec.shift_bit) != channels or not all(1 <= b <= 16 for b in rec.shift_bit):
         raise ModelError(f"{where}: shift_bit must hold one value in 1..16 per output channel ({channels}), got "
                          f"{len(rec.shift_bit)} value(s) {list(rec.shift_bit)[:8]}")
-    if not numerics.INT8_MIN <= rec.offset_d <= numerics.INT8_MAX:
-        raise ModelError(f"{where}: offset_d {rec.offset_d} is not an int8")
+    try:
+        num_bits_d, num_bits_w = record.bit_widths(rec, where)
+    except record.RecordFileError as err:
+        raise ModelError(str(err)) from None
+    bw = numerics.bit_width(num_bits_d)
+    if not bw.code_min <= rec.offset_d <= bw.code_max:
+        raise ModelError(f"{where}: offset_d {rec.offset_d} is not a {num_bits_d}-bit code "
+                         f"[{bw.code_min}, {bw.code_max}]")
     factors = LayerFactors(np.float32(rec.scale_d), int(rec.offset_d), np.asarray(rec.scale_w, np.float32),
-                           np.asarray(rec.shift_bit, np.uint32))
+                           np.asarray(rec.shift_bit, np.uint32), num_bits_d, num_bits_w)
     try:  # scale_d and scale_w positive finite, and so are their products
         numerics.deq_scales(factors.scale_d, factors.scale_w)
     except numerics.NumericsError as err:

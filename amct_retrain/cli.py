@@ -8,6 +8,8 @@
                          --save-path result/model
     amct-retrain record  --model retrain/retrain.prototxt --weights retrain/retrained_iter_1000.caffemodel
                          (the record of that snapshot again, if a later TEST pass rewrote it)
+    amct-retrain mixed-precision --model float.prototxt --weights float.caffemodel --output config.json \\
+                         --average-bits 5   (a weight width per layer, 4 or 8, from each layer's sensitivity)
     amct-retrain analyze --model float.prototxt --weights float.caffemodel \\
                          --fake-quant-model result/model_fake_quant_model.prototxt \\
                          --fake-quant-weights result/model_fake_quant_weights.caffemodel --output-dir analysis/
@@ -152,6 +154,16 @@ def _auto_calibrate(args: argparse.Namespace) -> None:
                                                  args.save_dir)
 
 
+def _mixed_precision(args: argparse.Namespace) -> None:
+    from amct_retrain.mixed_precision import search_mixed_precision
+
+    result = search_mixed_precision(args.model, args.weights, args.output, average_weight_bits=args.average_bits,
+                                    size_bytes=args.size_bytes, candidate_bits=args.candidate_bits,
+                                    activation_bits=args.activation_bits, batch_num=args.batch_num)
+    LOG.info("weight bits %s: average %.3f, %d bytes; next: amct-retrain prepare --config %s", result.bits,
+             result.average_bits, result.size_bytes, args.output)
+
+
 def _analyze(args: argparse.Namespace) -> None:
     inputs = None
     if args.inputs:
@@ -285,6 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-num", type=int, default=1, help="calibration batches (default %(default)s)")
     p.add_argument("--max-loss", type=float, default=0.002, help="accepted metric loss (default %(default)s)")
     p.set_defaults(run=_auto_calibrate)
+
+    p = steps.add_parser("mixed-precision", help="a weight bit width per layer under a budget (average bits or "
+                                                 "bytes), from each layer's sensitivity; writes the retrain config")
+    _model_arguments(p, "float net prototxt whose TEST phase reads calibration data", "float caffemodel")
+    p.add_argument("--output", required=True, help="retrain config JSON to write (mixed_precision.json beside it)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--average-bits", type=float, help="average weight width over all weights, e.g. 5")
+    budget.add_argument("--size-bytes", type=int, help="the weights' size packed at their widths")
+    p.add_argument("--candidate-bits", type=int, nargs="+", default=[4, 8], help="default %(default)s")
+    p.add_argument("--activation-bits", type=int, default=8, help="every layer's activations (default %(default)s)")
+    p.add_argument("--batch-num", type=int, default=1, help="calibration batches per trial (default %(default)s)")
+    p.set_defaults(run=_mixed_precision)
 
     p = steps.add_parser("analyze", help="per-layer report: the float and the fake-quant model on the same TEST "
                                          "batches (cosine, SQNR, clipping, weight ranges, shift-N)")

@@ -155,11 +155,11 @@ def bit_widths(rec: SingleLayerRecord, where: str = "record") -> tuple[int, int]
     Raises:
         RecordFileError: a width outside 2..8.
     """
-    widths = tuple(getattr(rec, f) if rec.HasField(f) else _DEFAULT_BITS for f in _BIT_FIELDS)
-    for field, bits in zip(_BIT_FIELDS, widths):
+    num_bits_d, num_bits_w = (int(getattr(rec, f)) if rec.HasField(f) else _DEFAULT_BITS for f in _BIT_FIELDS)
+    for field, bits in zip(_BIT_FIELDS, (num_bits_d, num_bits_w)):
         if not 2 <= bits <= 8:
             raise RecordFileError(f"{where}: field {field} must be a bit width in 2..8, got {bits}")
-    return widths
+    return num_bits_d, num_bits_w
 
 
 def read_record(path: str | os.PathLike) -> dict[str, SingleLayerRecord]:

@@ -45,11 +45,11 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         weights, *rest = params[name]
         numerics.check_finite(weights, f"{weights_file}: layer '{name}' weights")
         axis = weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
-        scale_w = kernels.arq_scale(weights, axis)
+        scale_w = kernels.arq_scale(weights, axis, layer_config.num_bits_w)
         # Computed as the writer reaches it (twice: the layer's blob and the ARQ's), so that the
         # float and the fake-quant weights of a big net are not in memory together.
-        fake_quant = model_io.LazyBlob(tuple(weights.shape),
-                                       functools.partial(kernels.arq_fake_quantize, weights, scale_w, axis))
+        fake_quant = model_io.LazyBlob(tuple(weights.shape), functools.partial(
+            kernels.arq_fake_quantize, weights, scale_w, axis, layer_config.num_bits_w))
         out[name] = [fake_quant, *rest]
         arq = {"fake_quant_weights": fake_quant, "master_weights": weights, "scale_w": scale_w}
         if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):
@@ -63,7 +63,9 @@ def _clips_from_calibration(net: caffe_pb2.NetParameter, retrain_config: retrain
                             record_file: str) -> retrain_config_io.RetrainConfig:
     """``retrain_config`` with the clips of every layer that has none configured started from the
     record's scale_d / offset_d (a calibration record): clip_min = scale_d * o, clip_max =
-    scale_d * (o + 255) with o = -offset_d - 128, the pair whose ULQ grid is the record's.
+    scale_d * (o + 255) with o = -offset_d - 128, the pair whose ULQ grid is the record's (at the
+    record's num_bits_d b: o + 2**b - 1 and o = -offset_d - 2**(b-1); the range, whatever b the
+    retraining uses).
 
     A layer whose input is a BatchNorm's or Scale's output is left to IFMR (warning): calibration
     may have folded that BatchNorm into it (BN+Scale+Conv), so its scale_d may be of another tensor."""
@@ -83,8 +85,10 @@ def _clips_from_calibration(net: caffe_pb2.NetParameter, retrain_config: retrain
             LOG.warning("layer '%s': reads the output of a BatchNorm/Scale that calibration may have folded into "
                         "it; its clips start from IFMR, not from %s", name, record_file)
             continue
-        o = -rec.offset_d - 128
-        layers[name] = dataclasses.replace(layer_config, clip_min=rec.scale_d * o, clip_max=rec.scale_d * (o + 255))
+        bw = numerics.bit_width(record.bit_widths(rec, f"{record_file}: layer '{name}'")[0])
+        o = bw.code_min - rec.offset_d
+        layers[name] = dataclasses.replace(layer_config, clip_min=rec.scale_d * o,
+                                           clip_max=rec.scale_d * (o + bw.levels))
         LOG.info("layer '%s': clips start from the calibration record (scale_d %r, offset_d %d)",
                  name, rec.scale_d, rec.offset_d)
     return dataclasses.replace(retrain_config, layers=layers)

@@ -40,6 +40,7 @@ ROWS: list[tuple[str, ...]] = [
     ("export.standard",),
     ("retrain", "calibration", "auto_calibration", "reference", "solver", "runtime", "export.onnx",
      "analysis.runner", "analysis"),
+    ("mixed_precision",),  # calibration trials scored by auto_calibration's sensitivity classes
     ("export", ""),  # "": amct_retrain/__init__.py, the public API
     ("cli",),
 ]

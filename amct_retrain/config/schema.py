@@ -16,6 +16,7 @@ from amct_retrain.config.common import (CONFIG_VERSION, CalibrationDataAlgo, Cal
                                         IfmrParams, WeightAlgo, check_clips, check_ifmr, config_error)
 from amct_retrain.errors import ConfigError
 from amct_retrain.fileio import read_text_file
+from amct_retrain.numerics import BITS_RANGE, DEFAULT_BITS
 from amct_retrain.layer_types import QUANTIZABLE_RULES, QuantRule, layers_by_name, quantizable_layers, rule_for
 
 
@@ -32,6 +33,8 @@ class LayerQuantConfig:
     clip_max: float | None
     fixed_min: bool
     channel_wise: bool
+    num_bits_d: int = DEFAULT_BITS  # the bit widths of the layer's activations and weights
+    num_bits_w: int = DEFAULT_BITS
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class LayerCalibrationConfig:
     layer_type: str
     channel_wise: bool
     ifmr: IfmrParams
+    num_bits_d: int = DEFAULT_BITS  # the bit widths of the layer's activations and weights
+    num_bits_w: int = DEFAULT_BITS
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,15 @@ def _supported_version(version: int) -> int:
     return version
 
 
+def _bit_width(bits: int) -> int:
+    if bits not in BITS_RANGE:
+        raise PydanticCustomError("bit_width", f"must be a bit width in {BITS_RANGE.start}..{BITS_RANGE.stop - 1}, "
+                                  f"got {bits}")
+    return bits
+
+
 Version = Annotated[int, AfterValidator(_supported_version)]
+NumBits = Annotated[int, AfterValidator(_bit_width)]  # left out: 8
 BatchNum = Annotated[int, Field(ge=1)]
 OptionalNumber = Annotated[float | None, BeforeValidator(_not_null)]  # left out: None
 OptionalBool = Annotated[bool | None, BeforeValidator(_not_null)]
@@ -149,12 +162,14 @@ class RetrainDataJson(_JsonObject):
     clip_max: OptionalNumber = None
     clip_min: OptionalNumber = None
     fixed_min: bool = False
+    num_bits: NumBits = DEFAULT_BITS
 
 
 class RetrainWeightJson(_JsonObject):
     """A layer's ``retrain_weight_config``; ``channel_wise`` left out: the layer type's default."""
     algo: WeightAlgo
     channel_wise: OptionalBool = None
+    num_bits: NumBits = DEFAULT_BITS
 
 
 class RetrainLayerJson(_JsonObject):
@@ -179,12 +194,14 @@ class ActivationJson(_JsonObject):
     search_range: Annotated[list[float], Field(min_length=2, max_length=2)] = [IfmrParams.search_start,
                                                                                 IfmrParams.search_end]
     search_step: float = IfmrParams.search_step
+    num_bits: NumBits = DEFAULT_BITS
 
 
 class CalibrationWeightJson(_JsonObject):
     """A layer's ``weight_quant_params``; ``channel_wise`` left out: the layer type's default."""
     wts_algo: CalibrationWeightAlgo
     channel_wise: OptionalBool = None
+    num_bits: NumBits = DEFAULT_BITS
 
 
 class CalibrationLayerJson(_JsonObject):
@@ -329,6 +346,8 @@ def _retrain_layer(path: str, name: str, entry: RetrainLayerJson, layer: caffe_p
         clip_max=data.clip_max,
         fixed_min=data.fixed_min,
         channel_wise=_channel_wise(path, name, layer, rule, entry.retrain_weight_config, "retrain_weight_config"),
+        num_bits_d=data.num_bits,
+        num_bits_w=entry.retrain_weight_config.num_bits if entry.retrain_weight_config else DEFAULT_BITS,
     )
 
 
@@ -363,4 +382,6 @@ def _calibration_layer(path: str, name: str, entry: CalibrationLayerJson, layer:
         layer_type=layer.type,
         channel_wise=_channel_wise(path, name, layer, rule, entry.weight_quant_params, "weight_quant_params"),
         ifmr=ifmr,
+        num_bits_d=activation.num_bits if activation else DEFAULT_BITS,
+        num_bits_w=entry.weight_quant_params.num_bits if entry.weight_quant_params else DEFAULT_BITS,
     )

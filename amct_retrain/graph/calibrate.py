@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.insert import with_phase_rules
+from amct_retrain.numerics import DEFAULT_BITS
 
 
 def _blob_versions(net: caffe_pb2.NetParameter) -> tuple[list[tuple[str, int] | None], dict[tuple[str, int], int]]:
@@ -41,14 +42,16 @@ def _blob_versions(net: caffe_pb2.NetParameter) -> tuple[list[tuple[str, int] | 
 
 def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, Mapping[str, float]],
                               owners: Mapping[str, str], record_file: str, batch_num: int,
-                              activation_offset: bool) -> caffe_pb2.NetParameter:
+                              activation_offset: bool,
+                              num_bits_d: Mapping[str, int] | None = None) -> caffe_pb2.NetParameter:
     """A copy of ``net`` with the calibration observers of the quantized ``layers`` (name -> the
     arguments of :func:`~amct_retrain.numerics.ifmr_search` for its input, ``IfmrParams.ifmr_kwargs()``).
 
     ``owners``: quantized layer -> the quantized layer owning its activation observer (the first
     reader of its input, :func:`~amct_retrain.graph.insert.activation_quantizer_owners`); sharers
     must have equal IFMR settings. ``record_file`` (absolute) receives every factor;
-    ``activation_offset`` false makes the activation ranges symmetric. Inputs are not modified.
+    ``activation_offset`` false makes the activation ranges symmetric; ``num_bits_d``: quantized layer ->
+    the bit width of its activations (8 where absent; an observer takes its owner's). Inputs are not modified.
     """
     reads, first_reader = _blob_versions(net)
     index: dict[str, int] = {}
@@ -62,7 +65,8 @@ def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, 
         served = [name for name in layers if owners[name] == owner]
         observer = ql.activation_observer_layer(
             ql.activation_observer_name(owner), blob, served, record_file, batch_num,
-            layers[owner], symmetric=not activation_offset)
+            layers[owner], symmetric=not activation_offset,
+            num_bits_d=(num_bits_d or {}).get(owner, DEFAULT_BITS))
         observers_before.setdefault(first_reader[reads[index[owner]]], []).append(
             with_phase_rules(observer, owner_layer))
 

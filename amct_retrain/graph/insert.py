@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from amct_retrain.caffe_proto import caffe_pb2
+from amct_retrain.errors import ConfigError
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.model_io import ModelError
@@ -106,11 +107,15 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
         check_quantizable(layer)
         owner = owners[name]
         quantized_input = quantized_input_blob(owner)
+        if configs[owner].num_bits_d != configs[name].num_bits_d:
+            raise ConfigError(f"layer '{name}': reads blob '{layer.bottom[0]}' as layer '{owner}' does and shares "
+                              f"its activation quantizer, so its activation num_bits ({configs[name].num_bits_d}) "
+                              f"must be '{owner}''s ({configs[owner].num_bits_d})")
         if owner == name:
             c = configs[name]
             out.layer.append(with_phase_rules(ql.ulq_layer(
                 ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
-                c.fixed_min, batch_num=retrain_config.batch_num, **log), layer))
+                c.fixed_min, batch_num=retrain_config.batch_num, num_bits_d=c.num_bits_d, **log), layer))
             for sharer in (n for n, o in owners.items() if o == name and has_weights(configs[n].layer_type)):
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
@@ -119,7 +124,8 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
                                if arq_reads_clip_state(shared.type, configs[sharer].channel_wise) else {})
                 out.layer.append(with_phase_rules(ql.arq_layer(
                     ql.arq_layer_name(sharer), quantized_input, weight_shapes[sharer], _axis(configs[sharer]),
-                    spec.lr_mult, spec.decay_mult, **log, **global_conv), shared))
+                    spec.lr_mult, spec.decay_mult, **log, **global_conv, num_bits_w=configs[sharer].num_bits_w,
+                    num_bits_d=c.num_bits_d), shared))
         quantized = out.layer.add()
         quantized.CopyFrom(layer)
         quantized.bottom[0] = quantized_input
@@ -132,7 +138,8 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
         out.layer.append(with_phase_rules(ql.shift_n_layer(
             ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), channel_axis=_axis(configs[name]),
             record_file=record_file, batch_num=retrain_config.batch_num, **log,
-            fused=(fused or {}).get(name), **weights), layer))
+            fused=(fused or {}).get(name), **weights, num_bits_d=configs[owner].num_bits_d,
+            num_bits_w=configs[name].num_bits_w), layer))
     return with_test_output_log(out, retrain_config.log_dir) if retrain_config.log_dir else out
 
 

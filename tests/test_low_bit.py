@@ -1,0 +1,124 @@
+"""Bit widths 2 to 8 through retraining and calibration in real Caffe: the fake-quant model on the
+b-bit grids, the deploy model's int8 containers holding b-bit codes, the record and the quant info
+file naming the widths, and the integer executor (and the exact ONNX export) equal to the
+fake-quant model at every width."""
+import json
+
+import caffe
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+import amct_retrain
+from amct_retrain import numerics, record
+from amct_retrain.caffe_proto import caffe_pb2
+from amct_retrain.reference import saved_model_parity
+from amct_retrain.saved_models import read_deploy_blobs
+from amct_retrain.saver import output_files
+from tests import nets
+
+pytestmark = pytest.mark.caffe
+
+
+def with_bits(config_file, blocks: tuple[str, str], bits: tuple[int, int], layers=None) -> None:
+    """Set ``num_bits`` in the activation and weight blocks of the layer entries of a JSON config."""
+    data = json.loads(config_file.read_text())
+    for name, entry in data.items():
+        if isinstance(entry, dict) and (layers is None or name in layers):
+            for block, b in zip(blocks, bits):
+                entry[block]["num_bits"] = b
+    config_file.write_text(json.dumps(data))
+
+
+def retrain_at(tmp_path, num_bits_w: int, num_bits_d: int, iters: int = 6) -> dict:
+    """nets.FLOAT_NET (a per-channel conv, a grouped conv without bias, an FC) retrained at
+    W``num_bits_w``A``num_bits_d`` and saved; the files by role."""
+    model, weights = nets.float_model(tmp_path)
+    p = {"config": tmp_path / "config.json", "model": tmp_path / "retrain.prototxt",
+         "weights": tmp_path / "retrain.caffemodel", "record": tmp_path / "record.txt"}
+    amct_retrain.create_quant_retrain_config(str(p["config"]), str(model), str(weights))
+    with_bits(p["config"], ("retrain_data_config", "retrain_weight_config"), (num_bits_d, num_bits_w))
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(p["config"]), str(p["model"]),
+                                            str(p["weights"]), str(p["record"]))
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(nets.solver_text(p["model"], tmp_path / "snap", max_iter=iters))
+    solver = caffe.get_solver(str(solver_file))
+    solver.net.copy_from(str(p["weights"]))
+    solver.solve()
+    save_path = str(tmp_path / "result" / "small")
+    amct_retrain.save_quant_retrain_model(str(p["model"]), str(tmp_path / f"snap_iter_{iters}.caffemodel"), "Both",
+                                          save_path, str(p["record"]))
+    return {**p, "save_path": save_path, **output_files(save_path)}
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+def test_retrained_at_b_bits_the_integer_executor_equals_the_fake_quant_model(tmp_path, num_bits):
+    f = retrain_at(tmp_path, num_bits, num_bits)
+    bw = numerics.bit_width(num_bits)
+    worst = saved_model_parity(f["save_path"], str(f["record"]))
+    assert max(worst.values()) <= 1.0, f"{num_bits} bits: integer executor vs fake-quant, output steps: {worst}"
+
+    records = record.read_record(f["record"])
+    info = json.loads(open(f["quant_info"]).read())["quantized_layers"]
+    deploy = read_deploy_blobs(f["deploy_weights"])
+    for layer in nets.QUANTIZED:
+        assert record.bit_widths(records[layer]) == (num_bits, num_bits), f"{layer}: record {records[layer]}"
+        assert records[layer].HasField("num_bits_d") == (num_bits != 8), "8 bits must be stored as absent"
+        assert (info[layer].get("num_bits_d", 8), info[layer].get("num_bits_w", 8)) == (num_bits, num_bits), info
+        codes = np.frombuffer(deploy[layer][0].int8_data, np.int8)
+        assert bw.code_min <= codes.min() and codes.max() <= bw.code_max, \
+            f"{layer}: int8 weights hold codes {codes.min()}..{codes.max()}, not {num_bits}-bit ones"
+        assert codes.min() == bw.code_min or codes.max() == bw.code_max, "the b-bit range is not used"
+    retrained = text_format.Parse(f["model"].read_text(), caffe_pb2.NetParameter())
+    ulq = next(layer for layer in retrained.layer if layer.name == "conv1_ulq")
+    assert ("num_bits_d" in ulq.python_param.param_str) == (num_bits != 8), "an 8-bit layer's param_str changed"
+
+    fake = caffe.Net(f["fake_quant_model"], caffe.TEST, weights=f["fake_quant_weights"])
+    fake.forward()
+    quantized_input = fake.blobs["conv1_input_fake_quant"].data
+    assert np.unique(quantized_input).size <= 2 ** num_bits, "the fake-quant input has more than 2^b levels"
+    w = fake.params["conv1"][0].data
+    scale_w = np.asarray(records["conv1"].scale_w, np.float32).reshape(-1, 1, 1, 1)
+    assert np.abs(np.rint(w / scale_w)).max() <= 2 ** (num_bits - 1)
+
+
+def test_retrained_w4a8_keeps_8_bit_activations(tmp_path):
+    f = retrain_at(tmp_path, 4, 8)
+    records = record.read_record(f["record"])
+    assert all(record.bit_widths(records[layer]) == (8, 4) for layer in nets.QUANTIZED)
+    assert max(saved_model_parity(f["save_path"], str(f["record"])).values()) <= 1.0
+
+
+def test_the_exact_onnx_export_is_the_integer_executor_at_4_bits(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from amct_retrain.export import export_onnx
+    from tests.onnx_checks import assert_exact_on_random_activations
+
+    f = retrain_at(tmp_path, 4, 4)
+    onnx_file = tmp_path / "small_exact.onnx"
+    export_onnx(f["deploy_model"], f["deploy_weights"], onnx_file, mode="exact")
+    compared = assert_exact_on_random_activations(f["deploy_model"], f["deploy_weights"], onnx_file)
+    assert set(compared) == set(nets.QUANTIZED)
+
+
+def test_calibration_at_4_bits_writes_4_bit_factors_and_an_exact_deploy_model(tmp_path):
+    model, weights = nets.float_model(tmp_path)
+    config, record_file = tmp_path / "calibration.json", tmp_path / "record.txt"
+    amct_retrain.create_quant_config(str(config), str(model), str(weights))
+    with_bits(config, ("activation_quant_params", "weight_quant_params"), (4, 4), layers={"conv2", "fc"})
+    graph = amct_retrain.init(str(config), str(model), str(weights), str(record_file))
+    files = [str(tmp_path / n) for n in ("calibration.prototxt", "calibration.caffemodel")]
+    amct_retrain.quantize_model(graph, *files)
+    caffe.Net(files[0], caffe.TEST, weights=files[1]).forward()
+    save_path = str(tmp_path / "result" / "small")
+    amct_retrain.save_model(graph, "Both", save_path)
+    records = record.read_record(record_file)
+    assert record.bit_widths(records["conv1"]) == (8, 8)
+    for layer in ("conv2", "fc"):
+        rec = records[layer]
+        assert record.bit_widths(rec) == (4, 4), f"{layer}: {rec}"
+        assert -8 <= rec.offset_d <= 7, f"{layer}: offset_d {rec.offset_d} is no 4-bit code"
+    deploy = read_deploy_blobs(output_files(save_path)["deploy_weights"])
+    codes = np.frombuffer(deploy["fc"][0].int8_data, np.int8)
+    assert codes.min() >= -8 and codes.max() <= 7
+    assert max(saved_model_parity(save_path, str(record_file)).values()) <= 1.0
