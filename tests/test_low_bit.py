@@ -122,3 +122,121 @@ def test_calibration_at_4_bits_writes_4_bit_factors_and_an_exact_deploy_model(tm
     codes = np.frombuffer(deploy["fc"][0].int8_data, np.int8)
     assert codes.min() >= -8 and codes.max() <= 7
     assert max(saved_model_parity(save_path, str(record_file)).values()) <= 1.0
+
+
+# --------------------------------------------------------------------------- the configs' num_bits
+
+RETRAIN_YAML = """retrain_data_quant_config: {ulq_quantize: {num_bits: 6}}
+retrain_weight_quant_config: {arq_retrain: {num_bits: 5}}
+override_layer_types:
+  - layer_type: InnerProduct
+    retrain_weight_quant_config: {arq_retrain: {channel_wise: false, num_bits: 3}}
+override_layer_configs:
+  - layer_name: conv2
+    retrain_data_quant_config: {ulq_quantize: {num_bits: 2}}
+"""
+RETRAIN_CFG = """retrain_data_quant_config { ulq_quantize { num_bits: 6 } }
+retrain_weight_quant_config { arq_retrain { num_bits: 5 } }
+override_layer_types { layer_type: "InnerProduct"
+  retrain_weight_quant_config { arq_retrain { channel_wise: false num_bits: 3 } } }
+override_layer_configs { layer_name: "conv2" retrain_data_quant_config { ulq_quantize { num_bits: 2 } } }
+"""
+CALIBRATION_YAML = """common_config: {ifmr_quantize: {num_bits: 4}, arq_quantize: {num_bits: 6}}
+override_layer_configs:
+  - layer_name: fc
+    calibration_config: {ifmr_quantize: {max_percentile: 0.9999}, arq_quantize: {num_bits: 2}}
+"""
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", RETRAIN_YAML), (".cfg", RETRAIN_CFG)])
+def test_simplified_retrain_config_sets_bits_globally_per_type_and_per_layer(tmp_path, suffix, text):
+    from amct_retrain.config import load_retrain_config
+    from amct_retrain.graph import model_io
+
+    model, weights = nets.float_model(tmp_path)
+    simplified, config = tmp_path / f"simplified{suffix}", tmp_path / "config.json"
+    simplified.write_text(text)
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights), str(simplified))
+    layers = load_retrain_config(str(config), model_io.read_prototxt(str(model))).layers
+    got = {name: (c.num_bits_d, c.num_bits_w) for name, c in layers.items()}
+    # layer > type > global, whole blocks: conv2's data block has no clips and 2 bits; the FC's weights 3
+    assert got == {"conv1": (6, 5), "conv2": (2, 5), "fc": (6, 3)}, got
+
+
+def test_simplified_calibration_config_sets_bits_and_an_8_bit_one_writes_no_num_bits(tmp_path):
+    from amct_retrain.config import load_calibration_config
+    from amct_retrain.graph import model_io
+
+    model, weights = nets.float_model(tmp_path)
+    simplified, config = tmp_path / "simplified.yaml", tmp_path / "calibration.json"
+    simplified.write_text(CALIBRATION_YAML)
+    amct_retrain.create_quant_config(str(config), str(model), str(weights), config_defination=str(simplified))
+    layers = load_calibration_config(str(config), model_io.read_prototxt(str(model))).layers
+    got = {name: (c.num_bits_d, c.num_bits_w) for name, c in layers.items()}
+    assert got == {"conv1": (4, 6), "conv2": (4, 6), "fc": (8, 2)}, got  # fc's own ifmr block: 8 bits
+    amct_retrain.create_quant_config(str(config), str(model), str(weights))
+    assert "num_bits" not in config.read_text(), "an 8-bit config must be written as before"
+
+
+@pytest.mark.parametrize("where, text, key", [
+    (".yaml", "retrain_data_quant_config: {ulq_quantize: {num_bits: 9}}\n",
+     "retrain_data_quant_config.ulq_quantize.num_bits"),
+    (".cfg", 'override_layer_configs { layer_name: "fc" retrain_weight_quant_config { arq_retrain { num_bits: 1 } } }',
+     "override_layer_configs[0].retrain_weight_quant_config.arq_retrain.num_bits"),
+    (".yaml", "retrain_data_quant_config: {ulq_quantize: {num_bits: four}}\n",
+     "retrain_data_quant_config.ulq_quantize.num_bits"),
+])
+def test_a_bad_bit_width_in_a_simplified_config_names_the_file_and_key(tmp_path, where, text, key):
+    model, weights = nets.float_model(tmp_path)
+    simplified = tmp_path / f"simplified{where}"
+    simplified.write_text(text)
+    with pytest.raises(amct_retrain.ConfigError) as err:
+        amct_retrain.create_quant_retrain_config(str(tmp_path / "c.json"), str(model), str(weights), str(simplified))
+    assert str(simplified) in str(err.value) and key in str(err.value), str(err.value)
+    assert not (tmp_path / "c.json").exists(), "a config was written despite the error"
+
+
+@pytest.mark.parametrize("block, value, message", [
+    ("retrain_data_config", 9, "must be a bit width in 2..8, got 9"),
+    ("retrain_weight_config", 1, "must be a bit width in 2..8, got 1"),
+    ("retrain_weight_config", 4.0, "expected an integer"),
+])
+def test_a_bad_bit_width_in_the_retrain_json_names_file_layer_and_key(tmp_path, block, value, message):
+    model, weights = nets.float_model(tmp_path)
+    config = tmp_path / "config.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    data = json.loads(config.read_text())
+    data["conv2"][block]["num_bits"] = value
+    config.write_text(json.dumps(data))
+    with pytest.raises(amct_retrain.ConfigError) as err:
+        amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(tmp_path / "m.prototxt"),
+                                                str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))
+    text = str(err.value)
+    assert str(config) in text and "conv2" in text and f"{block}.num_bits" in text and message in text, text
+    assert not (tmp_path / "m.prototxt").exists()
+
+
+def test_a_bad_bit_width_in_the_calibration_json_names_file_layer_and_key(tmp_path):
+    model, weights = nets.float_model(tmp_path)
+    config = tmp_path / "calibration.json"
+    amct_retrain.create_quant_config(str(config), str(model), str(weights))
+    data = json.loads(config.read_text())
+    data["fc"]["activation_quant_params"]["num_bits"] = 16
+    config.write_text(json.dumps(data))
+    with pytest.raises(amct_retrain.ConfigError, match=r"layer 'fc'.*activation_quant_params\.num_bits.*2\.\.8"):
+        amct_retrain.init(str(config), str(model), str(weights), str(tmp_path / "record.txt"))
+
+
+def test_layers_sharing_an_activation_quantizer_must_share_its_bit_width(tmp_path):
+    from tests.test_retrain_model import BRANCHED_NET
+
+    model = tmp_path / "branched.prototxt"
+    model.write_text(BRANCHED_NET)
+    weights = tmp_path / "branched.caffemodel"
+    caffe.Net(str(model), caffe.TEST).save(str(weights))
+    config = tmp_path / "config.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    with_bits(config, ("retrain_data_config", "retrain_weight_config"), (4, 4), layers={"branch_b"})
+    with pytest.raises(amct_retrain.ConfigError, match="branch_b.*shares its activation quantizer"):
+        amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(tmp_path / "m.prototxt"),
+                                                str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))

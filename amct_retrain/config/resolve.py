@@ -22,6 +22,7 @@ from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph.model_io import probe_net, read_prototxt
 from amct_retrain.layer_types import (QUANTIZABLE_RULES, QuantRule, layers_by_name, quantizable_layers, rule_for,
                                       shape_constraint_broken)
+from amct_retrain.numerics import BITS_RANGE, DEFAULT_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,22 @@ class _DataSettings:
     clip_min: float | None = None
     clip_max: float | None = None
     fixed_min: bool = False
+    num_bits: int = DEFAULT_BITS
+
+
+def _bits_setting(path: str, block: SimplifiedMessage, key: str, layer: str | None) -> int:
+    """A block's ``num_bits`` (unset: 8), checked to be a bit width."""
+    if not block.HasField("num_bits"):
+        return DEFAULT_BITS
+    if block.num_bits not in BITS_RANGE:
+        raise config_error(path, f"must be a bit width in {BITS_RANGE.start}..{BITS_RANGE.stop - 1}, got "
+                           f"{block.num_bits}", layer, f"{key}.num_bits")
+    return int(block.num_bits)
+
+
+def _bits_json(num_bits: int) -> dict[str, int]:
+    """The ``num_bits`` key of a generated JSON block: written when not 8, so an 8-bit config is as before."""
+    return {} if num_bits == DEFAULT_BITS else {"num_bits": num_bits}
 
 
 def _data_settings(path: str, block: SimplifiedMessage, key: str, layer: str | None) -> _DataSettings:
@@ -64,7 +81,7 @@ def _data_settings(path: str, block: SimplifiedMessage, key: str, layer: str | N
                 raise config_error(path, "clip_max_min needs both clip_max and clip_min", layer, f"{ckey}.{name}")
         clip_min, clip_max = cmm.clip_min, cmm.clip_max
         check_clips(path, layer, ckey, clip_min, clip_max)
-    return _DataSettings(clip_min, clip_max, ulq.fixed_min)
+    return _DataSettings(clip_min, clip_max, ulq.fixed_min, _bits_setting(path, ulq, f"{key}.ulq_quantize", layer))
 
 
 def _channel_wise_setting(arq: SimplifiedMessage) -> bool | None:
@@ -73,9 +90,10 @@ def _channel_wise_setting(arq: SimplifiedMessage) -> bool | None:
 
 @dataclass(frozen=True)
 class _Override:
-    data: Any  # the activation block's settings (_DataSettings, IfmrParams), None if not given
+    data: Any  # the activation block's settings (_DataSettings, _CalibrationData), None if not given
     channel_wise: bool | None
     weight_given: bool
+    weight_bits: int = DEFAULT_BITS  # the weight block's num_bits
 
 
 def _override_of(path: str, layer: str | None, rule: QuantRule | None, data: Any, arq: SimplifiedMessage | None,
@@ -84,7 +102,8 @@ def _override_of(path: str, layer: str | None, rule: QuantRule | None, data: Any
     channel_wise = None if arq is None else _channel_wise_setting(arq)
     if channel_wise and rule is not None and not rule.channel_wise_allowed:
         raise config_error(path, f"channel_wise must be false for {rule.layer_type}", layer, f"{arq_key}.channel_wise")
-    return _Override(data, channel_wise, arq is not None)
+    return _Override(data, channel_wise, arq is not None,
+                     DEFAULT_BITS if arq is None else _bits_setting(path, arq, arq_key, layer))
 
 
 def _override(path: str, entry: SimplifiedMessage, key: str, layer: str | None, rule: QuantRule | None) -> _Override:
@@ -180,17 +199,19 @@ def _resolve_layers(path: str, spec: SimplifiedMessage, net: caffe_pb2.NetParame
     return resolved
 
 
-def _settings(chain: list[_Override], global_data: Any, global_cw: bool | None, rule: QuantRule) -> tuple[Any, bool]:
-    """(activation settings, channel_wise) of one layer. Precedence, per block: layer override >
-    type override > global > default."""
+def _settings(chain: list[_Override], global_data: Any, global_weight: _Override,
+              rule: QuantRule) -> tuple[Any, bool, int]:
+    """(activation settings, channel_wise, weight num_bits) of one layer. Precedence, per block:
+    layer override > type override > global (``global_weight``: the global weight block) > default."""
     data = next((o.data for o in chain if o.data is not None), global_data)
     weight_owner = next((o for o in chain if o.weight_given), None)
     if weight_owner is not None:
-        channel_wise = weight_owner.channel_wise
+        channel_wise, weight_bits = weight_owner.channel_wise, weight_owner.weight_bits
     else:
         # A global channel_wise only reaches types that allow per-channel weights.
-        channel_wise = global_cw if rule.channel_wise_allowed else None
-    return data, rule.channel_wise_default if channel_wise is None else channel_wise
+        channel_wise = global_weight.channel_wise if rule.channel_wise_allowed else None
+        weight_bits = global_weight.weight_bits
+    return data, rule.channel_wise_default if channel_wise is None else channel_wise, weight_bits
 
 
 def _generate(path: str, spec: SimplifiedMessage | None, net: caffe_pb2.NetParameter, model_path: str) -> dict[str, Any]:
@@ -200,21 +221,23 @@ def _generate(path: str, spec: SimplifiedMessage | None, net: caffe_pb2.NetParam
     global_data = _DataSettings()
     if spec.HasField("retrain_data_quant_config"):
         global_data = _data_settings(path, spec.retrain_data_quant_config, "retrain_data_quant_config", None)
-    global_cw = None
-    if spec.HasField("retrain_weight_quant_config"):
-        global_cw = _channel_wise_setting(spec.retrain_weight_quant_config.arq_retrain)
+    global_weight = _override_of(path, None, None, None, spec.retrain_weight_quant_config.arq_retrain
+                                 if spec.HasField("retrain_weight_quant_config") else None,
+                                 "retrain_weight_quant_config.arq_retrain")
 
     out: dict[str, Any] = {"version": CONFIG_VERSION, "batch_num": batch_num}
     for name, rule, chain in _resolve_layers(path, spec, net, model_path, _override):
-        data, channel_wise = _settings(chain, global_data, global_cw, rule)
+        data, channel_wise, weight_bits = _settings(chain, global_data, global_weight, rule)
         data_cfg: dict[str, Any] = {"algo": DATA_ALGO}
         if data.clip_max is not None:
             data_cfg["clip_max"] = data.clip_max
             data_cfg["clip_min"] = data.clip_min
         data_cfg["fixed_min"] = data.fixed_min
+        data_cfg.update(_bits_json(data.num_bits))
         # Written for weightless types too (Pooling: channel_wise false), as the original toolkit does.
         entry: dict[str, Any] = {"retrain_enable": True, "retrain_data_config": data_cfg,
-                                 "retrain_weight_config": {"algo": WEIGHT_ALGO, "channel_wise": channel_wise}}
+                                 "retrain_weight_config": {"algo": WEIGHT_ALGO, "channel_wise": channel_wise,
+                                                           **_bits_json(weight_bits)}}
         out[name] = entry
     return out
 
@@ -307,10 +330,21 @@ def _ifmr_settings(path: str, block: SimplifiedMessage, key: str, layer: str | N
     return check_ifmr(path, layer, lambda field: f"{key}.{cfg_key(field)}", IfmrParams(**values))
 
 
+@dataclass(frozen=True)
+class _CalibrationData:
+    """A calibration activation block's settings: the IFMR search and the bit width."""
+    ifmr: IfmrParams = IfmrParams()
+    num_bits: int = DEFAULT_BITS
+
+
+def _calibration_data(path: str, block: SimplifiedMessage, key: str, layer: str | None) -> _CalibrationData:
+    return _CalibrationData(_ifmr_settings(path, block, key, layer), _bits_setting(path, block, key, layer))
+
+
 def _calibration_override(path: str, entry: SimplifiedMessage, key: str, layer: str | None,
                           rule: QuantRule | None) -> _Override:
     block, bkey = entry.calibration_config, f"{key}.calibration_config"
-    data = (_ifmr_settings(path, block.ifmr_quantize, f"{bkey}.ifmr_quantize", layer)
+    data = (_calibration_data(path, block.ifmr_quantize, f"{bkey}.ifmr_quantize", layer)
             if block.HasField("ifmr_quantize") else None)
     arq = block.arq_quantize if block.HasField("arq_quantize") else None
     return _override_of(path, layer, rule, data, arq, f"{bkey}.arq_quantize")
@@ -324,19 +358,21 @@ def _ifmr_json(p: IfmrParams) -> dict[str, Any]:
 def _generate_calibration(path: str, spec: SimplifiedMessage, net: caffe_pb2.NetParameter,
                           model_path: str) -> dict[str, Any]:
     """Build the calibration config dict for ``net``, shaped by the simplified config ``spec``."""
-    global_ifmr, global_cw = IfmrParams(), None
+    global_data, global_weight = _CalibrationData(), _Override(None, None, False)
     if spec.HasField("common_config"):
         common = spec.common_config
         if common.HasField("ifmr_quantize"):
-            global_ifmr = _ifmr_settings(path, common.ifmr_quantize, "common_config.ifmr_quantize", None)
-        global_cw = _channel_wise_setting(common.arq_quantize)
+            global_data = _calibration_data(path, common.ifmr_quantize, "common_config.ifmr_quantize", None)
+        global_weight = _override_of(path, None, None, None, common.arq_quantize, "common_config.arq_quantize")
     out: dict[str, Any] = {"version": CONFIG_VERSION, "batch_num": _batch_num(path, spec),
                            "activation_offset": spec.activation_offset if spec.HasField("activation_offset") else True}
     for name, rule, chain in _resolve_layers(path, spec, net, model_path, _calibration_override):
-        ifmr, channel_wise = _settings(chain, global_ifmr, global_cw, rule)
-        entry: dict[str, Any] = {"quant_enable": True, "activation_quant_params": _ifmr_json(ifmr)}
+        data, channel_wise, weight_bits = _settings(chain, global_data, global_weight, rule)
+        entry: dict[str, Any] = {"quant_enable": True,
+                                 "activation_quant_params": {**_ifmr_json(data.ifmr), **_bits_json(data.num_bits)}}
         if rule.has_weights:
-            entry["weight_quant_params"] = {"wts_algo": CALIBRATION_WEIGHT_ALGO, "channel_wise": channel_wise}
+            entry["weight_quant_params"] = {"wts_algo": CALIBRATION_WEIGHT_ALGO, "channel_wise": channel_wise,
+                                            **_bits_json(weight_bits)}
         out[name] = entry
     return out
 

@@ -41,9 +41,11 @@ def _build_schema() -> tuple[type[SimplifiedMessage], type[SimplifiedMessage]]:
     # double, not float: YAML numbers are doubles, and the same clip written in
     # YAML and in .cfg must give the same JSON (0.1 as float32 would not).
     message("ClipMaxMin", [("clip_max", 1, opt, _F.TYPE_DOUBLE, ""), ("clip_min", 2, opt, _F.TYPE_DOUBLE, "")])
-    message("UlqQuantize", [("clip_max_min", 1, opt, msg, "ClipMaxMin"), ("fixed_min", 2, opt, _F.TYPE_BOOL, "")])
+    # num_bits: the bit width (2..8) of the block's activations or weights; unset: 8.
+    bits = ("num_bits", 3, opt, _F.TYPE_UINT32, "")
+    message("UlqQuantize", [("clip_max_min", 1, opt, msg, "ClipMaxMin"), ("fixed_min", 2, opt, _F.TYPE_BOOL, ""), bits])
     message("RetrainDataQuantConfig", [("ulq_quantize", 1, opt, msg, "UlqQuantize")])
-    message("ArqRetrain", [("channel_wise", 1, opt, _F.TYPE_BOOL, "")])
+    message("ArqRetrain", [("channel_wise", 1, opt, _F.TYPE_BOOL, ""), bits])
     message("RetrainWeightQuantConfig", [("arq_retrain", 1, opt, msg, "ArqRetrain")])
     blocks = [
         ("retrain_data_quant_config", 2, opt, msg, "RetrainDataQuantConfig"),
@@ -64,9 +66,10 @@ def _build_schema() -> tuple[type[SimplifiedMessage], type[SimplifiedMessage]]:
 
     # Calibration: the original toolkit's blocks (common_config and the overrides' calibration_config,
     # each with ifmr_quantize and arq_quantize); skip lists and overrides as for retraining.
-    message("ArqQuantize", [("channel_wise", 1, opt, _F.TYPE_BOOL, "")])
-    message("IfmrQuantize", [(name, number, opt, _F.TYPE_DOUBLE, "") for number, name in enumerate(
-        ("search_range_start", "search_range_end", "search_step", "max_percentile", "min_percentile"), 1)])
+    message("ArqQuantize", [("channel_wise", 1, opt, _F.TYPE_BOOL, ""), bits])
+    message("IfmrQuantize", [*((name, number, opt, _F.TYPE_DOUBLE, "") for number, name in enumerate(
+        ("search_range_start", "search_range_end", "search_step", "max_percentile", "min_percentile"), 1)),
+        ("num_bits", 6, opt, _F.TYPE_UINT32, "")])
     message("CalibrationQuantConfig", [("arq_quantize", 1, opt, msg, "ArqQuantize"),
                                        ("ifmr_quantize", 2, opt, msg, "IfmrQuantize")])
     calibration_block = ("calibration_config", 2, opt, msg, "CalibrationQuantConfig")
