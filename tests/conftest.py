@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-import amct_retrain
 
 # Tests read Caffe's INFO log of child processes ("Finetuning from", "lr = "): keep it on,
 # whatever a sample imported during collection would set.
@@ -58,28 +57,9 @@ RETRAIN_ITERS = 20
 @pytest.fixture(scope="session")
 def retrained(tmp_path_factory):
     """A float net made quantization-aware, trained 20 iterations, TEST at the end, saved."""
-    import caffe
-
-    from amct_retrain.saver import output_files
     from tests import nets
 
-    tmp = tmp_path_factory.mktemp("saver")
-    model, weights = nets.float_model(tmp)
-    config = tmp / "config.json"
-    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
-    files = {k: tmp / v for k, v in (("model", "retrain.prototxt"), ("weights", "retrain.caffemodel"),
-                                     ("record", "record.txt"))}
-    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(files["model"]),
-                                            str(files["weights"]), str(files["record"]))
-    solver_file = tmp / "solver.prototxt"
-    solver_file.write_text(nets.solver_text(files["model"], tmp / "snap", max_iter=RETRAIN_ITERS))
-    solver = caffe.get_solver(str(solver_file))
-    solver.net.copy_from(str(files["weights"]))
-    solver.solve()
-    snapshot = tmp / f"snap_iter_{RETRAIN_ITERS}.caffemodel"
-    save_path = str(tmp / "result" / "model")
-    amct_retrain.save_quant_retrain_model(str(files["model"]), str(snapshot), "Both", save_path, str(files["record"]))
-    return {"tmp": tmp, "snapshot": snapshot, "save_path": save_path, **files, **output_files(save_path)}
+    return nets.retrain_float_model(tmp_path_factory.mktemp("saver"), RETRAIN_ITERS)
 
 
 @pytest.fixture(scope="session")

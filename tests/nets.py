@@ -124,6 +124,35 @@ def float_model(tmp_path, fc=10, tag="float"):
     return model, weights
 
 
+def retrain_float_model(tmp: pathlib.Path, iters: int, edit_config=None, name: str = "model") -> dict:
+    """FLOAT_NET made quantization-aware (``edit_config(config_file)`` may change its retrain config
+    first), ``iters`` solver steps with a TEST at the end, both models saved under
+    ``tmp/result/<name>``. Returns the files by role (``model``, ``weights``, ``record``, ``snapshot``,
+    ``save_path``, ``tmp`` and the saver's output files)."""
+    import amct_retrain
+    from amct_retrain.saver import output_files
+
+    model, weights = float_model(tmp)
+    config = tmp / "config.json"
+    amct_retrain.create_quant_retrain_config(str(config), str(model), str(weights))
+    if edit_config is not None:
+        edit_config(config)
+    files = {k: tmp / v for k, v in (("model", "retrain.prototxt"), ("weights", "retrain.caffemodel"),
+                                     ("record", "record.txt"))}
+    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(files["model"]),
+                                            str(files["weights"]), str(files["record"]))
+    solver_file = tmp / "solver.prototxt"
+    solver_file.write_text(solver_text(files["model"], tmp / "snap", max_iter=iters))
+    solver = caffe.get_solver(str(solver_file))
+    solver.net.copy_from(str(files["weights"]))
+    solver.solve()
+    snapshot = tmp / f"snap_iter_{iters}.caffemodel"
+    save_path = str(tmp / "result" / name)
+    amct_retrain.save_quant_retrain_model(str(files["model"]), str(snapshot), "Both", save_path, str(files["record"]))
+    return {"tmp": tmp, "snapshot": snapshot, "save_path": save_path, "config": config, **files,
+            **output_files(save_path)}
+
+
 def retrain_and_save(tmp: pathlib.Path, net_text: str, name: str, iters: int, prepare=None) -> dict:
     """``net_text`` (a float net with DummyData) through the whole retraining flow under ``tmp``:
     config, quantization-aware model, ``iters`` solver steps (TEST at the end), both models saved.

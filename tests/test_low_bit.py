@@ -33,22 +33,8 @@ def with_bits(config_file, blocks: tuple[str, str], bits: tuple[int, int], layer
 def retrain_at(tmp_path, num_bits_w: int, num_bits_d: int, iters: int = 6) -> dict:
     """nets.FLOAT_NET (a per-channel conv, a grouped conv without bias, an FC) retrained at
     W``num_bits_w``A``num_bits_d`` and saved; the files by role."""
-    model, weights = nets.float_model(tmp_path)
-    p = {"config": tmp_path / "config.json", "model": tmp_path / "retrain.prototxt",
-         "weights": tmp_path / "retrain.caffemodel", "record": tmp_path / "record.txt"}
-    amct_retrain.create_quant_retrain_config(str(p["config"]), str(model), str(weights))
-    with_bits(p["config"], ("retrain_data_config", "retrain_weight_config"), (num_bits_d, num_bits_w))
-    amct_retrain.create_quant_retrain_model(str(model), str(weights), str(p["config"]), str(p["model"]),
-                                            str(p["weights"]), str(p["record"]))
-    solver_file = tmp_path / "solver.prototxt"
-    solver_file.write_text(nets.solver_text(p["model"], tmp_path / "snap", max_iter=iters))
-    solver = caffe.get_solver(str(solver_file))
-    solver.net.copy_from(str(p["weights"]))
-    solver.solve()
-    save_path = str(tmp_path / "result" / "small")
-    amct_retrain.save_quant_retrain_model(str(p["model"]), str(tmp_path / f"snap_iter_{iters}.caffemodel"), "Both",
-                                          save_path, str(p["record"]))
-    return {**p, "save_path": save_path, **output_files(save_path)}
+    return nets.retrain_float_model(tmp_path, iters, lambda config: with_bits(
+        config, ("retrain_data_config", "retrain_weight_config"), (num_bits_d, num_bits_w)), "small")
 
 
 @pytest.mark.parametrize("num_bits", [2, 4, 8])
