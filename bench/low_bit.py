@@ -72,12 +72,14 @@ def fake_quant_accuracy(save_path: str, batches: int) -> float:
 
 
 def with_bits(config_file: pathlib.Path, blocks: tuple[str, str], bits: tuple[int, int]) -> None:
-    """Set ``num_bits`` in the activation and weight blocks of every layer entry of a JSON config."""
+    """Set ``num_bits`` in the activation and weight blocks of every layer entry of a JSON config
+    (a layer without weights, AVE Pooling, has no weight block in a calibration config)."""
     data = json.loads(config_file.read_text())
     for entry in data.values():
         if isinstance(entry, dict):
             for block, b in zip(blocks, bits):
-                entry.setdefault(block, {})["num_bits"] = b
+                if block in entry:
+                    entry[block]["num_bits"] = b
     config_file.write_text(json.dumps(data, indent=2))
 
 
