@@ -6,7 +6,6 @@ it cannot write, an unknown lr_policy, a step policy with stepsize 0), so everyt
 Caffe would CHECK is checked here first and raised as :class:`SolverError`, whose message
 names the file, the field, its value and the rule.
 """
-import json
 import logging
 import math
 import os
@@ -293,11 +292,11 @@ def create_solver(solver_file: str | os.PathLike, model_file: str | os.PathLike,
 
 
 def _toolkit_layers(net: caffe.Net, spec: LayerSpec) -> Iterator[tuple[str, Any, dict]]:
-    """(name, Python layer object, parsed param_str) of every ``spec`` layer of ``net``."""
+    """(name, Python layer object, parsed param_str, defaults filled) of every ``spec`` layer of ``net``."""
     for name, layer in zip(net._layer_names, net.layers):
         if layer.type == "Python" and (type(layer).__module__, type(layer).__name__) == (spec.python_module,
                                                                                          spec.layer_class):
-            yield name, layer, json.loads(layer.param_str)
+            yield name, layer, spec.parse(layer.param_str)
 
 
 def _output_scalars(net: caffe.Net, prefix: str) -> dict[str, float]:
@@ -317,7 +316,7 @@ class _RunLog:
         self.solver, self.param, self.writer = solver, param, tensorboard.get_writer(log_dir)
         self.ulq = [(name, layer, solver.net.bottom_names[name][0])
                     for name, layer, p in _toolkit_layers(solver.net, ACTIVATION_ULQ) if not p.get("log_dir")]
-        self.arq = [(name, p.get("channel_axis"))
+        self.arq = [(name, p.get("channel_axis"), p["num_bits_w"])
                     for name, _, p in _toolkit_layers(solver.net, WEIGHT_ARQ) if not p.get("log_dir")]
         # Shift-N is searched by the test nets' layers; one entry per layer name.
         self.shift_n = {name: p for net in solver.test_nets
@@ -331,11 +330,11 @@ class _RunLog:
         for name, layer, bottom in self.ulq:
             # layer.clips: the sanitised pair this batch was quantized with (the solver has
             # updated the clip blobs since).
-            scalars.update(tensorboard.ulq_scalars(name, net.blobs[bottom].data, layer.clips))
+            scalars.update(tensorboard.ulq_scalars(name, net.blobs[bottom].data, layer.clips, layer.num_bits))
             histograms.update(tensorboard.ulq_histograms(name, net.blobs[bottom].data))
-        for name, axis in self.arq:
+        for name, axis, num_bits in self.arq:
             master = net.params[name][WEIGHT_ARQ.blob("master_weights")].data
-            scalars.update(tensorboard.arq_scalars(name, numerics.arq_scale(master, axis)))
+            scalars.update(tensorboard.arq_scalars(name, numerics.arq_scale(master, axis, num_bits)))
             histograms.update(tensorboard.arq_histograms(name, master))
         self.writer.add_scalars(scalars, iteration)
         if histograms:
