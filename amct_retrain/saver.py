@@ -175,8 +175,9 @@ def quantized_params(name: str, weights: np.ndarray, bias: np.ndarray | None, f:
     """(fake-quant blobs, deploy blobs) of quantized layer ``name`` from its float weights and
     bias: float32 weights on the ``num_bits_w`` grid and the int32 bias times deq; int8 weights (holding
     ``num_bits_w``-bit codes) and int32 bias."""
-    fake = [numerics.arq_fake_quantize(weights, f.scale_w, channel_axis, f.num_bits_w)]
-    deploy = [numerics.arq_quantize(weights, f.scale_w, channel_axis, f.num_bits_w)]
+    # Computed as the writer reaches them, a few MB at a time (model_io.LazyBlob).
+    fake = [model_io.arq_weight_blob(weights, f.scale_w, channel_axis, num_bits=f.num_bits_w)]
+    deploy = [model_io.arq_weight_blob(weights, f.scale_w, channel_axis, codes=True, num_bits=f.num_bits_w)]
     if bias is not None:
         bias_int32 = numerics.quantize_bias(bias, f.scale_d, f.scale_w, name)
         fake.append(numerics.dequantize_bias(bias_int32, f.deq))

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from amct_retrain import numerics
+from amct_retrain.graph import model_io
 from amct_retrain.graph.model_io import ModelError, array_to_blob, blob_to_array, read_prototxt
 
 pytestmark = pytest.mark.caffe  # model_io reads Caffe's protobuf messages (caffe_pb2)
@@ -114,3 +116,19 @@ def test_upstream_round_mode_is_an_error_that_says_what_to_write(tmp_path):
         read_prototxt(model)
     message = str(e.value)
     assert message.startswith(f"{model}:3:") and "ceil_mode: false" in message, f"unhelpful error: {message}"
+
+
+@pytest.mark.parametrize("axis", [0, 1, None])
+def test_lazy_arq_blobs_write_the_bytes_of_the_eager_arrays_chunk_by_chunk(monkeypatch, axis):
+    monkeypatch.setattr(model_io, "_LAZY_CHUNK_BYTES", 64)  # many chunks, one not a whole number of rows
+    w = np.random.default_rng(3).normal(size=(7, 5, 3, 2)).astype(np.float32)
+    scale = numerics.arq_scale(w, axis)
+    eager = {"conv": [numerics.arq_fake_quantize(w, scale, axis), np.arange(7, dtype=np.float32)],
+             "deploy": [numerics.arq_quantize(w, scale, axis)]}
+    lazy = {"conv": [model_io.arq_weight_blob(w, scale, axis), eager["conv"][1]],
+            "deploy": [model_io.arq_weight_blob(w, scale, axis, codes=True)]}
+    assert model_io.caffemodel_bytes("n", lazy) == model_io.caffemodel_bytes("n", eager), \
+        "a lazily written blob differs from the same values written at once"
+    parsed = model_io.parse_caffemodel(model_io.caffemodel_bytes("n", lazy), "lazy")
+    assert np.frombuffer(parsed.layer[1].blobs[0].int8_data, np.int8).reshape(w.shape).tolist() == \
+        eager["deploy"][0].tolist()
