@@ -41,8 +41,10 @@ def test_the_search_writes_a_retrain_config_the_retraining_takes(tmp_path):
     result = search_mixed_precision(str(model), str(weights), str(config), average_weight_bits=6)
     assert set(result.bits) == set(nets.QUANTIZED) and result.average_bits <= 6
     assert set(result.bits.values()) <= {4, 8} and 4 in result.bits.values()
-    for name, by_bits in result.sensitivity.items():
-        assert by_bits[4] >= by_bits[8] >= 0, f"{name}: 4 bits less sensitive than 8? {by_bits}"
+    # (DummyData draws new random batches: which width scores worse on a layer is not stable here)
+    assert all(set(by_bits) == {4, 8} and min(by_bits.values()) >= 0 for by_bits in result.sensitivity.values())
+    assert result.bits == assign_bits(result.sensitivity, result.weights, 6 * sum(result.weights.values()))
+    assert result.predicted_loss == pytest.approx(sum(result.sensitivity[n][b] for n, b in result.bits.items()))
     data = json.loads(config.read_text())
     assert {name: data[name]["retrain_weight_config"]["num_bits"] for name in nets.QUANTIZED} == result.bits
     report = json.loads((config.parent / "mixed_precision.json").read_text())
