@@ -55,3 +55,19 @@ def test_the_search_writes_a_retrain_config_the_retraining_takes(tmp_path):
     net.forward()
     widths = {name: record.bit_widths(rec)[1] for name, rec in record.read_record(files[2]).items()}
     assert widths == result.bits, "the retrained model's TEST pass records other weight widths"
+
+
+@pytest.mark.caffe
+def test_the_cli_step_writes_the_config_or_says_why_not(tmp_path, capsys):
+    from amct_retrain.cli import main
+
+    model, weights = nets.float_model(tmp_path)
+    config = tmp_path / "config.json"
+    args = ["mixed-precision", "--model", str(model), "--weights", str(weights), "--output", str(config)]
+    assert main([*args, "--average-bits", "3"]) == 2
+    assert "narrowest" in capsys.readouterr().err and not config.exists()
+    assert main([*args, "--size-bytes", "100000"]) == 0  # more than a byte per weight: all at 8 bits
+    report = json.loads((tmp_path / "mixed_precision.json").read_text())
+    assert report["bits"] == dict.fromkeys(nets.QUANTIZED, 8), report["bits"]
+    assert report["size_bytes"] == sum(report["weights"].values())
+    assert json.loads(config.read_text())["fc"]["retrain_weight_config"]["num_bits"] == 8
