@@ -104,9 +104,10 @@ def test_standard_resnet_style_keeps_the_shortcut_sums_quantized(resnet_style, t
     onnx_file = tmp_path / "standard.onnx"
     export_onnx(resnet_style["deploy_model"], resnet_style["deploy_weights"], onnx_file)
     ops = optimized_ops(onnx_file, tmp_path)
-    # 12 convolutions: the last sum feeds the float global pooling, so it and the two
-    # convolutions it adds stay float.
-    assert ops["QLinearConv"] == 10 and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1, dict(ops)
+    # 12 convolutions, all on integers; the last sum feeds the float global pooling, so it
+    # stays float (its inputs are 8-bit).
+    assert ops["QLinearConv"] == 12 and not ops["Conv"] and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1, \
+        dict(ops)
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     caffe.set_random_seed(11)  # the DummyData batches
     fake = caffe.Net(resnet_style["fake_quant_model"], caffe.TEST, weights=resnet_style["fake_quant_weights"])
