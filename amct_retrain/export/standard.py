@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from amct_retrain import numerics
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.export import float_layers as fl
 from amct_retrain.export.graph import Graph, QuantizedLayer
@@ -75,8 +76,8 @@ class Standard:
     (``finish``), for one export."""
 
     def __init__(self) -> None:
-        # Output tensor of each quantized layer -> its largest output step, deq[c] * 2^N[c].
-        self._output_steps: dict[str, float] = {}
+        # Output tensor of each quantized layer -> its output steps, float64 (C,) deq[c] * 2^N[c].
+        self._output_steps: dict[str, np.ndarray] = {}
 
     def convert(self, g: Graph, q: QuantizedLayer, deploy: Mapping[str, list[caffe_pb2.BlobProto]],
                 weights_file: str) -> None:
@@ -113,8 +114,7 @@ class Standard:
             fl.linear(g, layer, x, weights, bias, y)
         else:
             fl.pool_node(g, layer, x, y)
-        step = np.ldexp(ints.deq.astype(np.float64), ints.shift_bit.astype(np.int32))
-        self._output_steps[y] = float(step.max())
+        self._output_steps[y] = numerics.output_steps(ints.deq, ints.shift_bit)
 
     def finish(self, g: Graph) -> None:
         """The graph passes that let onnxruntime's integer kernels apply (module docstring)."""
@@ -124,7 +124,7 @@ class Standard:
 class _Rewriter:
     """Inserts QuantizeLinear -> DequantizeLinear pairs on edges of a finished graph."""
 
-    def __init__(self, g: Graph, output_steps: Mapping[str, float]) -> None:
+    def __init__(self, g: Graph, output_steps: Mapping[str, np.ndarray]) -> None:
         self.g = g
         self.output_steps = output_steps
         self.inits = {t.name: t for t in g.initializers}
@@ -180,6 +180,8 @@ class _Rewriter:
             work.extend(self.hoist(work.pop()))
         for op_type in ("QuantizeLinear", "DequantizeLinear"):
             self.merge_twins(op_type)
+        for tensor in self.output_steps:
+            self.clamp_to_int16(tensor)
         # (onnxruntime fuses a Gemm without an output quantizer too, into QGemm with float output.)
         for node in [n for n in self.g.nodes if n.op_type == "Conv"]:
             if not self.fused(node):
@@ -202,6 +204,34 @@ class _Rewriter:
             for reader in self.consumers(node.output[0]):
                 reader.input[:] = [kept[key] if t == node.output[0] else t for t in reader.input]
         self.drop_unused_initializers()
+
+    def clamp_to_int16(self, tensor: str) -> None:
+        """The deploy model clamps a quantized layer's output to its int16 grid's range (per
+        channel); where float operators or the graph's output read it, Max and Min do. Where
+        quantizers read it (directly or through a ReLU), their own 8-bit range clips instead:
+        the shift-N search keeps each channel's range wide enough for what it saw."""
+        end = tensor
+        readers = self.consumers(end)
+        if len(readers) == 1 and readers[0].op_type == "Relu":
+            end = readers[0].output[0]
+            readers = self.consumers(end)
+        if end not in self.graph_outputs and readers and all(n.op_type == "QuantizeLinear" for n in readers):
+            return
+        steps = self.output_steps[tensor]
+        low, high = numerics.INT16_MIN * steps, numerics.INT16_MAX * steps
+        g, producer = self.g, self.producer(tensor)
+        shape = (-1,) + (1,) * (g.rank(tensor) - 2)
+        g.scope = tensor
+        raw = g.fresh(f"{tensor}/unclamped")
+        producer.output[:] = [raw if t == tensor else t for t in producer.output]
+        producer.name = raw
+        start = len(g.nodes)
+        low_clamped = g.op("Max", [raw, g.const("int16_min", low.astype(np.float32).reshape(shape))])
+        g.op("Min", [low_clamped, g.const("int16_max", high.astype(np.float32).reshape(shape))], output=tensor)
+        new = g.nodes[start:]
+        del g.nodes[start:]
+        at = g.nodes.index(producer) + 1
+        g.nodes[at:at] = new
 
     def fused(self, node: onnx.NodeProto) -> bool:
         """Whether onnxruntime can fuse ``node`` into an integer kernel: only quantizers read its
@@ -261,7 +291,7 @@ class _Rewriter:
         sum_params = max(self.params(n) for n in quantizers) if quantizers and end not in self.graph_outputs else None
         for t in list(add.input):
             if not self.dequantized_by(t):
-                scale = self.output_steps[t] * 2 ** INT16_TO_8_BITS
+                scale = self.output_steps[t].max() * 2 ** INT16_TO_8_BITS
                 if sum_params is not None:
                     scale = min(scale, 2 * sum_params[0])
                 self.insert_pair(t, [add], scale, UINT8_SHIFT, self.producer(t))
