@@ -11,7 +11,7 @@ channel axis and parameter message here; its exact integer converter still switc
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,9 @@ class QuantRule:
     geometry: Callable[[caffe_pb2.LayerParameter], dict | None] = lambda layer: None
     fixed_scale_w: Callable[[caffe_pb2.LayerParameter], np.ndarray] | None = None
     global_conv: bool = False
-    integer_accumulate: Callable[[np.ndarray, np.ndarray | None, dict | None], np.ndarray] | None = None
-    integer_output_hw: Callable[[tuple[int, ...], dict | None], list[int]] | None = None
+    # (x, w, geometry) and (in_hw, geometry): w is None exactly without weights, geometry None without windows.
+    integer_accumulate: Callable[[np.ndarray, Any, Any], np.ndarray] | None = None
+    integer_output_hw: Callable[[tuple[int, ...], Any], list[int]] | None = None
 
 
 def _conv_filter_is_4d(layer: caffe_pb2.LayerParameter) -> bool:
@@ -170,7 +171,7 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
 """Quantizable Caffe layer types -> their :class:`QuantRule`.  Add an entry to support a type."""
 
 
-def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape) -> str | None:
+def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape: Iterable[int]) -> str | None:
     """The broken constraint of a quantizable ``layer`` that only its input shape (N, C, H, W)
     shows, else None: a Pooling whose windows do not tile the input."""
     rule = QUANTIZABLE_RULES.get(layer.type)
