@@ -20,7 +20,7 @@ ROWS: list[tuple[str, ...]] = [
     ("kernels",),
     ("record", "tensorboard", "analysis.metrics", "analysis.plots"),
     ("analysis.report",),
-    ("layer_specs", "graph.caffe_params"),
+    ("layer_specs", "graph.caffe_params", "graph.netgraph"),
     ("graph.model_io",),
     ("layer_types",),
     ("saved_models", "graph.quant_layers"),

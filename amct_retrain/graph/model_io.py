@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import parse_text_proto, read_text_file
 from amct_retrain.graph.caffe_params import weight_shape_mismatch
+from amct_retrain.graph.netgraph import runs_in_phase, uses_stages_or_levels
 from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
@@ -50,26 +51,6 @@ def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
     return net
 
 
-def _phase_only(rule: caffe_pb2.NetStateRule) -> bool:
-    return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
-
-
-def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
-    """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
-    and stages are unknown here: a rule that uses them is taken to possibly match, so only a
-    plain exclude rule excludes."""
-    def matches(rule: caffe_pb2.NetStateRule) -> bool:
-        return not rule.HasField("phase") or rule.phase == phase
-
-    if layer.include and not any(matches(rule) for rule in layer.include):
-        return False
-    return not any(matches(rule) and _phase_only(rule) for rule in layer.exclude)
-
-
-def _uses_stages_or_levels(layer: caffe_pb2.LayerParameter) -> bool:
-    return not all(_phase_only(rule) for rule in list(layer.include) + list(layer.exclude))
-
-
 def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
     """Refuse a net with no layers, and two layers of one name that may run in the same phase
     (Caffe would build both, and weights, the record and the quantizers all go by layer name).
@@ -85,10 +66,10 @@ def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
             first[layer.name] = index
             continue
         other = net.layer[first[layer.name]]
-        if _uses_stages_or_levels(layer) or _uses_stages_or_levels(other):
+        if uses_stages_or_levels(layer) or uses_stages_or_levels(other):
             continue
         for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
-            if may_run_in_phase(layer, phase) and may_run_in_phase(other, phase):
+            if runs_in_phase(layer, phase) and runs_in_phase(other, phase):
                 raise ModelError(f"{path}: layer '{layer.name}' ({layer.type}, layer #{index + 1}) has the name of "
                                  f"layer #{first[layer.name] + 1} ({other.type}), and both run in the "
                                  f"{caffe_pb2.Phase.Name(phase)} phase: layer names must be unique (weights, "
