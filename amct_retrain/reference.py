@@ -20,12 +20,10 @@ from amct_retrain import numerics, record
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.netgraph import rebuilt, with_phase_rules_of
 from amct_retrain.layer_specs import INTEGER_LAYER
 from amct_retrain.layer_types import QUANTIZABLE_RULES
-from amct_retrain.saved_models import (QUANTIZED_TYPES, check_quantized_layer, integer_params, output_files,
-                                       read_deploy_blobs)
+from amct_retrain.saved_models import integer_params, output_files, quantized_triple, read_deploy_blobs
 
 
 def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caffe_pb2.NetParameter:
@@ -42,11 +40,7 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str) -> caff
                 yield quant
                 i += 1
                 continue
-            if i + 2 >= len(layers) or layers[i + 1].type not in QUANTIZED_TYPES or layers[i + 2].type != "DeQuant":
-                raise ModelError(f"{weights_file}: Quant layer '{quant.name}' is not followed by a quantized "
-                                 f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
-            layer, dequant = layers[i + 1], layers[i + 2]
-            check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
+            _, layer, dequant = quantized_triple(layers, i, weights_file)  # validated now, not inside Caffe
             rule = QUANTIZABLE_RULES[layer.type]
             integer_params(deploy, layer.name, dequant.name, weights_file, rule.has_weights)
             yield from with_phase_rules_of(layer, ql.python_layer(

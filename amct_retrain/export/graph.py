@@ -162,12 +162,8 @@ def plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str, float_type
     while i < len(layers):
         layer = layers[i]
         if layer.type == "Quant":
-            triple = layers[i:i + 3]
-            if len(triple) < 3 or triple[1].type not in saved_models.QUANTIZED_TYPES or triple[2].type != "DeQuant":
-                raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
-                                 f"{'/'.join(saved_models.QUANTIZED_TYPES)} layer and a DeQuant layer")
-            saved_models.check_quantized_layer(triple[1], model_file)
-            units.append(_check_wiring(QuantizedLayer(*triple), model_file))
+            units.append(_check_wiring(QuantizedLayer(*saved_models.quantized_triple(layers, i, model_file)),
+                                       model_file))
             i += 3
             continue
         if layer.type == "DeQuant":
