@@ -34,7 +34,7 @@ from amct_retrain import numerics
 from amct_retrain.numerics import NumericsError, _range_factors, _ulq_bounds
 
 __all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
-           "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
+           "arq_scale", "arq_forward", "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
            "activation_factors", "BITS_RANGE"]
 
 BITS_RANGE = range(2, 9)
@@ -51,6 +51,19 @@ def _levels(bits: int) -> int:
 def _flat_f32(x: npt.ArrayLike) -> np.ndarray:
     """x as a contiguous float32 array (a view when it already is one), kept in x's shape."""
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _out_f32(out: np.ndarray | None, like: np.ndarray, what: str) -> np.ndarray:
+    """``out`` checked as a C-contiguous float32 array of ``like``'s shape (the kernels write
+    through a flat view of it), or a new one. A layer passes its top blob (or its bottom's diff),
+    so that a large batch is neither allocated, page-faulted in, nor copied once more per call."""
+    if out is None:
+        return np.empty(like.shape, np.float32)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == like.shape
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise NumericsError(f"{what}: out must be a writeable C-contiguous float32 array of shape {like.shape}, "
+                            f"got {getattr(out, 'dtype', type(out))} {getattr(out, 'shape', '')}")
+    return out
 
 
 def _raise_non_finite(*named: tuple[npt.ArrayLike, str]) -> None:
@@ -96,13 +109,12 @@ def _add_compensated(total, comp, j, value):
 
 
 @numba.njit(**_SUM_JIT)
-def _ulq_backward_block(x, g, scale, lo, hi, grad_x, start, stop):
+def _ulq_backward_block(x, g, scale, lo, hi, grad_x):
+    """One block (slices: loops over whole arrays vectorize, index ranges into bigger ones did not)."""
     s_in = s_above = s_below = 0.0
-    bad = False
-    for i in range(start, stop):
+    for i in range(x.size):
         v = x[i]
         gi = g[i]
-        bad |= ((v - v) != (v - v)) | ((gi - gi) != (gi - gi))
         above = v > hi
         below = v < lo
         inside = not (above or below)
@@ -111,8 +123,9 @@ def _ulq_backward_block(x, g, scale, lo, hi, grad_x, start, stop):
         r = v / scale                              # float32, as in the forward pass
         s_in += np.float64(gx) * np.float64(np.rint(r) - r)  # exact product of two float32
         s_above += np.float64(gi) if above else 0.0
-        s_below += np.float64(gi) if below else 0.0
-    return s_in, s_above, s_below, bad
+        # + 0 for finite values, NaN for NaN/Inf: the check costs an add, not a branch
+        s_below += (np.float64(gi) if below else 0.0) + np.float64((v - v) + (gi - gi))
+    return s_in, s_above, s_below
 
 
 @numba.njit(**_JIT)
@@ -121,25 +134,51 @@ def _ulq_backward_kernel(x, g, scale, lo, hi, grad_x):
     g above, sum of g below) as float64 (3,), whether x or g holds NaN/Inf)."""
     total = np.zeros(3)
     comp = np.zeros(3)
-    bad = False
     for start in range(0, x.size, _BLOCK):
-        s_in, s_above, s_below, b = _ulq_backward_block(x, g, scale, lo, hi, grad_x, start,
-                                                        min(start + _BLOCK, x.size))
-        bad |= b
+        stop = min(start + _BLOCK, x.size)
+        s_in, s_above, s_below = _ulq_backward_block(x[start:stop], g[start:stop], scale, lo, hi,
+                                                     grad_x[start:stop])
         _add_compensated(total, comp, 0, s_in)
         _add_compensated(total, comp, 1, s_above)
         _add_compensated(total, comp, 2, s_below)
-    return total + comp, bad
+    sums = total + comp
+    return sums, sums[2] != sums[2]  # a finite float32 sum in float64 cannot overflow: NaN means NaN/Inf seen
+
+
+@numba.njit(**_JIT)
+def _arq_scale_kernel(w, eps, scale):
+    """w (A, C, B) float32; scale (C,) float32 = numerics.arq_scale's rule on each channel's max
+    and min: a = max if |max| >= |min| else min, a/127 if a > 0 else a/-128, 1 below eps. Returns
+    whether w holds NaN/Inf."""
+    bad = False
+    for c in range(w.shape[1]):
+        mx = -np.inf
+        mn = np.inf
+        for a in range(w.shape[0]):
+            for b in range(w.shape[2]):
+                v = w[a, c, b]
+                bad |= (v - v) != (v - v)
+                mx = max(mx, v)
+                mn = min(mn, v)
+        a_ = np.float32(mx) if abs(mx) >= abs(mn) else np.float32(mn)
+        s = a_ / np.float32(127.0) if a_ > 0 else a_ / np.float32(-128.0)
+        scale[c] = s if s >= eps else np.float32(1.0)
+    return bad
 
 
 @numba.njit(**_JIT)
 def _arq_kernel(w, scale, out):
-    """w, out (A, C, B) float32, scale (C,): out = clip(rint(w / scale[c]), -128, 127) * scale[c]."""
+    """w, out (A, C, B) float32, scale (C,): out = clip(rint(w / scale[c]), -128, 127) * scale[c];
+    returns whether w holds NaN/Inf."""
+    bad = False
     for a in range(w.shape[0]):
         for c in range(w.shape[1]):
             s = scale[c]
             for b in range(w.shape[2]):
-                out[a, c, b] = min(max(np.rint(w[a, c, b] / s), np.float32(-128.0)), np.float32(127.0)) * s
+                v = w[a, c, b]
+                bad |= (v - v) != (v - v)
+                out[a, c, b] = min(max(np.rint(v / s), np.float32(-128.0)), np.float32(127.0)) * s
+    return bad
 
 
 @numba.njit(inline="always")
@@ -248,14 +287,14 @@ def _ifmr_errors_kernel(x, multipliers, scales, k_lo, k_hi):
 
 
 def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d: npt.ArrayLike,
-                             bits: int = 8) -> npt.NDArray[np.float32]:
+                             bits: int = 8, out: np.ndarray | None = None) -> npt.NDArray[np.float32]:
     """:func:`numerics.fake_quantize_activation`, fused: float32 of x's shape. With ``bits`` < 8
     the codes are those of a ``bits``-bit grid: ``[-2**(bits-1) - offset_d, 2**(bits-1) - 1 - offset_d]``."""
     half = (_levels(bits) + 1) // 2
     s = numerics._positive_scale(scale_d, "scale_d")
     off = numerics._offset_int8(offset_d)
     x32 = _flat_f32(x)
-    out = np.empty_like(x32)
+    out = _out_f32(out, x32, "fake_quantize_activation")
     bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s,
                              np.float32(-half - off), np.float32(half - 1 - off), out.reshape(-1))
     if bad:
@@ -263,62 +302,106 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d:
     return out
 
 
-def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                bits: int = 8) -> npt.NDArray[np.float32]:
-    """:func:`numerics.ulq_forward`, fused: float32 of x's shape. ``bits`` other than 8 needs
-    the scale and offset of that bit width, which numerics does not define yet."""
+def _clip_value(v: npt.ArrayLike, what: str) -> float:
+    """A clip as a python float (the cache key); a float passes through as it is."""
+    return v if type(v) is float else numerics._scalar(v, what, finite=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _ulq_grid(clip_min: float, clip_max: float, bits: int) -> tuple[np.float32, np.float32, np.float32, np.float32,
+                                                                     np.float32, np.float32, float]:
+    """``(s, multiplier, k_lo, k_hi, lo, hi, d_min)`` of ULQ's grid for a clip pair: numerics' scalar
+    work, cached because the forward and backward pass of a step (and every TEST batch) share a
+    pair, and on a small net it cost more than the data passes."""
     levels = _levels(bits)
     if levels != 255:
-        raise NumericsError(f"ulq_forward: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
+        raise NumericsError(f"ULQ: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
     s, o = numerics.ulq_scale_offset(clip_min, clip_max)
+    _, _, rmin = _range_factors(clip_min, clip_max)
+    lo, hi = _ulq_bounds(s, o)
+    d_min = float((np.rint(rmin) - rmin) / levels)
+    return s, numerics.quant_multiplier(s)[()], np.float32(o), np.float32(o + levels), lo, hi, d_min
+
+
+def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
+                bits: int = 8, out: np.ndarray | None = None) -> npt.NDArray[np.float32]:
+    """:func:`numerics.ulq_forward`, fused: float32 of x's shape (into ``out`` if given). ``bits``
+    other than 8 needs the scale and offset of that bit width, which numerics does not define yet."""
+    s, multiplier, k_lo, k_hi, _, _, _ = _ulq_grid(_clip_value(clip_min, "clip_min"),
+                                                   _clip_value(clip_max, "clip_max"), bits)
     x32 = _flat_f32(x)
-    out = np.empty_like(x32)
-    bad = _fake_quant_kernel(x32.reshape(-1), numerics.quant_multiplier(s)[()], s, np.float32(o),
-                             np.float32(o + levels), out.reshape(-1))
-    if bad:
+    out = _out_f32(out, x32, "ulq_forward")
+    if _fake_quant_kernel(x32.reshape(-1), multiplier, s, k_lo, k_hi, out.reshape(-1)):
         _raise_non_finite((x, "ulq_forward input"))
     return out
 
 
 def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                 bits: int = 8) -> tuple[npt.NDArray[np.float32], float, float]:
+                 bits: int = 8, grad_x_out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], float, float]:
     """:func:`numerics.ulq_backward`, fused: ``(grad_x float32 of x's shape, grad_clip_min,
-    grad_clip_max)``; ``D(v)`` divides by ``2**bits - 1`` (the scale is numerics' 8-bit one)."""
-    levels = _levels(bits)
-    if levels != 255:
-        raise NumericsError(f"ulq_backward: numerics defines ULQ's scale for 8 bits only, got bits={bits}")
-    s, o = numerics.ulq_scale_offset(clip_min, clip_max)
-    _, _, rmin = _range_factors(clip_min, clip_max)
+    grad_clip_max)``, grad_x into ``grad_x_out`` if given; ``D(v)`` divides by ``2**bits - 1``
+    (the scale is numerics' 8-bit one)."""
+    s, _, _, _, lo, hi, d_min = _ulq_grid(_clip_value(clip_min, "clip_min"), _clip_value(clip_max, "clip_max"), bits)
     x32, g32 = _flat_f32(x), _flat_f32(grad_y)
     if g32.shape != x32.shape:
         raise NumericsError(f"ulq_backward: grad_y shape {g32.shape} != x shape {x32.shape}")
-    lo, hi = _ulq_bounds(s, o)
-    grad_x = np.empty_like(x32)
+    grad_x = _out_f32(grad_x_out, x32, "ulq_backward")
     sums, bad = _ulq_backward_kernel(x32.reshape(-1), g32.reshape(-1), s, lo, hi, grad_x.reshape(-1))
     sum_in, sum_above, sum_below = (float(v) for v in sums)
     if bad:
         _raise_non_finite((x, "ulq_backward input"), (grad_y, "ulq_backward gradient"))
-    sum_in_d = sum_in / levels
-    d_min = float((np.rint(rmin) - rmin) / levels)
+    sum_in_d = sum_in / (2 ** bits - 1)
     grad_max = sum_in_d + sum_above * (d_min + 1.0) + sum_below * d_min
     grad_min = -sum_in_d - sum_above * d_min + sum_below * (1.0 - d_min)
     return grad_x, float(grad_min), float(grad_max)
 
 
-def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike,
-                      channel_axis: int | None) -> npt.NDArray[np.float32]:
-    """:func:`numerics.arq_fake_quantize`, fused: float32 of w's shape."""
-    w32 = numerics._as_f32(w, "arq_fake_quantize weights")
-    s = numerics._weight_scale_b(w32, scale_w, channel_axis).reshape(-1)
+def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndarray:
+    """Weights as a contiguous (A, C, B) view, C the channel axis (1 for per tensor)."""
     if channel_axis is None or w32.ndim == 0:
-        w3 = w32.reshape(1, 1, -1)
-    else:
-        ax = channel_axis % w32.ndim
-        w3 = w32.reshape(int(np.prod(w32.shape[:ax])), w32.shape[ax], -1)
-    w3 = np.ascontiguousarray(w3)
-    out = np.empty_like(w3)
-    _arq_kernel(w3, np.ascontiguousarray(s), out)
-    return out.reshape(w32.shape)
+        return w32.reshape(1, 1, -1)
+    ax = numerics._norm_axis(channel_axis, w32.ndim, what)
+    return np.ascontiguousarray(w32).reshape(int(np.prod(w32.shape[:ax])), w32.shape[ax], -1)
+
+
+def arq_scale(w: npt.ArrayLike, channel_axis: int | None) -> npt.NDArray[np.float32]:
+    """:func:`numerics.arq_scale`, fused: float32 (C,) or (1,), bit for bit, in one pass."""
+    w32 = _flat_f32(w)
+    if w32.size == 0:
+        raise NumericsError("arq_scale: empty weights")
+    w3 = _weights_3d(w32, channel_axis, "arq_scale")
+    scale = np.empty(w3.shape[1], np.float32)
+    if _arq_scale_kernel(w3, numerics._F32_EPS, scale):
+        _raise_non_finite((w, "arq_scale weights"))
+    return scale
+
+
+def arq_forward(w: npt.ArrayLike, channel_axis: int | None,
+                out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """``(arq_fake_quantize(w, scale_w, channel_axis), scale_w)`` with ``scale_w = arq_scale(w,
+    channel_axis)``: a WeightARQ forward pass in two kernel calls and one set of checks."""
+    w32 = _flat_f32(w)
+    if w32.size == 0:
+        raise NumericsError("arq_scale: empty weights")
+    w3 = _weights_3d(w32, channel_axis, "arq_scale")
+    scale = np.empty(w3.shape[1], np.float32)
+    out = _out_f32(out, w32, "arq_fake_quantize")
+    if _arq_scale_kernel(w3, numerics._F32_EPS, scale):
+        _raise_non_finite((w, "arq_scale weights"))
+    _arq_kernel(w3, scale, out.reshape(w3.shape))
+    return out, scale
+
+
+def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: int | None,
+                      out: np.ndarray | None = None) -> npt.NDArray[np.float32]:
+    """:func:`numerics.arq_fake_quantize`, fused: float32 of w's shape (into ``out`` if given)."""
+    w32 = _flat_f32(w)
+    s = numerics._weight_scale_b(w32, scale_w, channel_axis).reshape(-1)
+    w3 = _weights_3d(w32, channel_axis, "ARQ")
+    out = _out_f32(out, w32, "arq_fake_quantize")
+    if _arq_kernel(w3, np.ascontiguousarray(s), out.reshape(w3.shape)):
+        _raise_non_finite((w, "arq_fake_quantize weights"))
+    return out
 
 
 def _channels_3d(y: np.ndarray, what: str) -> np.ndarray:
@@ -380,17 +463,18 @@ def requantize_accumulator(acc: np.ndarray, bias: np.ndarray, deq: npt.ArrayLike
     return out.reshape(a.shape)
 
 
-def requantize_output(y: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.ArrayLike) -> npt.NDArray[np.float32]:
+def requantize_output(y: npt.ArrayLike, deq: npt.ArrayLike, shift_bits: npt.ArrayLike,
+                      out: np.ndarray | None = None) -> npt.NDArray[np.float32]:
     """``numerics.requantized_output(numerics.accumulator_from_output(y, deq), deq, shift_bits)``
     fused, channel axis 1: what a Requantize layer outputs (float32 of y's shape)."""
     ya = np.asarray(y)
     y3 = _channels_3d(ya, "requantize_output")
     d, inv_shift, mult = _shift_factors(deq, shift_bits, y3.shape[1])
-    out = np.empty_like(y3)
-    bad = _requantize_kernel(y3, d, inv_shift, mult, out)
+    out = _out_f32(out, ya, "requantize_output")
+    bad = _requantize_kernel(y3, d, inv_shift, mult, out.reshape(y3.shape))
     if bad:
         _raise_non_finite((ya, "fake-quant layer output"))
-    return out.reshape(ya.shape)
+    return out
 
 
 def accumulate_shift_errors(y: npt.ArrayLike, deq: npt.ArrayLike) -> npt.NDArray[np.float64]:

@@ -1,5 +1,6 @@
 """ActivationULQ: int8 fake quantization of activations with learnable clips (ULQ)."""
 import caffe
+import numpy as np
 
 from amct_retrain import kernels, numerics, tensorboard
 from amct_retrain.errors import LayerParamError
@@ -45,6 +46,7 @@ class ActivationULQ(caffe.Layer):
             self.blobs[CLIP_MIN].data[0] = p["clip_min"]
             self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
+        self.scratch: np.ndarray | None = None  # the unused input gradient without propagate_down
         self.log = tensorboard.layer_log(p, "ActivationULQ")
         self.batch_num = p["batch_num"]
         self.constant_test_values: list[float] = []  # of the consecutive constant TEST batches so far
@@ -65,7 +67,7 @@ class ActivationULQ(caffe.Layer):
                 float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
                 (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
             state[LAST_MIN], state[LAST_MAX] = self.clips
-            top[0].data[...] = kernels.ulq_forward(x, *self.clips)
+            kernels.ulq_forward(x, *self.clips, out=top[0].data)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips))
             self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
@@ -90,10 +92,17 @@ class ActivationULQ(caffe.Layer):
                                   self.constant_test_values)
 
     def backward(self, top, propagate_down, bottom):
-        with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
-            grad_x, grad_min, grad_max = kernels.ulq_backward(bottom[0].data, top[0].diff, *self.clips)
+        x = bottom[0].data
+        # The input gradient goes straight into the bottom's diff; without propagate_down into
+        # a scratch buffer (the clip gradients need the pass all the same).
         if propagate_down[0]:
-            bottom[0].diff[...] = grad_x
+            grad_x = bottom[0].diff
+        else:
+            if self.scratch is None or self.scratch.shape != x.shape:
+                self.scratch = np.empty(x.shape, np.float32)
+            grad_x = self.scratch
+        with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
+            _, grad_min, grad_max = kernels.ulq_backward(x, top[0].diff, *self.clips, grad_x_out=grad_x)
         self.blobs[CLIP_MAX].diff[0] += grad_max
         if not self.fixed_min:
             self.blobs[CLIP_MIN].diff[0] += grad_min

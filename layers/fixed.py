@@ -21,7 +21,7 @@ class FakeQuantActivation(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         with numerics.errors_named(f"FakeQuantActivation layer '{self.layer_name}'"):
-            top[0].data[...] = kernels.fake_quantize_activation(x, self.scale_d, self.offset_d)
+            kernels.fake_quantize_activation(x, self.scale_d, self.offset_d, out=top[0].data)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")
@@ -47,7 +47,7 @@ class Requantize(caffe.Layer):
 
     def forward(self, bottom, top):
         with numerics.errors_named(f"Requantize layer '{self.layer_name}'"):
-            top[0].data[...] = kernels.requantize_output(bottom[0].data, self.deq, self.shift_bit)
+            kernels.requantize_output(bottom[0].data, self.deq, self.shift_bit, out=top[0].data)
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"layer '{self.layer_name}': a saved fake-quant model is for inference")

@@ -55,7 +55,8 @@ class WeightARQ(caffe.Layer):
             self.blobs.add_blob(3)
         # Last blob: the scale_w this forward used, shared (not learnt) with ShiftNSearch, which
         # would otherwise share the master weights and make every snapshot hold them twice.
-        self.blobs.add_blob(shape[self.channel_axis] if self.channel_axis is not None else 1)
+        self.scale_count = shape[self.channel_axis] if self.channel_axis is not None else 1
+        self.blobs.add_blob(self.scale_count)
         self.scale_w_blob = WEIGHT_ARQ.blob("scale_w", present)
         self.output_shape = ()  # the convolution's output shape (with conv), to tell a global conv
         self.in_place = None
@@ -72,14 +73,16 @@ class WeightARQ(caffe.Layer):
 
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
+        fake_quant = self.blobs[FAKE_QUANT_WEIGHTS].data
         with numerics.errors_named(f"WeightARQ layer '{self.layer_name}' (master weights)"):
-            scale_w = numerics.arq_scale(master, self.channel_axis)
-            if numerics.is_global_conv(self.output_shape, scale_w.size):
+            if numerics.is_global_conv(self.output_shape, self.scale_count):
                 # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
                 state = self.blobs[CLIP_STATE].data
                 scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]))
-                scale_w = numerics.unify_global_conv_scales(scale_d, scale_w)
-            self.blobs[FAKE_QUANT_WEIGHTS].data[...] = kernels.arq_fake_quantize(master, scale_w, self.channel_axis)
+                scale_w = numerics.unify_global_conv_scales(scale_d, kernels.arq_scale(master, self.channel_axis))
+                kernels.arq_fake_quantize(master, scale_w, self.channel_axis, out=fake_quant)
+            else:
+                _, scale_w = kernels.arq_forward(master, self.channel_axis, out=fake_quant)
         self.blobs[self.scale_w_blob].data[...] = scale_w
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))

@@ -95,6 +95,9 @@ def test_non_finite_data_raises_numerics_error_and_message(bad):
             (lambda: kernels.ulq_forward(x, -1, 1), lambda: numerics.ulq_forward(x, -1, 1)),
             (lambda: kernels.ulq_backward(x, g, -1, 1), lambda: numerics.ulq_backward(x, g, -1, 1)),
             (lambda: kernels.ulq_backward(g, x, -1, 1), lambda: numerics.ulq_backward(g, x, -1, 1)),
+            (lambda: kernels.arq_scale(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
+            (lambda: kernels.arq_forward(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
+            (lambda: kernels.arq_fake_quantize(x, 0.5, None), lambda: numerics.arq_fake_quantize(x, 0.5, None)),
             (lambda: kernels.fake_quantize_activation(x, 0.1, 3),
              lambda: numerics.fake_quantize_activation(x, 0.1, 3)),
             (lambda: kernels.ifmr_search(x), lambda: numerics.ifmr_search(x)),
@@ -105,6 +108,25 @@ def test_non_finite_data_raises_numerics_error_and_message(bad):
         with pytest.raises(numerics.NonFiniteError) as spec:
             spec_call()
         assert str(got.value) == str(spec.value)
+
+
+def test_kernels_write_into_the_given_output_and_refuse_a_wrong_one():
+    x = np.linspace(-3, 3, 60, dtype=np.float32).reshape(3, 4, 5)
+    out = np.full_like(x, np.nan)
+    assert kernels.ulq_forward(x, -1, 2, out=out) is out
+    assert same_bits(out, numerics.ulq_forward(x, -1, 2))
+    grad_x = np.full_like(x, np.nan)
+    g = np.cos(x)
+    kernels.ulq_backward(x, g, -1, 2, grad_x_out=grad_x)
+    assert same_bits(grad_x, numerics.ulq_backward(x, g, -1, 2)[0])
+    scale = numerics.arq_scale(x, 1)
+    assert same_bits(kernels.arq_fake_quantize(x, scale, 1, out=out), numerics.arq_fake_quantize(x, scale, 1))
+    deq, shift = np.full(4, 0.01, np.float32), np.array([0, 1, 2, 3])
+    assert same_bits(kernels.requantize_output(x, deq, shift, out=out), requantize_spec(x, deq, shift))
+    for wrong in (np.empty((3, 4, 6), np.float32), np.empty(x.shape, np.float64),
+                  np.empty((3, 5, 4), np.float32).transpose(0, 2, 1)):
+        with pytest.raises(numerics.NumericsError, match="out must be"):
+            kernels.ulq_forward(x, -1, 2, out=wrong)
 
 
 def test_ulq_kernels_refuse_a_shape_mismatch_and_bit_widths_numerics_lacks():
@@ -145,6 +167,31 @@ def test_arq_fake_quantize_is_numerics_bit_for_bit(w, data):
     axis = data.draw(st.one_of(st.none(), st.integers(0, w.ndim - 1)))
     scale = numerics.arq_scale(w, axis)
     assert same_bits(kernels.arq_fake_quantize(w, scale, axis), numerics.arq_fake_quantize(w, scale, axis))
+
+
+@FAST
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=6),
+                  elements=st.floats(-10, 10, width=32)), st.data())
+def test_arq_scale_is_numerics_bit_for_bit(w, data):
+    axis = data.draw(st.one_of(st.none(), st.integers(0, w.ndim - 1)))
+    assert same_bits(kernels.arq_scale(w, axis), numerics.arq_scale(w, axis))
+
+
+@FAST
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=6),
+                  elements=st.floats(-10, 10, width=32)), st.data())
+def test_arq_forward_is_numerics_scale_then_fake_quantize(w, data):
+    axis = data.draw(st.one_of(st.none(), st.integers(0, w.ndim - 1)))
+    out = np.full(w.shape, np.nan, np.float32)
+    got, scale = kernels.arq_forward(w, axis, out=out)
+    assert got is out and same_bits(scale, numerics.arq_scale(w, axis))
+    assert same_bits(got, numerics.arq_fake_quantize(w, scale, axis))
+
+
+def test_arq_scale_of_ties_zero_channels_and_tiny_weights_is_numerics():
+    w = np.array([[1.0, -1.0], [0.0, -0.0], [1e-9, -2e-9], [127.0, -128.0], [-3.0, 2.0]], np.float32)
+    for axis in (0, None):
+        assert same_bits(kernels.arq_scale(w, axis), numerics.arq_scale(w, axis)), f"axis {axis}"
 
 
 def test_arq_fake_quantize_at_rounding_ties_and_the_int8_ends():
