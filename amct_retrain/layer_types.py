@@ -26,7 +26,7 @@ from amct_retrain.graph.caffe_params import (conv_geometry, conv_weight_mismatch
 
 __all__ = ["Constraint", "ShapeConstraint", "QuantRule", "QUANTIZABLE_RULES", "TILING_CONSTRAINT",
            "shape_constraint_broken", "layers_by_name", "rule_for", "quantizable_layers", "weight_shape_mismatch",
-           "WEIGHT_LAYER_TYPES"]
+           "WEIGHT_LAYER_TYPES", "layer_kind", "quantized_kinds"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,9 @@ class QuantRule:
     weights w (None without weights); ``integer_output_hw(in_hw, geometry)`` its output (H, W),
     empty for a flat (N, C) output; ``weight_shape_mismatch(layer, shape)`` how a weight blob of
     ``shape`` fails to fit the layer (None: it fits); ``check_hints``: (a piece of a Caffe CHECK
-    message, what it means for a layer of the type), for the errors of the net probe.
+    message, what it means for a layer of the type), for the errors of the net probe;
+    ``kind(layer)`` how a message names a layer of the type (None: by its type), ``quantized_kind``
+    how it names the layers of the type that are quantized (None: the type).
     """
 
     layer_type: str
@@ -88,6 +90,8 @@ class QuantRule:
     integer_output_hw: Callable[[tuple[int, ...], dict | None], list[int]] | None = None
     weight_shape_mismatch: Callable[[caffe_pb2.LayerParameter, tuple[int, ...]], str | None] | None = None
     check_hints: tuple[tuple[str, str], ...] = ()
+    kind: Callable[[caffe_pb2.LayerParameter], str] | None = None
+    quantized_kind: str | None = None
 
 
 def _conv_filter_is_4d(layer: caffe_pb2.LayerParameter) -> bool:
@@ -166,6 +170,8 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         integer_accumulate=lambda x, w, g: numerics.window_sums(x, g["kernel"], g["stride"]),
         integer_output_hw=_window_output_hw,
         check_hints=_WINDOW_HINTS,
+        kind=lambda l: f"{caffe_pb2.PoolingParameter.PoolMethod.Name(l.pooling_param.pool)} Pooling",
+        quantized_kind="AVE Pooling",
     ),
     "InnerProduct": QuantRule(
         layer_type="InnerProduct",
@@ -187,6 +193,17 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
 
 WEIGHT_LAYER_TYPES = frozenset(layer_type for layer_type, rule in QUANTIZABLE_RULES.items() if rule.has_weights)
 """The quantizable types with weights: the layers whose weights the toolkit quantizes and checks."""
+
+
+def layer_kind(layer: caffe_pb2.LayerParameter) -> str:
+    """``layer``'s type as messages name it: its rule's ``kind`` (a Pooling by its method, "MAX Pooling")."""
+    rule = QUANTIZABLE_RULES.get(layer.type)
+    return rule.kind(layer) if rule is not None and rule.kind is not None else layer.type
+
+
+def quantized_kinds() -> str:
+    """The quantized layers' kinds for a message: "Convolution, ..., AVE Pooling"."""
+    return ", ".join(rule.quantized_kind or layer_type for layer_type, rule in QUANTIZABLE_RULES.items())
 
 
 def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape) -> str | None:
