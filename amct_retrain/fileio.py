@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from google.protobuf import text_format
 from google.protobuf.message import Message
@@ -58,8 +58,8 @@ def remove_stale_temp_files(directory: str) -> list[str]:
     return removed
 
 
-def _write_temp(path: str, data: bytes | str | list[bytes | memoryview]) -> tuple[str, int]:
-    """Write ``data`` (text, bytes, or byte chunks written in turn) to a fresh temp file beside
+def _write_temp(path: str, data: bytes | str | Iterable[bytes | memoryview]) -> tuple[str, int]:
+    """Write ``data`` (text, bytes, or byte chunks written in turn, e.g. a generator) to a fresh temp file beside
     ``path`` (created folder included), fsynced; returns it and its descriptor, which holds the
     file's lock (close it after the rename)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -70,10 +70,12 @@ def _write_temp(path: str, data: bytes | str | list[bytes | memoryview]) -> tupl
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(os.dup(fd), "wb") as f:
-            if isinstance(data, list):
-                f.writelines(data)
+            if isinstance(data, str):
+                f.write(data.encode("utf-8"))
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
             else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.writelines(data)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):
@@ -109,7 +111,7 @@ class StagedOutputs:
         self._staged: list[tuple[str, str, int]] = []
         self._cleaned: set[str] = set()
 
-    def write(self, path: str | os.PathLike, data: bytes | str | list[bytes | memoryview]) -> None:
+    def write(self, path: str | os.PathLike, data: bytes | str | Iterable[bytes | memoryview]) -> None:
         path = os.fspath(path)
         if os.path.isdir(path):
             raise OutputPathError(f"{path}: is a folder, not an output file path")

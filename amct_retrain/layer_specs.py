@@ -49,7 +49,7 @@ class LayerSpec:
         """The ``python_param.module`` of the layer."""
         return f"{LAYERS_MODULE}.{self.module}"
 
-    def is_layer(self, layer) -> bool:
+    def is_layer(self, layer: Any) -> bool:
         """Whether ``layer`` (a caffe_pb2.LayerParameter) is one of this spec's layers."""
         return (layer.type == "Python" and layer.python_param.module == self.python_module
                 and layer.python_param.layer == self.layer_class)

@@ -13,7 +13,7 @@ what Caffe's CHECK messages mean for it. Besides this table, only the BatchNorm 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +86,9 @@ class QuantRule:
     geometry: Callable[[caffe_pb2.LayerParameter], dict | None] = lambda layer: None
     fixed_scale_w: Callable[[caffe_pb2.LayerParameter], np.ndarray] | None = None
     global_conv: bool = False
-    integer_accumulate: Callable[[np.ndarray, np.ndarray | None, dict | None], np.ndarray] | None = None
-    integer_output_hw: Callable[[tuple[int, ...], dict | None], list[int]] | None = None
+    # (x, w, geometry) and (in_hw, geometry): w is None exactly without weights, geometry None without windows.
+    integer_accumulate: Callable[[np.ndarray, Any, Any], np.ndarray] | None = None
+    integer_output_hw: Callable[[tuple[int, ...], Any], list[int]] | None = None
     weight_shape_mismatch: Callable[[caffe_pb2.LayerParameter, tuple[int, ...]], str | None] | None = None
     check_hints: tuple[tuple[str, str], ...] = ()
     kind: Callable[[caffe_pb2.LayerParameter], str] | None = None
@@ -206,13 +207,15 @@ def quantized_kinds() -> str:
     return ", ".join(rule.quantized_kind or layer_type for layer_type, rule in QUANTIZABLE_RULES.items())
 
 
-def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape) -> str | None:
+def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape: Iterable[int]) -> str | None:
     """How a weight blob of ``shape`` fails to fit ``layer``, a layer of a quantizable type with weights
     (its output channels and, for convolutions, the kernel), or None if it fits."""
-    return QUANTIZABLE_RULES[layer.type].weight_shape_mismatch(layer, tuple(shape))
+    mismatch = QUANTIZABLE_RULES[layer.type].weight_shape_mismatch
+    assert mismatch is not None, f"{layer.type} has no weights"  # callers check WEIGHT_LAYER_TYPES
+    return mismatch(layer, tuple(shape))
 
 
-def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape) -> str | None:
+def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape: Iterable[int]) -> str | None:
     """The broken constraint of a quantizable ``layer`` that only its input shape (N, C, H, W)
     shows, else None: a Pooling whose windows do not tile the input."""
     rule = QUANTIZABLE_RULES.get(layer.type)

@@ -34,10 +34,11 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf.message import Message
 
 from amct_retrain.fileio import atomic_write, parse_text_proto, read_text_file
 from amct_retrain.errors import ModelError, RecordFileError  # noqa: F401 (RecordFileError re-exported)
@@ -109,7 +110,17 @@ def _build_schema() -> tuple[type, type]:
     )
 
 
-SingleLayerRecord, ScaleOffsetRecord = _build_schema()
+if TYPE_CHECKING:  # the classes are built at import time: what a type checker knows of them
+    class _RecordMessage(Message):
+        def __init__(self, **fields: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
+    class SingleLayerRecord(_RecordMessage): ...
+
+    class ScaleOffsetRecord(_RecordMessage): ...
+else:
+    SingleLayerRecord, ScaleOffsetRecord = _build_schema()
 
 # field name -> (repeated?, accepted numpy dtype kinds)
 _FIELDS: dict[str, tuple[bool, str]] = {
@@ -372,7 +383,7 @@ def _parse_plain(text: str) -> ScaleOffsetRecord | None:
             depth -= 1
         elif key is not None and entry is not None and depth == 1:
             entry.key = key
-        elif field in fields and depth == 2:
+        elif field in fields and depth == 2 and entry is not None:
             desc = fields[field]
             value = (number == "true") if desc.type == desc.TYPE_BOOL else (
                 float(number) if desc.type == desc.TYPE_FLOAT else int(number))

@@ -1,5 +1,6 @@
 """Quantization-aware retraining: the modified model a user trains with Caffe."""
 import dataclasses
+import functools
 import logging
 import os
 
@@ -7,7 +8,7 @@ import numpy as np
 from google.protobuf import text_format
 
 from amct_retrain import config as retrain_config_io
-from amct_retrain import numerics, record
+from amct_retrain import kernels, numerics, record
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
@@ -23,7 +24,7 @@ LOG = logging.getLogger(__name__)
 
 
 def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantizer_owners: dict[str, str],
-                    weights_file: str) -> dict[str, list[np.ndarray]]:
+                    weights_file: str) -> dict[str, list[np.ndarray | model_io.LazyBlob]]:
     """The modified model's blobs: the float ones, plus for each quantized layer its ULQ clips
     and clip state (configured, or 0 with the ready flag off to ask for IFMR) and its ARQ blobs (the
     fake-quant weights, the float weights as the master weights and, for a per-channel
@@ -45,8 +46,11 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         weights, *rest = params[name]
         numerics.check_finite(weights, f"{weights_file}: layer '{name}' weights")
         axis = weight_channel_axis(layer_config.layer_type, layer_config.channel_wise)
-        scale_w = numerics.arq_scale(weights, axis)
-        fake_quant = numerics.arq_fake_quantize(weights, scale_w, axis)
+        scale_w = kernels.arq_scale(weights, axis)
+        # Computed as the writer reaches it (twice: the layer's blob and the ARQ's), so that the
+        # float and the fake-quant weights of a big net are not in memory together.
+        fake_quant = model_io.LazyBlob(tuple(weights.shape),
+                                       functools.partial(kernels.arq_fake_quantize, weights, scale_w, axis))
         out[name] = [fake_quant, *rest]
         arq = {"fake_quant_weights": fake_quant, "master_weights": weights, "scale_w": scale_w}
         if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):

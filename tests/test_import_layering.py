@@ -25,6 +25,10 @@ ROWS: list[tuple[str, ...]] = [
     ("graph.model_io",),
     ("saved_models", "graph.quant_layers"),
     ("graph", "graph.fuse", "graph.insert", "graph.strip", "graph.calibrate", "graph.saved_nets"),
+    ("config.common",),  # the config package, each module on the ones before it
+    ("config.simplified",),
+    ("config.schema",),
+    ("config.resolve",),
     ("config",),
     ("saver",),
     ("export.graph",),  # the ONNX exporter's modules, each on the ones before it

@@ -185,6 +185,14 @@ def test_parse_error_names_file_and_line(tmp_path):
     assert f"{p}:3:" in msg, f"parse error should read '{p}:3:COL: ...', got: {msg}"
 
 
+def test_a_value_outside_a_record_entry_is_a_parse_error(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_text("{ { scale_d: 1 } }\n")  # the fast parser once read it as an entry's value: AttributeError
+    with pytest.raises(RecordFileError) as ei:
+        read_record(p)
+    assert f"{p}:1:" in str(ei.value), f"parse error should name {p}:1:COL, got: {ei.value}"
+
+
 def test_missing_file_and_duplicate_keys_and_empty(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(RecordFileError, match="nope.txt"):

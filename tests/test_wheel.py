@@ -47,7 +47,7 @@ def test_wheel_holds_every_module_the_layers_and_the_templates(wheel):
     assert "amct-retrain = amct_retrain.cli:main" in archive.read(f"{dist_info}/entry_points.txt").decode()
     metadata = email.parser.Parser().parsestr(archive.read(f"{dist_info}/METADATA").decode())
     requires = " ".join(metadata.get_all("Requires-Dist"))
-    for dependency in ("matplotlib", "numpy", "protobuf", "pyyaml", "tensorboardX", "tqdm", 'onnx>=1.16; extra == "onnx"',
+    for dependency in ("matplotlib", "numpy", "protobuf", "pydantic", "pyyaml", "tensorboardX", "tqdm", 'onnx>=1.16; extra == "onnx"',
                        'onnxruntime>=1.18; extra == "onnx"'):
         assert dependency in requires, f"the wheel does not declare {dependency}: {requires}"
 

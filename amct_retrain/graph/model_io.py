@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,12 +258,40 @@ def length_delimited_field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _float_blob_chunks(array: np.ndarray) -> list[bytes | memoryview]:
+@dataclass(frozen=True)
+class LazyBlob:
+    """A float32 blob of ``shape`` whose values ``compute()`` makes only when the caffemodel
+    writer reaches it, and drops after: a VGG-16's fake-quant weights (528 MB) need not all be in
+    memory beside its float weights while the file is written."""
+
+    shape: tuple[int, ...]
+    compute: Callable[[], np.ndarray]
+
+
+def _float_blob_chunks(array: np.ndarray | LazyBlob) -> list[bytes | memoryview | LazyBlob]:
     # BlobProto: shape (field 7: BlobShape.dim, field 1, packed) and packed float data (field 5);
     # the data goes out as a view of the array, never copied into a bytes object.
-    a = np.ascontiguousarray(array, dtype="<f4")
-    shape = length_delimited_field(7, length_delimited_field(1, b"".join(_varint(d) for d in a.shape)))
-    return [shape, _varint(5 << 3 | 2) + _varint(a.nbytes), memoryview(a).cast("B")]
+    lazy = isinstance(array, LazyBlob)
+    shape = tuple(array.shape)
+    nbytes = 4 * math.prod(shape)
+    header = length_delimited_field(7, length_delimited_field(1, b"".join(_varint(d) for d in shape)))
+    data = array if lazy else memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B")
+    return [header, _varint(5 << 3 | 2) + _varint(nbytes), data]
+
+
+def _chunk_size(chunk: bytes | memoryview | LazyBlob) -> int:
+    return 4 * math.prod(chunk.shape) if isinstance(chunk, LazyBlob) else len(chunk)
+
+
+def _materialized(chunks: list[bytes | memoryview | LazyBlob]) -> Iterator[bytes | memoryview]:
+    for chunk in chunks:
+        if isinstance(chunk, LazyBlob):
+            values = np.ascontiguousarray(chunk.compute(), dtype="<f4")
+            if values.shape != chunk.shape:
+                raise AssertionError(f"a lazy blob of shape {chunk.shape} computed {values.shape}")
+            yield memoryview(values).cast("B")
+        else:
+            yield chunk
 
 
 def _float_blob_bytes(array: np.ndarray) -> bytes:
@@ -291,29 +319,29 @@ def integer_blob(array: np.ndarray) -> caffe_pb2.BlobProto:
     return blob
 
 
-def caffemodel_chunks(name: str, params: Mapping[str, list[np.ndarray]]) -> list[bytes | memoryview]:
+def caffemodel_chunks(name: str, params: Mapping[str, list[np.ndarray | LazyBlob]]) -> Iterator[bytes | memoryview]:
     """A caffemodel (binary NetParameter) holding ``params`` (layer name -> blobs), as chunks to
-    write one after the other: float arrays become float blobs, int8 / int32 / uint64 arrays
-    deploy blobs.
+    write one after the other: float arrays (and :class:`LazyBlob`, computed as they are reached)
+    become float blobs, int8 / int32 / uint64 arrays deploy blobs.
 
     Encoded field by field (NetParameter.name = 1, .layer = 100; LayerParameter.name = 1,
     .blobs = 7) with the weights as views of the arrays: building protobuf messages and
     serializing them copies a ResNet-50's 100 MB three times.
     """
-    chunks: list[bytes | memoryview] = [length_delimited_field(1, name.encode())]
+    yield length_delimited_field(1, name.encode())
     for layer_name, blobs in params.items():
-        layer = [length_delimited_field(1, layer_name.encode())]
+        layer: list[bytes | memoryview | LazyBlob] = [length_delimited_field(1, layer_name.encode())]
         for array in blobs:
-            if np.issubdtype(array.dtype, np.floating):
+            if isinstance(array, LazyBlob) or np.issubdtype(array.dtype, np.floating):
                 blob = _float_blob_chunks(array)
             else:
                 blob = [integer_blob(array).SerializeToString()]
-            layer += [_varint(7 << 3 | 2) + _varint(sum(len(c) for c in blob)), *blob]
-        chunks += [_varint(100 << 3 | 2) + _varint(sum(len(c) for c in layer)), *layer]
-    return chunks
+            layer += [_varint(7 << 3 | 2) + _varint(sum(map(_chunk_size, blob))), *blob]
+        yield _varint(100 << 3 | 2) + _varint(sum(map(_chunk_size, layer)))
+        yield from _materialized(layer)
 
 
-def caffemodel_bytes(name: str, params: Mapping[str, list[np.ndarray]]) -> bytes:
+def caffemodel_bytes(name: str, params: Mapping[str, list[np.ndarray | LazyBlob]]) -> bytes:
     """:func:`caffemodel_chunks` joined into one bytes object."""
     return b"".join(caffemodel_chunks(name, params))
 
@@ -350,6 +378,7 @@ for phase in sys.argv[3:]:
         if len(layer.blobs):
             shapes.setdefault(names[i], [list(b.data.shape) for b in layer.blobs])
         bottoms.setdefault(names[i], [list(blobs[j].data.shape) for j in built._bottom_ids(i)])
+    del built, blobs  # before the next phase's net: one net's weights in memory at a time, not two
 print("AMCT_PROBE " + json.dumps({"params": shapes, "bottoms": bottoms}))
 """
 
