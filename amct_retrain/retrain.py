@@ -1,6 +1,5 @@
 """Quantization-aware retraining: the modified model a user trains with Caffe."""
 import dataclasses
-import functools
 import logging
 import os
 
@@ -49,8 +48,7 @@ def retrain_weights(params: dict[str, list[np.ndarray]], retrain_config, quantiz
         scale_w = kernels.arq_scale(weights, axis)
         # Computed as the writer reaches it (twice: the layer's blob and the ARQ's), so that the
         # float and the fake-quant weights of a big net are not in memory together.
-        fake_quant = model_io.LazyBlob(tuple(weights.shape),
-                                       functools.partial(kernels.arq_fake_quantize, weights, scale_w, axis))
+        fake_quant = model_io.arq_weight_blob(weights, scale_w, axis)
         out[name] = [fake_quant, *rest]
         arq = {"fake_quant_weights": fake_quant, "master_weights": weights, "scale_w": scale_w}
         if arq_reads_clip_state(layer_config.layer_type, layer_config.channel_wise):

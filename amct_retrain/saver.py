@@ -169,8 +169,9 @@ def quantized_params(name: str, weights: np.ndarray, bias: np.ndarray | None, f:
     """(fake-quant blobs, deploy blobs) of quantized layer ``name`` from its float weights and
     bias: float32 weights on the int8 grid and the int32 bias times deq; int8 weights and
     int32 bias."""
-    fake = [numerics.arq_fake_quantize(weights, f.scale_w, channel_axis)]
-    deploy = [numerics.arq_quantize(weights, f.scale_w, channel_axis)]
+    # Computed as the writer reaches them, a few MB at a time (model_io.LazyBlob).
+    fake = [model_io.arq_weight_blob(weights, f.scale_w, channel_axis)]
+    deploy = [model_io.arq_weight_blob(weights, f.scale_w, channel_axis, codes=True)]
     if bias is not None:
         bias_int32 = numerics.quantize_bias(bias, f.scale_d, f.scale_w, name)
         fake.append(numerics.dequantize_bias(bias_int32, f.deq))

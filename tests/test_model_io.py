@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from amct_retrain import numerics
 from amct_retrain.caffe_proto import caffe_pb2
+from amct_retrain.graph import model_io
 from amct_retrain.graph.model_io import ModelError, array_to_blob, blob_to_array, probe_net, read_prototxt
 
 pytestmark = pytest.mark.caffe  # model_io reads Caffe's protobuf messages (caffe_pb2)
@@ -127,3 +129,19 @@ def test_a_window_larger_than_its_input_is_named_with_its_types_hint(tmp_path, l
                             f'layer {{ name: "big" {layer} bottom: "data" top: "out" }}', caffe_pb2.NetParameter())
     with pytest.raises(ModelError, match=r"layer 'big'.*larger than the padded input"):
         probe_net(net, str(tmp_path / "net.prototxt"))
+
+
+@pytest.mark.parametrize("axis", [0, 1, None])
+def test_lazy_arq_blobs_write_the_bytes_of_the_eager_arrays_chunk_by_chunk(monkeypatch, axis):
+    monkeypatch.setattr(model_io, "_LAZY_CHUNK_BYTES", 64)  # many chunks, one not a whole number of rows
+    w = np.random.default_rng(3).normal(size=(7, 5, 3, 2)).astype(np.float32)
+    scale = numerics.arq_scale(w, axis)
+    eager = {"conv": [numerics.arq_fake_quantize(w, scale, axis), np.arange(7, dtype=np.float32)],
+             "deploy": [numerics.arq_quantize(w, scale, axis)]}
+    lazy = {"conv": [model_io.arq_weight_blob(w, scale, axis), eager["conv"][1]],
+            "deploy": [model_io.arq_weight_blob(w, scale, axis, codes=True)]}
+    assert model_io.caffemodel_bytes("n", lazy) == model_io.caffemodel_bytes("n", eager), \
+        "a lazily written blob differs from the same values written at once"
+    parsed = model_io.parse_caffemodel(model_io.caffemodel_bytes("n", lazy), "lazy")
+    assert np.frombuffer(parsed.layer[1].blobs[0].int8_data, np.int8).reshape(w.shape).tolist() == \
+        eager["deploy"][0].tolist()

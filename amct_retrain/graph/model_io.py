@@ -19,6 +19,7 @@ import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
+from amct_retrain import numerics
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import parse_text_proto, read_text_file
 from amct_retrain.graph.netgraph import runs_in_phase, uses_stages_or_levels
@@ -260,38 +261,71 @@ def length_delimited_field(number: int, payload: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class LazyBlob:
-    """A float32 blob of ``shape`` whose values ``compute()`` makes only when the caffemodel
-    writer reaches it, and drops after: a VGG-16's fake-quant weights (528 MB) need not all be in
-    memory beside its float weights while the file is written."""
+    """A float32 or int8 blob of ``shape`` whose values the caffemodel writer asks of ``rows(start,
+    stop)`` (the blob's rows start..stop of axis 0) a few MB at a time as it writes them: a VGG-16's
+    fake-quant or int8 weights are then never in memory beside its float weights."""
 
     shape: tuple[int, ...]
-    compute: Callable[[], np.ndarray]
+    dtype: type
+    rows: Callable[[int, int], np.ndarray]
+
+
+_LAZY_CHUNK_BYTES = 8 << 20
+
+
+def arq_weight_blob(weights: np.ndarray, scale_w: np.ndarray, channel_axis: int | None,
+                    codes: bool = False) -> LazyBlob:
+    """ARQ of float ``weights`` with ``scale_w`` on ``channel_axis`` as a :class:`LazyBlob`: the
+    fake-quant float32 weights, or with ``codes`` the int8 codes (numerics' definitions)."""
+    from amct_retrain import kernels  # numba loads only where weights are written, not on every prototxt read
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        scale = scale_w[start:stop] if channel_axis == 0 else scale_w  # per output channel: the rows' own
+        if codes:
+            return numerics.arq_quantize(weights[start:stop], scale, channel_axis)
+        return kernels.arq_fake_quantize(weights[start:stop], scale, channel_axis)
+
+    if weights.ndim == 0:
+        raise ValueError("arq_weight_blob: weights need at least one axis")
+    return LazyBlob(tuple(weights.shape), np.int8 if codes else np.float32, rows)
+
+
+def _blob_data_field(array: np.ndarray | LazyBlob) -> tuple[int, int]:
+    """(BlobProto field number, bytes) of the values: packed float ``data`` = 5, ``int8_data`` = 10."""
+    count = math.prod(array.shape)
+    return (10, count) if np.dtype(array.dtype) == np.int8 else (5, 4 * count)
 
 
 def _float_blob_chunks(array: np.ndarray | LazyBlob) -> list[bytes | memoryview | LazyBlob]:
-    # BlobProto: shape (field 7: BlobShape.dim, field 1, packed) and packed float data (field 5);
-    # the data goes out as a view of the array, never copied into a bytes object.
-    lazy = isinstance(array, LazyBlob)
-    shape = tuple(array.shape)
-    nbytes = 4 * math.prod(shape)
-    header = length_delimited_field(7, length_delimited_field(1, b"".join(_varint(d) for d in shape)))
-    data = array if lazy else memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B")
-    return [header, _varint(5 << 3 | 2) + _varint(nbytes), data]
+    # BlobProto: shape (field 7: BlobShape.dim, field 1, packed) and packed float data (field 5)
+    # or int8_data (field 10); the data goes out as a view of the array, never copied into a bytes
+    # object, or computed as it goes out (LazyBlob).
+    if not isinstance(array, LazyBlob):
+        array = np.ascontiguousarray(array, dtype="<f4")
+    field, nbytes = _blob_data_field(array)
+    header = length_delimited_field(7, length_delimited_field(1, b"".join(_varint(d) for d in array.shape)))
+    data = array if isinstance(array, LazyBlob) else memoryview(array).cast("B")
+    return [header, _varint(field << 3 | 2) + _varint(nbytes), data]
 
 
 def _chunk_size(chunk: bytes | memoryview | LazyBlob) -> int:
-    return 4 * math.prod(chunk.shape) if isinstance(chunk, LazyBlob) else len(chunk)
+    return _blob_data_field(chunk)[1] if isinstance(chunk, LazyBlob) else len(chunk)
 
 
 def _materialized(chunks: list[bytes | memoryview | LazyBlob]) -> Iterator[bytes | memoryview]:
     for chunk in chunks:
-        if isinstance(chunk, LazyBlob):
-            values = np.ascontiguousarray(chunk.compute(), dtype="<f4")
-            if values.shape != chunk.shape:
-                raise AssertionError(f"a lazy blob of shape {chunk.shape} computed {values.shape}")
-            yield memoryview(values).cast("B")
-        else:
+        if not isinstance(chunk, LazyBlob):
             yield chunk
+            continue
+        n_rows = chunk.shape[0]
+        row_bytes = _blob_data_field(chunk)[1] // max(n_rows, 1)
+        step = max(1, _LAZY_CHUNK_BYTES // max(row_bytes, 1))
+        for start in range(0, n_rows, step):
+            stop = min(start + step, n_rows)
+            values = np.ascontiguousarray(chunk.rows(start, stop), dtype=np.dtype(chunk.dtype).newbyteorder("<"))
+            if values.shape != (stop - start, *chunk.shape[1:]):
+                raise AssertionError(f"rows {start}..{stop} of a lazy blob of shape {chunk.shape}: got {values.shape}")
+            yield memoryview(values).cast("B")
 
 
 def _float_blob_bytes(array: np.ndarray) -> bytes:
