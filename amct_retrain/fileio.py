@@ -32,7 +32,7 @@ def _temp_path(path: str) -> str:
 def remove_stale_temp_files(directory: str) -> list[str]:
     """Remove the temp files of this module's naming in ``directory`` that no live process
     holds (their writer was killed) and that are older than :data:`STALE_AFTER_S`; returns them."""
-    removed = []
+    removed: list[str] = []
     try:
         names = [n for n in os.listdir(directory) if _TEMP_NAME.match(n)]
     except OSError:
@@ -171,15 +171,15 @@ def check_outputs_are_not_inputs(inputs: Mapping[str, str | os.PathLike | None],
     """Refuse, before any work, an output path that is one of the inputs ({role: path} each, None
     entries ignored): the same path, a symbolic link to it or a hard link of it (same device and
     inode), so that an input is never overwritten. Raises :class:`OutputPathError`."""
-    known = {role: _identity(os.fspath(path)) for role, path in inputs.items() if path is not None}
+    known = {role: (os.fspath(path), _identity(os.fspath(path))) for role, path in inputs.items() if path is not None}
     for out_role, out_path in outputs.items():
         if out_path is None:
             continue
         out_real, out_id = _identity(os.fspath(out_path))
-        for in_role, (in_real, in_id) in known.items():
+        for in_role, (in_path, (in_real, in_id)) in known.items():
             if out_real == in_real or (out_id is not None and out_id == in_id):
                 raise OutputPathError(f"{os.fspath(out_path)}: the {out_role} to write is the {in_role} "
-                                      f"{os.fspath(inputs[in_role])}: inputs are never overwritten")
+                                      f"{in_path}: inputs are never overwritten")
 
 
 def read_text_file(path: str, what: str, error: type[Exception]) -> str:

@@ -9,7 +9,9 @@ Nets: ResNet-50 (bench/scale.py; 224x224x3, BatchNorm folded, factors from one T
 random data) at batch 1 and 8, and the digits demo's LeNet (its 450 test images in one batch).
 Sessions: CPU, ``intra_op_num_threads`` 2 (no spinning), all graph optimizations. Every round runs each model
 once, in turn (interleaved rounds), so that a slow spell of a shared machine hits all of them;
-the table shows the fastest round of each and the median of the per-round ratios to float.
+the tables show the fastest round of each and the median of the per-round ratios to float,
+of wall-clock time and of the process's CPU time (steadier when other processes load the
+machine).
 
     .venv/bin/python bench/int8_inference.py [--rounds 7]
 """
@@ -92,19 +94,29 @@ def op_counts(onnx_file: pathlib.Path) -> str:
     return ", ".join(shown + [f"other {sum(counts.values())}"])
 
 
-def interleaved_ms(files: dict[str, pathlib.Path], x: np.ndarray, rounds: int) -> dict[str, list[float]]:
-    """Milliseconds per batch of each model, one run per model per round (after a warm-up)."""
+def interleaved_ms(files: dict[str, pathlib.Path], x: np.ndarray,
+                   rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Milliseconds per batch of each model, wall-clock and this process's CPU time, one run
+    per model per round (after a warm-up). CPU time (the pool threads sleep when idle) is what
+    other processes' load disturbs least: they take cores away, not work."""
     sessions = {name: session(f) for name, f in files.items()}
     feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
     for name, s in sessions.items():
         s.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    wall: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(rounds):
         for name, s in sessions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             s.run(None, feeds[name])
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
+            wall[name].append((time.perf_counter() - start) * 1000)
+            cpu[name].append((time.process_time() - start_cpu) * 1000)
+    return wall, cpu
+
+
+def median_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median over the rounds of each model's time over float's in the same round."""
+    return {name: float(np.median(np.array(t) / np.array(times["float"]))) for name, t in times.items()}
 
 
 def main() -> None:
@@ -134,19 +146,20 @@ def main() -> None:
         for net, batch, x in (("ResNet-50", 1, images[0]),
                               ("ResNet-50", 8, rng.normal(size=(8, 3, 224, 224)).astype(np.float32)),
                               ("digits LeNet", len(digits), digits)):
-            times = interleaved_ms(nets[net], x, args.rounds)
-            ratios = {name: float(np.median(np.array(t) / np.array(times["float"]))) for name, t in times.items()}
-            rows.append((f"{net}, batch {batch}", {name: min(t) for name, t in times.items()}, ratios))
+            wall, cpu = interleaved_ms(nets[net], x, args.rounds)
+            rows.append((f"{net}, batch {batch}", {name: min(t) for name, t in wall.items()}, median_ratios(wall),
+                         median_ratios(cpu)))
     load_after = os.getloadavg()
     columns = list(rows[0][1])
     print(f"onnxruntime {ort.__version__}, {THREADS} threads, {args.rounds} interleaved rounds; load average "
           f"(1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs")
     print(f"{'ms per batch (fastest round)':<28}" + "".join(f"{c:>16}" for c in columns))
-    for label, best, _ in rows:
+    for label, best, *_ in rows:
         print(f"{label:<28}" + "".join(f"{best[c]:>16.1f}" for c in columns))
-    print(f"{'ratio to float (median)':<28}")
-    for label, _, ratios in rows:
-        print(f"{label:<28}" + "".join(f"{ratios[c]:>16.3f}" for c in columns))
+    for title, column in (("ratio to float (median)", 2), ("ratio, CPU time (median)", 3)):
+        print(f"{title:<28}")
+        for row in rows:
+            print(f"{row[0]:<28}" + "".join(f"{row[column][c]:>16.3f}" for c in columns))
     print("op counts of the graphs onnxruntime optimizes the models into:")
     for (net, name), counts in ops.items():
         print(f"  {net:<14}{name:<15}{counts}")

@@ -60,14 +60,20 @@ class WeightARQ(caffe.Layer):
         self.scale_w_blob = WEIGHT_ARQ.blob("scale_w", present)
         self.output_shape = ()  # the convolution's output shape (with conv), to tell a global conv
         self.in_place = None
+        self.input_shapes: tuple[tuple[int, ...], ...] | None = None
         self.log = tensorboard.layer_log(p, "WeightARQ")
 
     def reshape(self, bottom, top):
+        # Caffe calls this before every forward: only a new input shape has work to do.
         # RawBlobVec supports indexing, not iteration.
+        shapes = tuple(bottom[i].data.shape for i in range(len(bottom)))
+        if shapes == self.input_shapes:
+            return
+        self.input_shapes = shapes
         for i in range(len(bottom)):
-            top[i].reshape(*bottom[i].data.shape)
+            top[i].reshape(*shapes[i])
+        in_shape = shapes[0]
         self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
-        in_shape = bottom[0].data.shape
         self.output_shape = ((*in_shape[:2], *numerics.conv_output_hw(in_shape[2:], self.conv))
                              if self.conv is not None and len(in_shape) == 4 else ())
 
