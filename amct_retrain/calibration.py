@@ -45,10 +45,11 @@ from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.calibrate import insert_calibration_layers
-from amct_retrain.graph.fuse import FusedGroup, fuse_batchnorm, may_run_in_phase
+from amct_retrain.graph.fuse import FusedGroup, fuse_batchnorm
 from amct_retrain.graph.insert import (activation_quantizer_owners, check_quantizable, fixed_weight_scale,
                                        weight_channel_axis)
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.netgraph import runs_in_phase
 from amct_retrain.record import (existing_record, forward_passes_file, forward_passes_text, read_forward_passes,
                                  skip_fusion_entries)
 from amct_retrain.saved_models import output_files
@@ -133,7 +134,7 @@ def _required_layers(net: caffe_pb2.NetParameter) -> list[str]:
     """The layers a record must name: quantizable, and run in the TEST phase (the inference net)."""
     names, _ = quantizable_layers(net)
     by_name = layers_by_name(net)
-    return [name for name in names if may_run_in_phase(by_name[name], caffe_pb2.TEST)]
+    return [name for name in names if runs_in_phase(by_name[name], caffe_pb2.TEST)]
 
 
 # --------------------------------------------------------------------------- API
@@ -192,7 +193,7 @@ def _calibrated_layers(net: caffe_pb2.NetParameter, config: CalibrationConfig,
     layers = {}
     for name, layer_config in config.layers.items():
         layer = by_name[name]
-        if not may_run_in_phase(layer, caffe_pb2.TEST):
+        if not runs_in_phase(layer, caffe_pb2.TEST):
             LOG.warning("layer '%s' never runs in the TEST phase (phase rules): calibration cannot observe it; "
                         "it stays in float", name)
             continue

@@ -6,8 +6,10 @@ readers and model builders check them), whether it has weights and on which axis
 channels lie, the message holding its ``bias_term`` / ``axis`` (the BatchNorm fusions), its window
 geometry (what the integer executor receives in param_str), the fixed scale_w of a type without
 weights, whether its per-channel scales may need the "global conv" unification during retraining,
-and the integer executor's hooks (accumulator and output size). The ONNX exporter reads the weights'
-channel axis and parameter message here; its exact integer converter still switches on the type names.
+the integer executor's hooks (accumulator and output size), the weight shape a layer needs, and
+what Caffe's CHECK messages mean for it. Besides this table, only the BatchNorm fusion patterns
+(graph/fuse.py) and the ONNX converters (export/float_layers.py) name a quantizable type
+(tests/test_type_names.py holds it).
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ import numpy as np
 
 from amct_retrain import numerics
 from amct_retrain.caffe_proto import caffe_pb2
-from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry, pool_windows_tile
+from amct_retrain.graph.caffe_params import (conv_geometry, conv_weight_mismatch, inner_product_weight_mismatch,
+                                             pool_geometry, pool_windows_tile)
 
 __all__ = ["Constraint", "ShapeConstraint", "QuantRule", "QUANTIZABLE_RULES", "TILING_CONSTRAINT",
-           "shape_constraint_broken", "layers_by_name", "rule_for", "quantizable_layers"]
+           "shape_constraint_broken", "layers_by_name", "rule_for", "quantizable_layers", "weight_shape_mismatch",
+           "WEIGHT_LAYER_TYPES", "layer_kind", "quantized_kinds"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,11 @@ class QuantRule:
     so its WeightARQ shares its ActivationULQ's clip state; ``integer_accumulate(x, w, geometry)``
     the integer executor's int32 accumulator of integer-valued float64 inputs x (N, C, H, W) and
     weights w (None without weights); ``integer_output_hw(in_hw, geometry)`` its output (H, W),
-    empty for a flat (N, C) output.
+    empty for a flat (N, C) output; ``weight_shape_mismatch(layer, shape)`` how a weight blob of
+    ``shape`` fails to fit the layer (None: it fits); ``check_hints``: (a piece of a Caffe CHECK
+    message, what it means for a layer of the type), for the errors of the net probe;
+    ``kind(layer)`` how a message names a layer of the type (None: by its type), ``quantized_kind``
+    how it names the layers of the type that are quantized (None: the type).
     """
 
     layer_type: str
@@ -81,6 +89,10 @@ class QuantRule:
     # (x, w, geometry) and (in_hw, geometry): w is None exactly without weights, geometry None without windows.
     integer_accumulate: Callable[[np.ndarray, Any, Any], np.ndarray] | None = None
     integer_output_hw: Callable[[tuple[int, ...], Any], list[int]] | None = None
+    weight_shape_mismatch: Callable[[caffe_pb2.LayerParameter, tuple[int, ...]], str | None] | None = None
+    check_hints: tuple[tuple[str, str], ...] = ()
+    kind: Callable[[caffe_pb2.LayerParameter], str] | None = None
+    quantized_kind: str | None = None
 
 
 def _conv_filter_is_4d(layer: caffe_pb2.LayerParameter) -> bool:
@@ -98,6 +110,8 @@ def _window_output_hw(in_hw: tuple[int, ...], g: dict) -> list[int]:
 
 
 _FILTER_4D = Constraint("filter is not 4-D (only 2-D convolutions are quantizable)", _conv_filter_is_4d)
+# Caffe's output-size CHECK of a layer with a window.
+_WINDOW_HINTS = (("shape[i] >= 0", "the kernel (kernel_size, dilation) is larger than the padded input"),)
 
 TILING_CONSTRAINT = ("the pooling windows must tile the input exactly "
                      "((H - kernel_h) % stride_h == 0 and (W - kernel_w) % stride_w == 0)")
@@ -115,6 +129,8 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         global_conv=True,
         integer_accumulate=numerics.conv_accumulate,
         integer_output_hw=numerics.conv_output_hw,
+        weight_shape_mismatch=lambda l, shape: conv_weight_mismatch(l, shape, transposed=False),
+        check_hints=_WINDOW_HINTS,
     ),
     # Weights (C_in, C_out/group, kh, kw): the output channels are axis 1.  The constraints are
     # the target's (contract section 4); with groups, axis 1 would hold only C_out/group channels.
@@ -133,6 +149,8 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         geometry=lambda l: conv_geometry(l).__dict__,
         integer_accumulate=numerics.deconv_accumulate,
         integer_output_hw=lambda in_hw, g: numerics.conv_output_hw(in_hw, g, transposed=True),
+        weight_shape_mismatch=lambda l, shape: conv_weight_mismatch(l, shape, transposed=True),
+        check_hints=_WINDOW_HINTS,
     ),
     # No weights: the integer layer sums the int8 codes of each window and the 1/n of the average
     # moves into deq (scale_w = [1/n]). That is exact only when every window holds n inputs: no
@@ -152,6 +170,9 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         fixed_scale_w=lambda l: numerics.average_pool_scale(pool_geometry(l).window),
         integer_accumulate=lambda x, w, g: numerics.window_sums(x, g["kernel"], g["stride"]),
         integer_output_hw=_window_output_hw,
+        check_hints=_WINDOW_HINTS,
+        kind=lambda l: f"{caffe_pb2.PoolingParameter.PoolMethod.Name(l.pooling_param.pool)} Pooling",
+        quantized_kind="AVE Pooling",
     ),
     "InnerProduct": QuantRule(
         layer_type="InnerProduct",
@@ -166,9 +187,32 @@ QUANTIZABLE_RULES: dict[str, QuantRule] = {
         integer_accumulate=lambda x, w, g: numerics.exact_integer_matmul(x.reshape(x.shape[0], -1),
                                                                         w.reshape(w.shape[0], -1).T),
         integer_output_hw=lambda in_hw, g: [],
+        weight_shape_mismatch=inner_product_weight_mismatch,
     ),
 }
 """Quantizable Caffe layer types -> their :class:`QuantRule`.  Add an entry to support a type."""
+
+WEIGHT_LAYER_TYPES = frozenset(layer_type for layer_type, rule in QUANTIZABLE_RULES.items() if rule.has_weights)
+"""The quantizable types with weights: the layers whose weights the toolkit quantizes and checks."""
+
+
+def layer_kind(layer: caffe_pb2.LayerParameter) -> str:
+    """``layer``'s type as messages name it: its rule's ``kind`` (a Pooling by its method, "MAX Pooling")."""
+    rule = QUANTIZABLE_RULES.get(layer.type)
+    return rule.kind(layer) if rule is not None and rule.kind is not None else layer.type
+
+
+def quantized_kinds() -> str:
+    """The quantized layers' kinds for a message: "Convolution, ..., AVE Pooling"."""
+    return ", ".join(rule.quantized_kind or layer_type for layer_type, rule in QUANTIZABLE_RULES.items())
+
+
+def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape: Iterable[int]) -> str | None:
+    """How a weight blob of ``shape`` fails to fit ``layer``, a layer of a quantizable type with weights
+    (its output channels and, for convolutions, the kernel), or None if it fits."""
+    mismatch = QUANTIZABLE_RULES[layer.type].weight_shape_mismatch
+    assert mismatch is not None, f"{layer.type} has no weights"  # callers check WEIGHT_LAYER_TYPES
+    return mismatch(layer, tuple(shape))
 
 
 def shape_constraint_broken(layer: caffe_pb2.LayerParameter, bottom_shape: Iterable[int]) -> str | None:

@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 from google.protobuf import text_format
@@ -19,11 +20,11 @@ from amct_retrain import numerics, record
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.netgraph import rebuilt, with_phase_rules_of
 from amct_retrain.layer_specs import INTEGER_LAYER
 from amct_retrain.layer_types import QUANTIZABLE_RULES
-from amct_retrain.saved_models import (QUANTIZED_TYPES, activation_bit_widths, check_quantized_layer,
-                                       integer_params, output_files, read_deploy_blobs)
+from amct_retrain.saved_models import (activation_bit_widths, integer_params, output_files, quantized_triple,
+                                       read_deploy_blobs)
 
 
 def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str,
@@ -33,35 +34,27 @@ def reference_net(deploy_net: caffe_pb2.NetParameter, weights_file: str,
     quantized layer -> the bit width of its Quant layer's codes (8 where absent)."""
     deploy = read_deploy_blobs(weights_file)
     layers = list(deploy_net.layer)
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(deploy_net)
-    del out.layer[:]
-    i = 0
-    while i < len(layers):
-        quant = layers[i]
-        if quant.type != "Quant":
-            out.layer.add().CopyFrom(quant)
-            i += 1
-            continue
-        if i + 2 >= len(layers) or layers[i + 1].type not in QUANTIZED_TYPES or layers[i + 2].type != "DeQuant":
-            raise ModelError(f"{weights_file}: Quant layer '{quant.name}' is not followed by a quantized "
-                             f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
-        layer, dequant = layers[i + 1], layers[i + 2]
-        check_quantized_layer(layer, weights_file)  # validate now, not inside Caffe
-        rule = QUANTIZABLE_RULES[layer.type]
-        integer_params(deploy, layer.name, dequant.name, weights_file, rule.has_weights)
-        geometry = rule.geometry(layer)
-        integer = ql.python_layer(f"{layer.name}_integer", INTEGER_LAYER, quant.bottom[0], dequant.top[0], {
-            "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
-            "weights_file": os.path.abspath(weights_file),
-            "quant_scale": float(quant.quant_param.scale),
-            "quant_offset": struct.unpack("b", quant.quant_param.offset)[0], "conv": geometry,
-            **ql.bits_params((num_bits_d or {}).get(layer.name))})
-        integer.include.extend(layer.include)
-        integer.exclude.extend(layer.exclude)
-        out.layer.append(integer)
-        i += 3
-    return out
+
+    def executed() -> Iterator[caffe_pb2.LayerParameter]:
+        i = 0
+        while i < len(layers):
+            quant = layers[i]
+            if quant.type != "Quant":
+                yield quant
+                i += 1
+                continue
+            _, layer, dequant = quantized_triple(layers, i, weights_file)  # validated now, not inside Caffe
+            rule = QUANTIZABLE_RULES[layer.type]
+            integer_params(deploy, layer.name, dequant.name, weights_file, rule.has_weights)
+            yield from with_phase_rules_of(layer, ql.python_layer(
+                f"{layer.name}_integer", INTEGER_LAYER, quant.bottom[0], dequant.top[0], {
+                    "layer": layer.name, "layer_type": layer.type, "dequant": dequant.name,
+                    "weights_file": os.path.abspath(weights_file),
+                    "quant_scale": float(quant.quant_param.scale),
+                    "quant_offset": struct.unpack("b", quant.quant_param.offset)[0], "conv": rule.geometry(layer),
+                    **ql.bits_params((num_bits_d or {}).get(layer.name))}))
+            i += 3
+    return rebuilt(deploy_net, executed())
 
 
 def output_steps(rec: record.SingleLayerRecord) -> np.ndarray:

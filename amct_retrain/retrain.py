@@ -15,6 +15,7 @@ from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.fuse import fuse_for_retraining
 from amct_retrain.graph.insert import (activation_quantizer_owners, arq_reads_clip_state, has_weights,
                                        insert_quant_layers, weight_channel_axis)
+from amct_retrain.graph.netgraph import BlobGraph
 from amct_retrain.layer_specs import ACTIVATION_ULQ, WEIGHT_ARQ
 from amct_retrain.record import existing_record, skip_fusion_entries
 
@@ -67,12 +68,12 @@ def _clips_from_calibration(net: caffe_pb2.NetParameter, retrain_config: retrain
 
     A layer whose input is a BatchNorm's or Scale's output is left to IFMR (warning): calibration
     may have folded that BatchNorm into it (BN+Scale+Conv), so its scale_d may be of another tensor."""
-    producer: dict[str, str] = {}  # blob -> type of the layer that wrote it last, so far
-    input_producer: dict[str, str | None] = {}
-    for layer in net.layer:
+    graph = BlobGraph(net)
+    input_producer: dict[str, str | None] = {}  # quantized layer -> type of the layer writing its input
+    for i, layer in enumerate(net.layer):
         if layer.name in retrain_config.layers:
-            input_producer.setdefault(layer.name, producer.get(layer.bottom[0]))
-        producer.update((top, layer.type) for top in layer.top)
+            writer = graph.reads[i][0].writer
+            input_producer.setdefault(layer.name, net.layer[writer].type if writer >= 0 else None)
     layers = dict(retrain_config.layers)
     for name, layer_config in retrain_config.layers.items():
         rec = records.get(name)

@@ -6,6 +6,7 @@ weights, int32 bias and packed deq_scale of each quantized layer, checked.
 """
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +118,19 @@ def check_quantized_layer(layer: caffe_pb2.LayerParameter, source: str) -> None:
     if layer.name in broken:
         raise ModelError(f"{source}: quantized layer '{layer.name}' ({layer.type}) cannot be "
                          f"quantized: {broken[layer.name]}")
+
+
+def quantized_triple(layers: Sequence[caffe_pb2.LayerParameter], i: int, source: str
+                     ) -> tuple[caffe_pb2.LayerParameter, caffe_pb2.LayerParameter, caffe_pb2.LayerParameter]:
+    """The deploy model's ``Quant -> quantized layer -> DeQuant`` starting at the Quant layer
+    ``layers[i]``, its quantized layer checked (:func:`check_quantized_layer`); a ModelError naming
+    ``source`` if the Quant layer is not followed by a quantized layer and a DeQuant layer."""
+    triple = list(layers[i:i + 3])
+    if len(triple) < 3 or triple[1].type not in QUANTIZED_TYPES or triple[2].type != "DeQuant":
+        raise ModelError(f"{source}: Quant layer '{layers[i].name}' is not followed by a quantized "
+                         f"{'/'.join(QUANTIZED_TYPES)} layer and a DeQuant layer")
+    check_quantized_layer(triple[1], source)
+    return triple[0], triple[1], triple[2]
 
 
 def read_deploy_blobs(weights_file: str) -> dict[str, list[caffe_pb2.BlobProto]]:

@@ -15,7 +15,7 @@ from amct_retrain.fileio import check_outputs_are_not_inputs, staged_outputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.saved_nets import deploy_net, fake_quant_net, quant_layer_names
-from amct_retrain.graph.fuse import may_run_in_phase
+from amct_retrain.graph.netgraph import runs_in_phase
 from amct_retrain.graph.insert import has_weights
 from amct_retrain.graph.model_io import ModelError
 from amct_retrain.graph.strip import QuantizedLayer, find_quantized_layers, strip_quant_layers
@@ -247,7 +247,7 @@ def _split_by_test_phase(net: caffe_pb2.NetParameter, retrained: dict[str, Quant
     A layer that the phase rules keep out of every TEST net (an auxiliary TRAIN-only head) was
     retrained, but no TEST pass measured its factors, and no inference net runs it: the saved
     models keep it in float, with its float weights."""
-    train_only = [name for name in retrained if not may_run_in_phase(_layer(net, name), caffe_pb2.TEST)]
+    train_only = [name for name in retrained if not runs_in_phase(_layer(net, name), caffe_pb2.TEST)]
     if train_only:
         LOG.warning("layers %s never run in the TEST phase (phase rules): no TEST pass measured their "
                     "factors; the saved models keep them in float", ", ".join(train_only))
@@ -287,7 +287,7 @@ def save_quant_retrain_model(retrained_model_file: str, retrained_weights_file: 
         owners = ((name, retrained[name].ulq_name, ql.arq_layer_name(name)) if retrained[name].has_weights
                   else (retrained[name].ulq_name,))  # a layer without weights has only its quantizer's blobs
         for owner in owners:
-            if owner not in params and not may_run_in_phase(_layer(net, name), caffe_pb2.TRAIN):
+            if owner not in params and not runs_in_phase(_layer(net, name), caffe_pb2.TRAIN):
                 raise ModelError(f"{retrained_weights_file}: has no weights for layer '{owner}': layer '{name}' "
                                  "never runs in the TRAIN phase (phase rules) and Caffe's snapshots hold the TRAIN "
                                  "net's weights only: a TEST-only layer cannot be retrained; add it to skip_layers")

@@ -79,7 +79,7 @@ layer { name: "relu" type: "ReLU" bottom: "pool" top: "pool" }
     for create in (amct_retrain.create_quant_retrain_config, amct_retrain.create_quant_config):
         with pytest.raises(ConfigError) as err:
             create(str(tmp_path / "c.json"), str(model), str(weights))
-        for name in (str(model), "nothing to quantize", "MAX Pooling", "ReLU"):
+        for name in (str(model), "nothing to quantize", "MAX Pooling", "ReLU", "quantizable: Convolution", "AVE Pooling"):
             assert name in str(err.value), f"the message lacks {name!r}: {err.value}"
 
 

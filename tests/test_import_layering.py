@@ -23,9 +23,9 @@ ROWS: list[tuple[str, ...]] = [
     ("kernels",),
     ("record", "tensorboard", "analysis.metrics", "analysis.plots"),
     ("analysis.report",),
-    ("layer_specs", "graph.caffe_params"),
-    ("graph.model_io",),
+    ("layer_specs", "graph.caffe_params", "graph.netgraph"),
     ("layer_types",),
+    ("graph.model_io",),
     ("saved_models", "graph.quant_layers"),
     ("graph", "graph.fuse", "graph.insert", "graph.strip", "graph.calibrate", "graph.saved_nets"),
     ("config.common",),  # the config package, each module on the ones before it

@@ -17,6 +17,8 @@ def test_every_type_has_its_hooks(layer_type):
     assert (rule.weight_param is not None) == rule.has_weights == (rule.channel_axis is not None), \
         f"{layer_type}: a type with weights needs a weight param and a channel axis, one without needs neither"
     assert (rule.fixed_scale_w is None) == rule.has_weights, f"{layer_type}: a type without weights needs a fixed scale_w"
+    assert (rule.weight_shape_mismatch is not None) == rule.has_weights, \
+        f"{layer_type}: a type with weights says which weight shape its layers need"
 
 
 def _layer(text: str) -> caffe_pb2.LayerParameter:

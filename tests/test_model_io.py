@@ -1,10 +1,12 @@
 """Reading Caffe models in Python: clear errors instead of Caffe's aborts."""
 import numpy as np
 import pytest
+from google.protobuf import text_format
 
 from amct_retrain import numerics
+from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import model_io
-from amct_retrain.graph.model_io import ModelError, array_to_blob, blob_to_array, read_prototxt
+from amct_retrain.graph.model_io import ModelError, array_to_blob, blob_to_array, probe_net, read_prototxt
 
 pytestmark = pytest.mark.caffe  # model_io reads Caffe's protobuf messages (caffe_pb2)
 
@@ -80,7 +82,6 @@ def test_broken_v1_net_is_an_error_naming_the_file(tmp_path):
 def test_fast_caffemodel_reader_agrees_with_protobuf(tmp_path):
     import caffe
 
-    from amct_retrain.caffe_proto import caffe_pb2
     from amct_retrain.graph.model_io import CaffemodelParams, read_caffemodel
 
     model = tmp_path / "v1.prototxt"
@@ -116,6 +117,18 @@ def test_upstream_round_mode_is_an_error_that_says_what_to_write(tmp_path):
         read_prototxt(model)
     message = str(e.value)
     assert message.startswith(f"{model}:3:") and "ceil_mode: false" in message, f"unhelpful error: {message}"
+
+
+@pytest.mark.parametrize("layer", [
+    'type: "Convolution" convolution_param { num_output: 2 kernel_size: 5 }',
+    'type: "Pooling" pooling_param { pool: MAX kernel_size: 5 stride: 1 }',  # not quantized: still its type's hint
+])
+def test_a_window_larger_than_its_input_is_named_with_its_types_hint(tmp_path, layer):
+    net = text_format.Parse('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 '
+                            'dim: 3 dim: 3 } } } '
+                            f'layer {{ name: "big" {layer} bottom: "data" top: "out" }}', caffe_pb2.NetParameter())
+    with pytest.raises(ModelError, match=r"layer 'big'.*larger than the padded input"):
+        probe_net(net, str(tmp_path / "net.prototxt"))
 
 
 @pytest.mark.parametrize("axis", [0, 1, None])

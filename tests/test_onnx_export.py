@@ -12,10 +12,12 @@ from google.protobuf import text_format  # noqa: E402
 
 from amct_retrain import numerics, record  # noqa: E402
 from amct_retrain.caffe_proto import caffe_pb2  # noqa: E402
+from amct_retrain.export import float_layers  # noqa: E402
 from amct_retrain.export.graph import OPSET  # noqa: E402
 from amct_retrain.export.onnx import export_onnx  # noqa: E402
 from amct_retrain.export.quantized import recover_scales  # noqa: E402
 from amct_retrain.graph.model_io import ModelError  # noqa: E402
+from amct_retrain.layer_types import QUANTIZABLE_RULES  # noqa: E402
 from tests import nets, onnx_checks  # noqa: E402
 
 pytestmark = pytest.mark.caffe
@@ -88,7 +90,7 @@ def test_exact_quant_multiplies_where_quantize_linear_divides(tmp_path):
     xs = np.concatenate([[x], onnx_checks.boundary_activations(rng, 1_000_000, quant_scale, offset)])
     g = Graph("test", {"x"}, {})
     g.add_input("x", (1,))
-    q = exporter._int8(g, exporter._codes(g, "x", float(quant_scale), offset), offset)
+    q = float_layers.int8_codes(g, exporter._codes(g, "x", float(quant_scale), offset), offset)
     graph = onnx.helper.make_graph(g.nodes, "quant", g.inputs, [onnx.helper.make_tensor_value_info(
         q, onnx.TensorProto.INT8, ["batch"])], g.initializers)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
@@ -408,3 +410,9 @@ def test_more_float_layers_match_caffe_at_another_batch_size(tmp_path):
         assert got[name].shape == expected.shape, f"{name}: onnx {got[name].shape}, caffe {expected.shape}"
         err = np.abs(got[name] - expected).max()
         assert err <= 1e-5 + 1e-5 * np.abs(expected).max(), f"{name}: largest |onnx - caffe| {err:.3g}"
+
+
+def test_every_quantizable_type_has_its_onnx_converters():
+    types = set(QUANTIZABLE_RULES)
+    assert set(float_layers.EXACT_ACCUMULATORS) == types, "one exact integer accumulator per quantizable type"
+    assert types <= set(float_layers.FLOAT_CONVERTERS), f"no float converter for {types - set(float_layers.FLOAT_CONVERTERS)}"

@@ -28,7 +28,7 @@ from amct_retrain.errors import AnalysisError, ArgumentError, LayerParamError, M
 from amct_retrain.fileio import check_outputs_are_not_inputs
 from amct_retrain.graph import model_io
 from amct_retrain.graph.saved_nets import quant_layer_names
-from amct_retrain.graph.fuse import may_run_in_phase
+from amct_retrain.graph.netgraph import rebuilt, runs_in_phase, with_phase_rules_of
 from amct_retrain.layer_specs import FAKE_QUANT_ACTIVATION, REQUANTIZE
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 
@@ -88,23 +88,18 @@ def fed_net(net: caffe_pb2.NetParameter, shapes: Mapping[str, tuple[int, ...]], 
             ) -> caffe_pb2.NetParameter:
     """Graph pass: every layer without bottoms that may run in TEST (the data layers) becomes
     an Input layer of the same name and tops, with ``shapes`` (blob -> shape) of its tops."""
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    for layer in net.layer:
-        if layer.bottom or not may_run_in_phase(layer, caffe_pb2.TEST):
-            out.layer.add().CopyFrom(layer)
-            continue
+    def fed(layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
+        if layer.bottom or not runs_in_phase(layer, caffe_pb2.TEST):
+            return layer
         missing = [top for top in layer.top if top not in shapes]
         if missing:
             raise ModelError(f"{model_file}: data layer '{layer.name}' produces blob '{missing[0]}', which the "
                              "float model's TEST net has no data layer or input for: not the same model?")
-        fed = out.layer.add(name=layer.name, type="Input", top=layer.top)
-        fed.include.extend(layer.include)
-        fed.exclude.extend(layer.exclude)
+        (data,) = with_phase_rules_of(layer, caffe_pb2.LayerParameter(name=layer.name, type="Input", top=layer.top))
         for top in layer.top:
-            fed.input_param.shape.add(dim=shapes[top])
-    return out
+            data.input_param.shape.add(dim=shapes[top])
+        return data
+    return rebuilt(net, (fed(layer) for layer in net.layer))
 
 
 def _net(net_param: caffe_pb2.NetParameter, weights_file: str):

@@ -20,8 +20,8 @@ from amct_retrain.config.simplified import (SimplifiedCalibrationConfig, Simplif
 from amct_retrain.errors import ConfigError
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph.model_io import probe_net, read_prototxt
-from amct_retrain.layer_types import (QUANTIZABLE_RULES, QuantRule, layers_by_name, quantizable_layers, rule_for,
-                                      shape_constraint_broken)
+from amct_retrain.layer_types import (QUANTIZABLE_RULES, QuantRule, layer_kind, layers_by_name, quantizable_layers,
+                                      quantized_kinds, rule_for, shape_constraint_broken)
 from amct_retrain.numerics import BITS_RANGE, DEFAULT_BITS
 
 logger = logging.getLogger(__name__)
@@ -263,9 +263,7 @@ def _read_create_inputs(out_path: str, model_path: str, weights_path: str, def_p
 def _what_the_net_has(net: caffe_pb2.NetParameter) -> str:
     counts: dict[str, int] = {}
     for layer in layers_by_name(net).values():
-        kind = layer.type
-        if layer.type == "Pooling":
-            kind = f"{caffe_pb2.PoolingParameter.PoolMethod.Name(layer.pooling_param.pool)} Pooling"
+        kind = layer_kind(layer)
         counts[kind] = counts.get(kind, 0) + 1
     return ", ".join(f"{n} {kind}" for kind, n in counts.items())
 
@@ -278,8 +276,7 @@ def _write_generated(out_path: str, data: dict[str, Any], layers: Mapping[str, A
             why = (f"its quantizable layers ({', '.join(list(names) + list(broken))}) are all skipped or break a "
                    "constraint (see the warnings)")
         else:
-            why = (f"it has no quantizable layer (it has {_what_the_net_has(net)}; quantizable: Convolution, "
-                   "Deconvolution, InnerProduct, AVE Pooling)")
+            why = f"it has no quantizable layer (it has {_what_the_net_has(net)}; quantizable: {quantized_kinds()})"
         raise ConfigError(f"{model_path}: nothing to quantize: {why}; no {what} written to {out_path}")
     atomic_write(out_path, json.dumps(data, indent=4) + "\n")
     logger.info("wrote %s for %d layer(s) to %s", what, len(layers), out_path)

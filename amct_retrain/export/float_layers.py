@@ -1,4 +1,5 @@
-"""Caffe's float layers as ONNX operators, for both exports (each checked against Caffe in the tests).
+"""Caffe's float layers as ONNX operators, for both exports (each checked against Caffe in the tests),
+and the exact export's integer accumulator of each quantizable type (``EXACT_ACCUMULATORS``).
 
 Every converter reads its bottoms from the :class:`Graph` and writes its tops, keeping Caffe's
 semantics including its defaults; parameters ONNX cannot express raise a ModelError naming the
@@ -9,12 +10,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from onnx import TensorProto
 
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.export.graph import Graph, blob_count
-from amct_retrain.graph.caffe_params import conv_geometry, weight_shape_mismatch
+from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
-from amct_retrain.layer_types import QUANTIZABLE_RULES
+from amct_retrain.layer_types import QUANTIZABLE_RULES, weight_shape_mismatch
 
 Converter = Callable[[Graph, caffe_pb2.LayerParameter, list[np.ndarray]], None]
 
@@ -463,6 +465,71 @@ def _parameter(g: Graph, layer: caffe_pb2.LayerParameter, params: list[np.ndarra
 
 def _silence(g: Graph, layer: caffe_pb2.LayerParameter, params: list[np.ndarray]) -> None:
     g.bottoms(layer, 1, None)  # read: no graph output for them
+
+
+# --------------------------------------------------------------------------- quantized layers' accumulators
+# The exact export's integer form of each quantizable type (export/onnx.py): the int32 accumulator of
+# the Quant layer's float codes ``k`` (offset ``offset``: int8 codes are k + offset), the weights'
+# zero point ``zero_point`` (the int8 offset, the real value 0), with the layer's int8 ``weights``
+# (None without) and ``channels`` output channels.
+
+ExactAccumulator = Callable[[Graph, caffe_pb2.LayerParameter, str, int, str, np.ndarray | None, int], str]
+
+
+def int8_codes(g: Graph, k: str, offset: int) -> str:
+    """The int8 codes k + offset of the Quant layer's float codes ``k``."""
+    return g.op("Cast", [g.op("Add", [k, g.const("offset", np.float32(offset))])], to=TensorProto.INT8,
+                rank=g.rank(k))
+
+
+def _matmul_integer(g: Graph, layer: caffe_pb2.LayerParameter, k: str, offset: int, zero_point: str,
+                    weights: np.ndarray, channels: int) -> str:
+    w = weights if layer.inner_product_param.transpose else weights.T
+    return g.op("MatMulInteger", [int8_codes(g, k, offset), g.const("weights_int8", np.ascontiguousarray(w)), zero_point])
+
+
+def _conv_integer(g: Graph, layer: caffe_pb2.LayerParameter, k: str, offset: int, zero_point: str,
+                  weights: np.ndarray, channels: int) -> str:
+    check_conv_2d(g, layer)
+    return g.op("ConvInteger", [int8_codes(g, k, offset), g.const("weights_int8", weights), zero_point],
+                **conv_attrs(layer))
+
+
+def _spread_for_deconv(g: Graph, layer: caffe_pb2.LayerParameter, k: str, channels: int) -> str:
+    """The codes ``stride`` apart with zeros between, padded by ``kernel - 1 - pad`` (cropped
+    where negative): what a stride-1 convolution by the flipped kernel turns into the
+    Deconvolution. The spreading is a ConvTranspose by a 1x1 kernel of ones, exact."""
+    geo = conv_geometry(layer)
+    ones = g.const("spread_ones", np.ones((channels, 1, 1, 1), np.float32))
+    spread = g.op("ConvTranspose", [k, ones], kernel_shape=[1, 1], strides=list(geo.stride), group=channels)
+    pads = [kernel - 1 - pad for kernel, pad in zip(geo.kernel, geo.pad)]
+    return g.op("Pad", [spread, g.const("pads", np.array([0, 0, *pads, 0, 0, *pads], np.int64))], rank=4)
+
+
+def _deconv_integer(g: Graph, layer: caffe_pb2.LayerParameter, k: str, offset: int, zero_point: str,
+                    weights: np.ndarray, channels: int) -> str:
+    """A ConvInteger of the flipped kernel over the spread codes (group 1, dilation 1)."""
+    check_conv_2d(g, layer)
+    flipped = np.ascontiguousarray(weights.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    spread = _spread_for_deconv(g, layer, k, weights.shape[0])
+    return g.op("ConvInteger", [int8_codes(g, spread, offset), g.const("flipped_weights_int8", flipped), zero_point],
+                kernel_shape=list(flipped.shape[2:]))
+
+
+def _window_sums_integer(g: Graph, layer: caffe_pb2.LayerParameter, k: str, offset: int, zero_point: str,
+                         weights: None, channels: int) -> str:
+    """AVE Pooling: the integer window sums, a depthwise convolution by ones (its 1/n is in deq)."""
+    geo = pool_geometry(layer)  # quantized: windows that tile the input, no pad
+    attrs = {"kernel_shape": list(geo.kernel), "strides": list(geo.stride)}
+    return g.op("ConvInteger", [int8_codes(g, k, offset), g.const("window_ones", np.ones(
+        (channels, 1, *attrs["kernel_shape"]), np.int8)), zero_point], group=channels, **attrs)
+
+
+EXACT_ACCUMULATORS: dict[str, ExactAccumulator] = {
+    "Convolution": _conv_integer, "Deconvolution": _deconv_integer, "InnerProduct": _matmul_integer,
+    "Pooling": _window_sums_integer,
+}
+"""Quantizable type -> the exact export's integer accumulator (one per entry of QUANTIZABLE_RULES)."""
 
 
 FLOAT_CONVERTERS: dict[str, Converter] = {

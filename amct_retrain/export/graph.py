@@ -14,6 +14,7 @@ from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain import saved_models
 from amct_retrain.graph import model_io
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.netgraph import phase_layers, rebuilt
 
 #: The first opset with int16 QuantizeLinear / DequantizeLinear (the shift-N requantisation).
 OPSET = 21
@@ -147,28 +148,10 @@ class Graph:
 # --------------------------------------------------------------------------- phase, plan, inputs
 
 
-def _meets_rule(rule: caffe_pb2.NetStateRule, state: caffe_pb2.NetState) -> bool:
-    """Caffe's ``Net::StateMeetsRule``."""
-    if rule.HasField("phase") and rule.phase != state.phase:
-        return False
-    if rule.HasField("min_level") and state.level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and state.level > rule.max_level:
-        return False
-    return set(rule.stage) <= set(state.stage) and not set(rule.not_stage) & set(state.stage)
-
-
 def test_phase_layers(net: caffe_pb2.NetParameter) -> list[caffe_pb2.LayerParameter]:
-    """The layers Caffe builds in the TEST phase (``Net::FilterNet``, the net's level and stages)."""
-    state = caffe_pb2.NetState()
-    state.CopyFrom(net.state)
-    state.phase = caffe_pb2.TEST
-
-    def included(layer: caffe_pb2.LayerParameter) -> bool:
-        if layer.include:
-            return any(_meets_rule(r, state) for r in layer.include)
-        return not any(_meets_rule(r, state) for r in layer.exclude)
-    return [layer for layer in net.layer if included(layer)]
+    """The layers Caffe builds from the deploy model's file in the TEST phase: its ``state``'s
+    level and stages are known (``caffe.Net(file, caffe.TEST)``)."""
+    return phase_layers(net, caffe_pb2.TEST, net.state)
 
 
 def plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str, float_types: Collection[str]) -> list:
@@ -179,12 +162,8 @@ def plan(layers: Sequence[caffe_pb2.LayerParameter], model_file: str, float_type
     while i < len(layers):
         layer = layers[i]
         if layer.type == "Quant":
-            triple = layers[i:i + 3]
-            if len(triple) < 3 or triple[1].type not in saved_models.QUANTIZED_TYPES or triple[2].type != "DeQuant":
-                raise ModelError(f"{model_file}: Quant layer '{layer.name}' is not followed by a quantized "
-                                 f"{'/'.join(saved_models.QUANTIZED_TYPES)} layer and a DeQuant layer")
-            saved_models.check_quantized_layer(triple[1], model_file)
-            units.append(_check_wiring(QuantizedLayer(*triple), model_file))
+            units.append(_check_wiring(QuantizedLayer(*saved_models.quantized_triple(layers, i, model_file)),
+                                       model_file))
             i += 3
             continue
         if layer.type == "DeQuant":
@@ -249,10 +228,7 @@ def probe_input_shapes(net: caffe_pb2.NetParameter, model_file: str) -> dict[str
     implementation), in a child process, so that a data layer Caffe cannot set up (a missing
     source file) is a ModelError instead of an abort of this interpreter.
     """
-    probe = caffe_pb2.NetParameter()
-    probe.CopyFrom(net)
-    del probe.layer[:]
-    probe.layer.extend(layer for layer in test_phase_layers(net) if layer.type in DATA_TYPES)
+    probe = rebuilt(net, (layer for layer in test_phase_layers(net) if layer.type in DATA_TYPES))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "inputs.prototxt")
         with open(path, "w") as f:

@@ -53,7 +53,6 @@ from amct_retrain.export.quantized import quantized_params
 from amct_retrain.export.standard import Standard
 from amct_retrain.fileio import atomic_write, check_outputs_are_not_inputs
 from amct_retrain.graph import model_io
-from amct_retrain.graph.caffe_params import conv_geometry, pool_geometry
 from amct_retrain.graph.model_io import ModelError
 
 LOG = logging.getLogger(__name__)
@@ -74,22 +73,6 @@ def _codes(g: Graph, x: str, quant_scale: float, offset: int, num_bits: int = nu
     return g.op("Clip", [k, g.const("code_min", code_min), g.const("code_max", code_max)], rank=g.rank(x))
 
 
-def _int8(g: Graph, k: str, offset: int) -> str:
-    return g.op("Cast", [g.op("Add", [k, g.const("offset", np.float32(offset))])], to=TensorProto.INT8,
-                rank=g.rank(k))
-
-
-def _spread_for_deconv(g: Graph, layer: caffe_pb2.LayerParameter, k: str, channels: int) -> str:
-    """The codes ``stride`` apart with zeros between, padded by ``kernel - 1 - pad`` (cropped
-    where negative): what a stride-1 convolution by the flipped kernel turns into the
-    Deconvolution. The spreading is a ConvTranspose by a 1x1 kernel of ones, exact."""
-    geo = conv_geometry(layer)
-    ones = g.const("spread_ones", np.ones((channels, 1, 1, 1), np.float32))
-    spread = g.op("ConvTranspose", [k, ones], kernel_shape=[1, 1], strides=list(geo.stride), group=channels)
-    pads = [kernel - 1 - pad for kernel, pad in zip(geo.kernel, geo.pad)]
-    return g.op("Pad", [spread, g.const("pads", np.array([0, 0, *pads, 0, 0, *pads], np.int64))], rank=4)
-
-
 def _exact_quantized(g: Graph, q: QuantizedLayer, deploy: Mapping[str, list[caffe_pb2.BlobProto]],
                      weights_file: str, num_bits_d: Mapping[str, int]) -> None:
     """The integer form of a Quant -> layer -> DeQuant triple (see the module docstring);
@@ -103,25 +86,7 @@ def _exact_quantized(g: Graph, q: QuantizedLayer, deploy: Mapping[str, list[caff
     zero_point = g.const("zero_point", np.int8(offset))
 
     g.scope = layer.name
-    if layer.type == "InnerProduct":
-        w = ints.weights if layer.inner_product_param.transpose else ints.weights.T
-        acc = g.op("MatMulInteger", [_int8(g, k, offset), g.const("weights_int8", np.ascontiguousarray(w)),
-                                     zero_point])
-    elif layer.type == "Convolution":
-        fl.check_conv_2d(g, layer)
-        acc = g.op("ConvInteger", [_int8(g, k, offset), g.const("weights_int8", ints.weights), zero_point],
-                   **fl.conv_attrs(layer))
-    elif layer.type == "Deconvolution":
-        fl.check_conv_2d(g, layer)
-        flipped = np.ascontiguousarray(ints.weights.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        spread = _spread_for_deconv(g, layer, k, ints.weights.shape[0])
-        acc = g.op("ConvInteger", [_int8(g, spread, offset), g.const("flipped_weights_int8", flipped),
-                                   zero_point], kernel_shape=list(flipped.shape[2:]))
-    else:  # AVE Pooling: the integer window sums, a depthwise convolution by ones
-        geo = pool_geometry(layer)  # quantized: windows that tile the input, no pad
-        attrs = {"kernel_shape": list(geo.kernel), "strides": list(geo.stride)}
-        acc = g.op("ConvInteger", [_int8(g, k, offset), g.const("window_ones", np.ones(
-            (channels, 1, *attrs["kernel_shape"]), np.int8)), zero_point], group=channels, **attrs)
+    acc = fl.EXACT_ACCUMULATORS[layer.type](g, layer, k, offset, zero_point, ints.weights, channels)
     rank = fl.output_rank(g, layer, x)
     if len(deploy.get(layer.name, [])) > 1:
         acc = g.op("Add", [acc, _channel_const(g, "bias_int32", ints.bias.astype(np.int32), rank)])

@@ -71,20 +71,27 @@ def pool_windows_tile(layer: caffe_pb2.LayerParameter, in_hw) -> bool:
     return all(size >= k and (size - k) % s == 0 for size, k, s in zip(in_hw, g.kernel, g.stride))
 
 
-def weight_shape_mismatch(layer: caffe_pb2.LayerParameter, shape) -> str | None:
-    """How a Convolution / Deconvolution / InnerProduct weight blob of ``shape`` fails to fit
-    ``layer`` (its output channels and, for convolutions, the kernel), or None if it fits."""
-    shape = tuple(shape)
-    if layer.type == "InnerProduct":
-        p = layer.inner_product_param
-        ok = len(shape) == 2 and shape[1 if p.transpose else 0] == p.num_output
-        expected = f"(K, num_output {p.num_output})" if p.transpose else f"(num_output {p.num_output}, K)"
-    else:
-        geo = conv_geometry(layer)
-        p = layer.convolution_param
-        c = 0 if layer.type == "Convolution" else 1
-        per_group = p.num_output if c == 0 else p.num_output // max(geo.group, 1)
-        ok = len(shape) == 4 and shape[c] == per_group and shape[2:] == geo.kernel
-        expected = (f"(num_output {per_group}, C/group, {geo.kernel[0]}, {geo.kernel[1]})" if c == 0 else
-                    f"(C, num_output/group {per_group}, {geo.kernel[0]}, {geo.kernel[1]})")
+def _shape_mismatch(shape: tuple[int, ...], ok: bool, expected: str) -> str | None:
     return None if ok else f"weight blob has shape {shape}, the layer needs {expected}"
+
+
+def inner_product_weight_mismatch(layer: caffe_pb2.LayerParameter, shape: tuple[int, ...]) -> str | None:
+    """How an inner product's weight blob of ``shape`` fails to fit ``layer``'s num_output (on
+    axis 1 if transposed, else 0), or None if it fits."""
+    p = layer.inner_product_param
+    ok = len(shape) == 2 and shape[1 if p.transpose else 0] == p.num_output
+    return _shape_mismatch(shape, ok, f"(K, num_output {p.num_output})" if p.transpose
+                           else f"(num_output {p.num_output}, K)")
+
+
+def conv_weight_mismatch(layer: caffe_pb2.LayerParameter, shape: tuple[int, ...], transposed: bool) -> str | None:
+    """How a 2-D convolution's weight blob of ``shape`` fails to fit ``layer``'s num_output and
+    kernel, or None if it fits: (num_output, C/group, kh, kw), or (C, num_output/group, kh, kw)
+    ``transposed`` (a deconvolution)."""
+    geo = conv_geometry(layer)
+    p = layer.convolution_param
+    c = 1 if transposed else 0
+    per_group = p.num_output // max(geo.group, 1) if transposed else p.num_output
+    ok = len(shape) == 4 and shape[c] == per_group and shape[2:] == geo.kernel
+    return _shape_mismatch(shape, ok, f"(C, num_output/group {per_group}, {geo.kernel[0]}, {geo.kernel[1]})"
+                           if transposed else f"(num_output {per_group}, C/group, {geo.kernel[0]}, {geo.kernel[1]})")

@@ -19,25 +19,8 @@ from collections.abc import Mapping
 
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.insert import with_phase_rules
+from amct_retrain.graph.netgraph import BlobGraph, rebuilt_per_layer, with_phase_rules_of
 from amct_retrain.numerics import DEFAULT_BITS
-
-
-def _blob_versions(net: caffe_pb2.NetParameter) -> tuple[list[tuple[str, int] | None], dict[tuple[str, int], int]]:
-    """(per layer, the (blob, version) its first bottom reads, None without bottoms; (blob, version)
-    -> index of the first layer reading it through any bottom). A version counts the tops of that
-    name written before, as activation_quantizer_owners counts them."""
-    version: dict[str, int] = {}
-    reads: list[tuple[str, int] | None] = []
-    first_reader: dict[tuple[str, int], int] = {}
-    for i, layer in enumerate(net.layer):
-        keys = [(bottom, version.get(bottom, 0)) for bottom in layer.bottom]
-        reads.append(keys[0] if keys else None)
-        for key in keys:
-            first_reader.setdefault(key, i)
-        for top in layer.top:
-            version[top] = version.get(top, 0) + 1
-    return reads, first_reader
 
 
 def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, Mapping[str, float]],
@@ -53,7 +36,7 @@ def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, 
     ``activation_offset`` false makes the activation ranges symmetric; ``num_bits_d``: quantized layer ->
     the bit width of its activations (8 where absent; an observer takes its owner's). Inputs are not modified.
     """
-    reads, first_reader = _blob_versions(net)
+    graph = BlobGraph(net)
     index: dict[str, int] = {}
     for i, layer in enumerate(net.layer):
         if layer.name in layers:
@@ -67,16 +50,13 @@ def insert_calibration_layers(net: caffe_pb2.NetParameter, layers: Mapping[str, 
             ql.activation_observer_name(owner), blob, served, record_file, batch_num,
             layers[owner], symmetric=not activation_offset,
             num_bits_d=(num_bits_d or {}).get(owner, DEFAULT_BITS))
-        observers_before.setdefault(first_reader[reads[index[owner]]], []).append(
-            with_phase_rules(observer, owner_layer))
+        observers_before.setdefault(graph.first_reader(graph.reads[index[owner]][0]), []).extend(
+            with_phase_rules_of(owner_layer, observer))
 
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    for i, layer in enumerate(net.layer):
-        out.layer.extend(observers_before.get(i, []))
-        out.layer.add().CopyFrom(layer)
+    def observed(i: int, layer: caffe_pb2.LayerParameter) -> list[caffe_pb2.LayerParameter]:
+        out = [*observers_before.get(i, []), layer]
         if index.get(layer.name) == i:
-            out.layer.append(with_phase_rules(ql.shift_n_observer_layer(
-                ql.shift_n_observer_name(layer.name), layer.top[0], layer.name, record_file, batch_num), layer))
-    return out
+            out += with_phase_rules_of(layer, ql.shift_n_observer_layer(
+                ql.shift_n_observer_name(layer.name), layer.top[0], layer.name, record_file, batch_num))
+        return out
+    return rebuilt_per_layer(net, observed)

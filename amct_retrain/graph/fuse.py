@@ -36,23 +36,21 @@ Design choices (not fixed by the contract):
   ``lr_mult`` / ``decay_mult``.
 """
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
 
 from amct_retrain.caffe_proto import caffe_pb2
-from amct_retrain.graph.model_io import ModelError, may_run_in_phase  # noqa: F401 (re-exported)
+from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.netgraph import NOT_WRITTEN, BlobGraph, BlobVersion, phase_key, rebuilt_per_layer
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 LOG = logging.getLogger(__name__)
 
 Params = dict[str, list[np.ndarray]]
 FusionResult = tuple[caffe_pb2.NetParameter, Params, list["FusedGroup"]]
-# Which write of a blob a bottom reads: (index of the writing layer, index of its top);
-# (-1, i) is the net's i-th legacy ``input:`` blob.
-Version = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -121,33 +119,6 @@ def check_inference_form(bn: caffe_pb2.LayerParameter) -> None:
                      "(skip_fusion)")
 
 
-class _BlobGraph:
-    """Readers of every blob version of a net, the layers of all phases together."""
-
-    def __init__(self, net: caffe_pb2.NetParameter):
-        current: dict[str, Version] = {name: (-1, i) for i, name in enumerate(net.input)}
-        self.reads: list[list[Version | None]] = []  # per layer, per bottom; None: never written
-        self.readers: dict[Version, list[int]] = defaultdict(list)
-        for i, layer in enumerate(net.layer):
-            reads = [current.get(bottom) for bottom in layer.bottom]
-            for version in reads:
-                if version is not None:
-                    self.readers[version].append(i)
-            self.reads.append(reads)
-            for j, top in enumerate(layer.top):
-                current[top] = (i, j)
-        self.name_count = Counter(layer.name for layer in net.layer)
-
-    def sole_reader(self, version: Version) -> int | None:
-        """The one layer reading ``version`` (once), or None if none or several do."""
-        readers = self.readers.get(version, [])
-        return readers[0] if len(readers) == 1 else None
-
-
-def _phase_rules(layer: caffe_pb2.LayerParameter) -> tuple[list, list]:
-    return list(layer.include), list(layer.exclude)
-
-
 def _is_channel_scale(layer: caffe_pb2.LayerParameter) -> bool:
     """A Scale with its own per-channel gamma (not a second bottom) on the channel axis."""
     p = layer.scale_param
@@ -155,13 +126,14 @@ def _is_channel_scale(layer: caffe_pb2.LayerParameter) -> bool:
             and p.axis == 1 and p.num_axes == 1)
 
 
-def _chain_refusal(net: caffe_pb2.NetParameter, graph: _BlobGraph, chain: list[int]) -> str | None:
+def _chain_refusal(net: caffe_pb2.NetParameter, name_count: Counter, chain: list[int]) -> str | None:
     """Why the layers ``chain`` (the weight layer, BatchNorm, optional Scale) cannot be merged,
-    whatever their order: phase rules, name clashes, shared weights; None if they can."""
+    whatever their order: phase rules, name clashes (``name_count``: layers per name), shared
+    weights; None if they can."""
     layers = [net.layer[i] for i in chain]
-    if any(_phase_rules(layer) != _phase_rules(layers[0]) for layer in layers):
+    if any(phase_key(layer) != phase_key(layers[0]) for layer in layers):
         return "the layers have different include/exclude phase rules"
-    clashing = [layer.name for layer in layers if graph.name_count[layer.name] > 1]
+    clashing = [layer.name for layer in layers if name_count[layer.name] > 1]
     if clashing:
         return f"layer name '{clashing[0]}' is not unique in the net"
     shared = [layer.name for layer in layers if any(spec.name for spec in layer.param)]
@@ -216,19 +188,13 @@ def _rebuild(net: caffe_pb2.NetParameter, params: Params,
              edits: dict[int, tuple[caffe_pb2.LayerParameter, list[np.ndarray]]],
              removed: set[int]) -> tuple[caffe_pb2.NetParameter, Params]:
     """New net and weights: layers ``removed`` dropped, ``edits`` (index -> layer, blobs) applied."""
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
     new_params = {name: list(blobs) for name, blobs in params.items()}
-    for i, layer in enumerate(net.layer):
-        if i in removed:
-            new_params.pop(layer.name, None)
-        elif i in edits:
-            out.layer.add().CopyFrom(edits[i][0])
-            new_params[layer.name] = edits[i][1]
-        else:
-            out.layer.add().CopyFrom(layer)
-    return out, new_params
+    for i in removed:
+        new_params.pop(net.layer[i].name, None)
+    for i, (_, blobs) in edits.items():
+        new_params[net.layer[i].name] = blobs
+    new_net = rebuilt_per_layer(net, lambda i, layer: [] if i in removed else [edits[i][0] if i in edits else layer])
+    return new_net, new_params
 
 
 def _refuse(kind: str, names: list[str], reason: str) -> None:
@@ -243,7 +209,7 @@ def _fold_into_producer(net: caffe_pb2.NetParameter, params: Params, skip: Colle
     ``out_axis(layer)``: the output channel axis of its weights; ``refusal(layer)``: why that
     layer's parameters forbid the fusion, or None.
     """
-    graph = _BlobGraph(net)
+    graph, name_count = BlobGraph(net), Counter(layer.name for layer in net.layer)
     edits: dict[int, tuple[caffe_pb2.LayerParameter, list[np.ndarray]]] = {}
     removed: set[int] = set()
     groups: list[FusedGroup] = []
@@ -251,21 +217,21 @@ def _fold_into_producer(net: caffe_pb2.NetParameter, params: Params, skip: Colle
         if bn.type != "BatchNorm" or len(bn.bottom) != 1 or len(bn.top) != 1:
             continue
         source = graph.reads[k][0]
-        if source is None or source[0] < 0 or net.layer[source[0]].type != layer_type:
+        if source.writer < 0 or net.layer[source.writer].type != layer_type:
             continue
-        p = source[0]
+        p = source.writer
         layer = net.layer[p]
         chain = [p, k]
-        after_bn = graph.sole_reader((k, 0))
+        after_bn = graph.sole_reader(BlobVersion(bn.top[0], k))
         if (after_bn is not None and _is_channel_scale(net.layer[after_bn]) and net.layer[after_bn].name not in skip
-                and _chain_refusal(net, graph, [k, after_bn]) is None):
+                and _chain_refusal(net, name_count, [k, after_bn]) is None):
             chain.append(after_bn)
         names = [net.layer[i].name for i in chain]
         kept_blob = net.layer[chain[-1]].top[0]
         if any(name in skip for name in names[:2]):
             LOG.info("%s fusion of %s skipped (skip_fusion)", kind, " + ".join(names))
             continue
-        reason = (refusal(layer) or _chain_refusal(net, graph, chain)
+        reason = (refusal(layer) or _chain_refusal(net, name_count, chain)
                   or (f"blob '{layer.top[0]}' of layer '{layer.name}' has other readers besides '{bn.name}'"
                       if len(layer.top) != 1 or graph.sole_reader(source) != k else None)
                   or (f"another layer uses blob '{kept_blob}' between '{names[0]}' and '{names[-1]}'"
@@ -336,18 +302,18 @@ def fold_batchnorm_into_next_conv(net: caffe_pb2.NetParameter, params: Params,
 
     Only for a Convolution with group 1 and no padding; others are left unfused.
     """
-    graph = _BlobGraph(net)
+    graph, name_count = BlobGraph(net), Counter(layer.name for layer in net.layer)
     edits: dict[int, tuple[caffe_pb2.LayerParameter, list[np.ndarray]]] = {}
     removed: set[int] = set()
     groups: list[FusedGroup] = []
     for k, bn in enumerate(net.layer):
-        if bn.type != "BatchNorm" or len(bn.bottom) != 1 or len(bn.top) != 1 or graph.reads[k][0] is None:
+        if bn.type != "BatchNorm" or len(bn.bottom) != 1 or len(bn.top) != 1 or graph.reads[k][0].writer == NOT_WRITTEN:
             continue
         chain = [k]
-        nxt = graph.sole_reader((k, 0))
+        nxt = graph.sole_reader(BlobVersion(bn.top[0], k))
         if nxt is not None and _is_channel_scale(net.layer[nxt]):
             chain.append(nxt)
-            nxt = graph.sole_reader((nxt, 0))
+            nxt = graph.sole_reader(BlobVersion(net.layer[nxt].top[0], nxt))
         if nxt is None or net.layer[nxt].type != "Convolution":
             continue
         chain.append(nxt)
@@ -357,7 +323,7 @@ def fold_batchnorm_into_next_conv(net: caffe_pb2.NetParameter, params: Params,
             LOG.info("bn_conv fusion of %s skipped (skip_fusion)", " + ".join(names))
             continue
         source_blob = bn.bottom[0]
-        reason = (_next_conv_refusal(conv) or _chain_refusal(net, graph, chain)
+        reason = (_next_conv_refusal(conv) or _chain_refusal(net, name_count, chain)
                   or (f"another layer writes blob '{source_blob}' between '{bn.name}' and '{conv.name}'"
                       if _blob_used_between(net, chain, source_blob, reads_count=False) else None))
         if reason:

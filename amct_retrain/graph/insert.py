@@ -5,15 +5,15 @@ ActivationULQ, as the original toolkit does, so they share scale_d: it sits befo
 of them, followed by every sharer's WeightARQ (in place on the shared quantized blob, so no
 layer reads it before a later in-place write); each quantized layer keeps its own ShiftNSearch.
 """
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.errors import ConfigError
 from amct_retrain.graph import quant_layers as ql
-from amct_retrain.graph.fuse import may_run_in_phase
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.netgraph import BlobGraph, phase_key, rebuilt, runs_in_phase, with_phase_rules_of
 from amct_retrain.layer_types import QUANTIZABLE_RULES
 
 
@@ -46,24 +46,16 @@ def arq_reads_clip_state(layer_type: str, channel_wise: bool) -> bool:
     return QUANTIZABLE_RULES[layer_type].global_conv and channel_wise
 
 
-def _phase_key(layer: caffe_pb2.LayerParameter) -> tuple[bytes, ...]:
-    return tuple(r.SerializeToString() for r in layer.include) + (b"|",) + tuple(
-        r.SerializeToString() for r in layer.exclude)
-
-
 def activation_quantizer_owners(net: caffe_pb2.NetParameter, quantized: Sequence[str]) -> dict[str, str]:
     """For each quantized layer, the quantized layer that owns its ActivationULQ: the first
     quantized layer reading the same version of the same blob under the same phase rules.
     An in-place layer (ReLU) writing a blob starts a new version of it."""
-    version: dict[str, int] = {}
+    graph = BlobGraph(net)
     owner_of_input: dict[tuple, str] = {}
     owners: dict[str, str] = {}
-    for layer in net.layer:
+    for i, layer in enumerate(net.layer):
         if layer.name in quantized:
-            key = (layer.bottom[0], version.get(layer.bottom[0], 0), _phase_key(layer))
-            owners[layer.name] = owner_of_input.setdefault(key, layer.name)
-        for top in layer.top:
-            version[top] = version.get(top, 0) + 1
+            owners[layer.name] = owner_of_input.setdefault((graph.reads[i][0], phase_key(layer)), layer.name)
     return owners
 
 
@@ -73,12 +65,6 @@ def check_quantizable(layer: caffe_pb2.LayerParameter) -> None:
     if layer.param and layer.param[0].name:
         raise ModelError(f"layer '{layer.name}': shares its weights (param name '{layer.param[0].name}'); "
                          "shared weights cannot be quantized: add the layer to skip_layers")
-
-
-def with_phase_rules(inserted: caffe_pb2.LayerParameter, layer: caffe_pb2.LayerParameter):
-    inserted.include.extend(layer.include)
-    inserted.exclude.extend(layer.exclude)
-    return inserted
 
 
 def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
@@ -96,14 +82,12 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
     owners = activation_quantizer_owners(net, list(configs))
     by_name = {layer.name: layer for layer in net.layer}
     log = {"log_dir": retrain_config.log_dir} if retrain_config.log_dir else {}
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    for layer in net.layer:
+
+    def quantization_aware(layer: caffe_pb2.LayerParameter) -> Iterator[caffe_pb2.LayerParameter]:
         name = layer.name
         if name not in configs:
-            out.layer.add().CopyFrom(layer)
-            continue
+            yield layer
+            return
         check_quantizable(layer)
         owner = owners[name]
         quantized_input = quantized_input_blob(owner)
@@ -113,20 +97,20 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
                               f"must be '{owner}''s ({configs[owner].num_bits_d})")
         if owner == name:
             c = configs[name]
-            out.layer.append(with_phase_rules(ql.ulq_layer(
+            yield from with_phase_rules_of(layer, ql.ulq_layer(
                 ql.ulq_layer_name(name), layer.bottom[0], quantized_input, c.clip_min, c.clip_max,
-                c.fixed_min, batch_num=retrain_config.batch_num, num_bits_d=c.num_bits_d, **log), layer))
+                c.fixed_min, batch_num=retrain_config.batch_num, num_bits_d=c.num_bits_d, **log))
             for sharer in (n for n, o in owners.items() if o == name and has_weights(configs[n].layer_type)):
                 shared = by_name[sharer]
                 spec = shared.param[0] if shared.param else caffe_pb2.ParamSpec()
                 global_conv = ({"activation_quantizer": ql.ulq_layer_name(name),
                                 "conv": QUANTIZABLE_RULES[shared.type].geometry(shared)}
                                if arq_reads_clip_state(shared.type, configs[sharer].channel_wise) else {})
-                out.layer.append(with_phase_rules(ql.arq_layer(
+                yield from with_phase_rules_of(shared, ql.arq_layer(
                     ql.arq_layer_name(sharer), quantized_input, weight_shapes[sharer], _axis(configs[sharer]),
                     spec.lr_mult, spec.decay_mult, **log, **global_conv, num_bits_w=configs[sharer].num_bits_w,
-                    num_bits_d=c.num_bits_d), shared))
-        quantized = out.layer.add()
+                    num_bits_d=c.num_bits_d))
+        quantized = caffe_pb2.LayerParameter()
         quantized.CopyFrom(layer)
         quantized.bottom[0] = quantized_input
         fixed_scale = fixed_weight_scale(layer)
@@ -135,11 +119,14 @@ def insert_quant_layers(net: caffe_pb2.NetParameter, retrain_config,
             weights = {"arq_name": ql.arq_layer_name(name), "weight_shape": weight_shapes[name]}
         else:  # no weights: no WeightARQ, and the shift-N search uses the fixed scale_w
             weights = {"arq_name": None, "weight_shape": None, "scale_w": fixed_scale.tolist()}
-        out.layer.append(with_phase_rules(ql.shift_n_layer(
+        yield quantized
+        yield from with_phase_rules_of(layer, ql.shift_n_layer(
             ql.shift_n_layer_name(name), layer.top[0], name, ql.ulq_layer_name(owner), channel_axis=_axis(configs[name]),
             record_file=record_file, batch_num=retrain_config.batch_num, **log,
             fused=(fused or {}).get(name), **weights, num_bits_d=configs[owner].num_bits_d,
-            num_bits_w=configs[name].num_bits_w), layer))
+            num_bits_w=configs[name].num_bits_w))
+
+    out = rebuilt(net, (new for layer in net.layer for new in quantization_aware(layer)))
     return with_test_output_log(out, retrain_config.log_dir) if retrain_config.log_dir else out
 
 
@@ -156,7 +143,7 @@ def test_net_outputs(net: caffe_pb2.NetParameter) -> dict[str, float]:
     them), sorted by name as Caffe lists them, each with its loss weight."""
     available = dict.fromkeys(net.input, 0.0)
     for layer in net.layer:
-        if not may_run_in_phase(layer, caffe_pb2.TEST):
+        if not runs_in_phase(layer, caffe_pb2.TEST):
             continue
         for bottom in layer.bottom:
             available.pop(bottom, None)

@@ -22,7 +22,8 @@ from google.protobuf.message import DecodeError
 from amct_retrain import numerics
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.fileio import parse_text_proto, read_text_file
-from amct_retrain.graph.caffe_params import weight_shape_mismatch
+from amct_retrain.graph.netgraph import runs_in_phase, uses_stages_or_levels
+from amct_retrain.layer_types import QUANTIZABLE_RULES, WEIGHT_LAYER_TYPES, weight_shape_mismatch
 from amct_retrain.errors import ModelError  # noqa: F401 (re-exported)
 
 LOG = logging.getLogger(__name__)
@@ -51,26 +52,6 @@ def read_prototxt(model_file: str | os.PathLike) -> caffe_pb2.NetParameter:
     return net
 
 
-def _phase_only(rule: caffe_pb2.NetStateRule) -> bool:
-    return not (rule.HasField("min_level") or rule.HasField("max_level") or rule.stage or rule.not_stage)
-
-
-def may_run_in_phase(layer: caffe_pb2.LayerParameter, phase: int) -> bool:
-    """Whether Caffe may put ``layer`` in a net of ``phase`` (caffe_pb2.TRAIN or TEST).  Levels
-    and stages are unknown here: a rule that uses them is taken to possibly match, so only a
-    plain exclude rule excludes."""
-    def matches(rule: caffe_pb2.NetStateRule) -> bool:
-        return not rule.HasField("phase") or rule.phase == phase
-
-    if layer.include and not any(matches(rule) for rule in layer.include):
-        return False
-    return not any(matches(rule) and _phase_only(rule) for rule in layer.exclude)
-
-
-def _uses_stages_or_levels(layer: caffe_pb2.LayerParameter) -> bool:
-    return not all(_phase_only(rule) for rule in list(layer.include) + list(layer.exclude))
-
-
 def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
     """Refuse a net with no layers, and two layers of one name that may run in the same phase
     (Caffe would build both, and weights, the record and the quantizers all go by layer name).
@@ -86,10 +67,10 @@ def check_net_structure(net: caffe_pb2.NetParameter, path: str) -> None:
             first[layer.name] = index
             continue
         other = net.layer[first[layer.name]]
-        if _uses_stages_or_levels(layer) or _uses_stages_or_levels(other):
+        if uses_stages_or_levels(layer) or uses_stages_or_levels(other):
             continue
         for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
-            if may_run_in_phase(layer, phase) and may_run_in_phase(other, phase):
+            if runs_in_phase(layer, phase) and runs_in_phase(other, phase):
                 raise ModelError(f"{path}: layer '{layer.name}' ({layer.type}, layer #{index + 1}) has the name of "
                                  f"layer #{first[layer.name] + 1} ({other.type}), and both run in the "
                                  f"{caffe_pb2.Phase.Name(phase)} phase: layer names must be unique (weights, "
@@ -447,14 +428,12 @@ for count, path in enumerate(sys.argv[3:], 1):
 """
 
 # What some of Caffe's CHECKs mean for the user: (a piece of the message, the layer types it is
-# said for, or () for any, the hint).
+# said for, or () for any, the hint); a quantizable type's own hints (QuantRule.check_hints) first.
 _CHECK_HINTS = (
     ("channels_ % group_", (), "convolution_param.group must divide the input channels"),
     ("num_output_ % group_", (), "convolution_param.group must divide num_output"),
     ("exceeds INT_MAX", (), "a blob of this layer would hold more than 2^31-1 values: num_output or a shape too large"),
     ("shape[i] >= 0", ("Input", "DummyData"), "a negative dimension in the layer's shape fields"),
-    ("shape[i] >= 0", ("Convolution", "Deconvolution", "Pooling"),
-     "the kernel (kernel_size, dilation) is larger than the padded input"),
     ("shape[i] >= 0", (), "a negative dimension: a shape field, or a window larger than its input"),
 )
 
@@ -507,7 +486,9 @@ def _describe_failure(net: caffe_pb2.NetParameter | None, phase: str | None, fat
         message = fatal
     culprit = [f"{phase} phase"] if phase else []
     layer = _culprit(net, phase, fatal, net_file) if net is not None and phase else None
-    hint = next((h for piece, types, h in _CHECK_HINTS
+    rule = QUANTIZABLE_RULES.get(layer.type) if layer is not None else None
+    hints = [(piece, (), h) for piece, h in (rule.check_hints if rule else ())] + list(_CHECK_HINTS)
+    hint = next((h for piece, types, h in hints
                  if piece in fatal and (not types or (layer is not None and layer.type in types))), None)
     message += f" ({hint})" if hint else ""
     if layer is not None and f"'{layer.name}'" not in fatal:
@@ -624,20 +605,17 @@ def probe_net(net: caffe_pb2.NetParameter, source: str, phases: tuple[str, ...] 
     return result
 
 
-_LINEAR_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
-
-
 def check_params_fit_layers(net: caffe_pb2.NetParameter, params: Mapping[str, list[np.ndarray]],
                             weights_file: str | os.PathLike, model_file: str | os.PathLike) -> None:
     """The weights of each (De)Convolution / InnerProduct of ``net`` that ``params`` holds fit the
     layer as the prototxt defines it (output channels, kernel, bias), checked without Caffe:
     weights of another model would give a model Caffe cannot load."""
     for layer in net.layer:
-        if layer.type not in _LINEAR_TYPES or layer.name not in params:
+        if layer.type not in WEIGHT_LAYER_TYPES or layer.name not in params:
             continue
-        p = layer.inner_product_param if layer.type == "InnerProduct" else layer.convolution_param
-        if layer.type != "InnerProduct" and len(p.kernel_size) > 2:
-            continue  # an N-D convolution: not checked here
+        p = QUANTIZABLE_RULES[layer.type].weight_param(layer)
+        if len(getattr(p, "kernel_size", ())) > 2:
+            continue  # an N-D convolution (an inner product has no kernel): not checked here
         blobs = params[layer.name]
         where = f"{weights_file}: layer '{layer.name}' ({layer.type})"
         if len(blobs) != 1 + bool(p.bias_term):

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from amct_retrain import numerics
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
+from amct_retrain.graph.netgraph import rebuilt, with_phase_rules_of
 
 
 def quant_layer_names(layer: str) -> dict[str, str]:
@@ -20,20 +21,9 @@ def _copy_with_input(layer: caffe_pb2.LayerParameter, bottom: str) -> caffe_pb2.
     return out
 
 
-def _phase_rules_of(layer: caffe_pb2.LayerParameter, *added: caffe_pb2.LayerParameter):
-    for a in added:
-        a.include.extend(layer.include)
-        a.exclude.extend(layer.exclude)
-    return list(added)
-
-
 def _rewrite(net: caffe_pb2.NetParameter, quantized: Mapping, block) -> caffe_pb2.NetParameter:
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    for layer in net.layer:
-        out.layer.extend(block(layer, quantized[layer.name]) if layer.name in quantized else [layer])
-    return out
+    return rebuilt(net, (new for layer in net.layer
+                         for new in (block(layer, quantized[layer.name]) if layer.name in quantized else [layer])))
 
 
 def fake_quant_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe_pb2.NetParameter:
@@ -42,7 +32,7 @@ def fake_quant_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe
     def block(layer, f):
         names = quant_layer_names(layer.name)
         quantized_input = f"{layer.name}_input_fake_quant"
-        return _phase_rules_of(
+        return with_phase_rules_of(
             layer,
             ql.fake_quant_activation_layer(names["fake_quant"], layer.bottom[0], quantized_input,
                                            f.scale_d, f.offset_d, f.num_bits_d),
@@ -67,5 +57,5 @@ def deploy_net(float_net: caffe_pb2.NetParameter, factors: Mapping) -> caffe_pb2
         dequant.dequant_param.SetInParent()
         integer_layer = _copy_with_input(layer, int8_input)
         del integer_layer.param[:]  # nothing trains in a deploy model
-        return _phase_rules_of(layer, quant, integer_layer, dequant)
+        return with_phase_rules_of(layer, quant, integer_layer, dequant)
     return _rewrite(float_net, factors, block)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.graph import quant_layers as ql
 from amct_retrain.graph.model_io import ModelError
+from amct_retrain.graph.netgraph import rebuilt
 from amct_retrain.layer_specs import ACTIVATION_ULQ, SHIFT_N_SEARCH, TEST_OUTPUT_LOG, WEIGHT_ARQ
 from amct_retrain.numerics import DEFAULT_BITS
 
@@ -60,19 +61,17 @@ def strip_quant_layers(net: caffe_pb2.NetParameter,
     """``net`` without its retraining layers: each quantized layer reads its float input
     again and owns its weights, with the master weights' lr/decay multipliers."""
     by_name = {layer.name: layer for layer in net.layer}
-    out = caffe_pb2.NetParameter()
-    out.CopyFrom(net)
-    del out.layer[:]
-    for layer in net.layer:
-        if any(spec.is_layer(layer) for spec in RETRAIN_SPECS):
-            continue
-        restored = out.layer.add()
-        restored.CopyFrom(layer)
-        if layer.name in quantized:
-            restored.bottom[0] = quantized[layer.name].input_blob
-            if not quantized[layer.name].has_weights:
-                continue
+
+    def restored(layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
+        if layer.name not in quantized:
+            return layer
+        float_layer = caffe_pb2.LayerParameter()
+        float_layer.CopyFrom(layer)
+        float_layer.bottom[0] = quantized[layer.name].input_blob
+        if quantized[layer.name].has_weights:
             master_spec = by_name[ql.arq_layer_name(layer.name)].param[WEIGHT_ARQ.blob("master_weights")]
-            restored.param[0].CopyFrom(caffe_pb2.ParamSpec(lr_mult=master_spec.lr_mult,
-                                                           decay_mult=master_spec.decay_mult))
-    return out
+            float_layer.param[0].CopyFrom(caffe_pb2.ParamSpec(lr_mult=master_spec.lr_mult,
+                                                              decay_mult=master_spec.decay_mult))
+        return float_layer
+    return rebuilt(net, (restored(layer) for layer in net.layer
+                         if not any(spec.is_layer(layer) for spec in RETRAIN_SPECS)))
