@@ -7,7 +7,7 @@ API; the ratio QAT / float is what the fake-quant layers cost. Aims: <= 1.05 on 
 <= 1.25 on the LeNet. Rounds interleave ours (float, QAT) and torch's (float, QAT); each figure
 is the best of the rounds.
 
-    .venv/bin/python bench/qat_overhead.py [--iters 10] [--rounds 5] [--torch-python VENV/bin/python]
+    .venv/bin/python bench/qat_overhead.py [--iters 10] [--min-seconds 0.5] [--rounds 5] [--torch-python VENV/bin/python]
 
 torch (CPU) in its own environment, never a dependency of amct_retrain:
 ``python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch==2.13.0 numpy``.
@@ -120,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per net and round (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--min-seconds", type=float, default=0.5,
+                        help="more iterations where --iters would take less (default %(default)s s)")
     parser.add_argument("--torch-python", help="a Python with torch, for PyTorch's eager QAT on the same nets")
     args = parser.parse_args()
     caffe.set_mode_cpu()
@@ -132,17 +134,20 @@ def main() -> None:
                 ("5 conv x 64 ch, 32x32x3, batch 32", "conv5x64", 32, conv_net(32))]
         for label, net, batch, net_text in nets:
             solvers = ours(f"{net}_{batch}", net_text, out)
+            # At least --min-seconds per timed run: ten LeNet iterations (35 ms) were one scheduler hiccup.
+            iters = max(args.iters, round(args.min_seconds * 1000 / ms_per_iter(solvers[0], args.iters)))
             best = [float("inf")] * 4  # ours float, ours QAT, torch float, torch QAT
             for _ in range(args.rounds):
-                times = [ms_per_iter(solver, args.iters) for solver in solvers]
+                times = [ms_per_iter(solver, iters) for solver in solvers]
                 if torch_side is not None:
-                    times += torch_side.round(net, batch, args.iters)
+                    times += torch_side.round(net, batch, iters)
                 best = [min(b, t) for b, t in zip(best, times)]
             rows.append((label, best))
             del solvers
     if torch_side is not None:
         torch_side.close()
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}; best of {args.rounds} rounds of {args.iters} iterations")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; best of {args.rounds} rounds of at least "
+          f"{args.iters} iterations and {args.min_seconds} s")
     print(f"{'net':<36}{'float ms':>10}{'QAT ms':>9}{'QAT/float':>11}" +
           (f"{'torch float':>13}{'torch QAT':>11}{'torch QAT/float':>17}" if torch_side else ""))
     for label, (float_ms, qat_ms, *torch_ms) in rows:

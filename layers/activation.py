@@ -56,15 +56,17 @@ class ActivationULQ(caffe.Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        self._check_fed(x)
+        blobs = self.blobs
+        state = blobs[CLIP_STATE].data
+        self._check_fed(x, state)
         with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
-            state = self.blobs[CLIP_STATE].data
+            clip_min_blob, clip_max_blob = blobs[CLIP_MIN].data, blobs[CLIP_MAX].data
             if state[READY] < 0.5:
                 clip_min, clip_max = kernels.ifmr_search(x, num_bits=self.num_bits)
-                self.blobs[CLIP_MIN].data[0], self.blobs[CLIP_MAX].data[0] = clip_min, clip_max
+                clip_min_blob[0], clip_max_blob[0] = clip_min, clip_max
                 state[...] = (1.0, clip_min, clip_max)
             self.clips = numerics.ulq_sanitize_clips(
-                float(self.blobs[CLIP_MIN].data[0]), float(self.blobs[CLIP_MAX].data[0]),
+                float(clip_min_blob[0]), float(clip_max_blob[0]),
                 (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
             state[LAST_MIN], state[LAST_MAX] = self.clips
             kernels.ulq_forward(x, *self.clips, self.num_bits, out=top[0].data)
@@ -72,10 +74,11 @@ class ActivationULQ(caffe.Layer):
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips, self.num_bits))
             self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
 
-    def _check_fed(self, x) -> None:
+    def _check_fed(self, x, state) -> None:
         """Refuse a constant input where factors come from it: the batch IFMR initialises the
-        clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record)."""
-        ready = self.blobs[CLIP_STATE].data[READY] >= 0.5
+        clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record).
+        ``state``: the clip state blob's data."""
+        ready = state[READY] >= 0.5
         if ready and self.phase != TEST:
             return  # a training batch: no factor comes from it alone (and the hot path stays lean)
         if not is_constant(x):

@@ -112,7 +112,7 @@ def _range_factors(data_min: npt.ArrayLike, data_max: npt.ArrayLike,
     # ([-1, 1] gives -rint(-127.5) - 128 = 0, not -1). r lies in [-levels, 0].
     r = float(bw.levels) * lo / (hi - lo)
     offset = -int(np.rint(r)) + bw.code_min
-    return scale, int(np.clip(offset, bw.code_min, bw.code_max)), r
+    return scale, min(max(offset, bw.code_min), bw.code_max), r
 
 
 def quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d: npt.ArrayLike,

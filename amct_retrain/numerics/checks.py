@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -126,6 +127,10 @@ def errors_named(who: str) -> Iterator[None]:
 
 def _scalar(v: npt.ArrayLike, what: str, finite: bool = True) -> float:
     """A python float from a number or a size-1 array (Caffe blobs are (1,)); finite if asked."""
+    if type(v) is float:  # the layers' hot path: no array round trip
+        if finite and not math.isfinite(v):
+            raise NonFiniteError(f"{what}: value is NaN/Inf ({v})")
+        return v
     a = np.asarray(v, dtype=np.float64)
     if a.size != 1:
         raise NumericsError(f"{what}: expected one number, got shape {a.shape}")
