@@ -24,6 +24,7 @@ Kernels take the bit width ``num_bits`` (2..8, default 8) where numerics does, w
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping
 
 import numba
@@ -314,9 +315,14 @@ def _ulq_grid(clip_min: float, clip_max: float, num_bits: int) -> tuple[np.float
     """``(s, multiplier, k_lo, k_hi, lo, hi, d_min)`` of ULQ's grid for a clip pair: numerics' scalar
     work, cached because the forward and backward pass of a step (and every TEST batch) share a
     pair, and on a small net it cost more than the data passes."""
-    levels = numerics.bit_width(num_bits).levels
-    s, o = numerics.ulq_scale_offset(clip_min, clip_max, num_bits)
-    _, _, rmin = _range_factors(clip_min, clip_max, num_bits)
+    bw = numerics.bit_width(num_bits)
+    levels = bw.levels
+    if not (clip_min <= 0.0 <= clip_max and math.isfinite(clip_min) and math.isfinite(clip_max)):
+        # unsanitised or non-finite clips: numerics' own error
+        numerics.ulq_scale_offset(clip_min, clip_max, num_bits)
+    # ulq_scale_offset's (s, o) from the one _range_factors call that also gives min / s
+    s, offset_d, rmin = _range_factors(clip_min, clip_max, num_bits)
+    o = bw.code_min - offset_d
     lo, hi = numerics.ulq_bounds(s, o, num_bits)
     d_min = float((np.rint(rmin) - rmin) / levels)
     return s, numerics.quant_multiplier(s)[()], np.float32(o), np.float32(o + levels), lo, hi, d_min
@@ -360,7 +366,7 @@ def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndar
     if channel_axis is None or w32.ndim == 0:
         return w32.reshape(1, 1, -1)
     ax = _norm_axis(channel_axis, w32.ndim, what)
-    return np.ascontiguousarray(w32).reshape(int(np.prod(w32.shape[:ax])), w32.shape[ax], -1)
+    return np.ascontiguousarray(w32).reshape(math.prod(w32.shape[:ax]), w32.shape[ax], -1)
 
 
 def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
