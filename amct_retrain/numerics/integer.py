@@ -4,6 +4,7 @@ DeQuant layer's deq_scale packing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -90,7 +91,7 @@ def conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]            # (N, C, OH, OW, KH, KW)
     oh, ow = windows.shape[2:4]
     m = w.shape[0]
-    out = None
+    out: np.ndarray | None = None
     cg, mg = c // group, m // group
     for gi in range(group):
         # (C/group, KH, KW, N, OH, OW): a view, not a copy, for a 1 x 1 kernel of stride 1 and batch 1
@@ -101,6 +102,7 @@ def conv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
         elif acc.dtype != out.dtype:
             out = out.astype(np.float64)
         out[:, gi * mg:(gi + 1) * mg] = acc.reshape(mg, n, oh, ow).transpose(1, 0, 2, 3)
+    assert out is not None  # group >= 1
     return out
 
 
@@ -123,7 +125,7 @@ def deconv_accumulate(x: np.ndarray, w: np.ndarray, g: dict) -> np.ndarray:
     return full[:, :, ph:full.shape[2] - ph, pw:full.shape[3] - pw]
 
 
-def conv_output_hw(in_hw, geometry: dict, transposed: bool = False) -> list[int]:
+def conv_output_hw(in_hw: Sequence[int], geometry: dict, transposed: bool = False) -> list[int]:
     """Caffe's output height and width of a Convolution, or of a Deconvolution (``transposed``),
     of ``geometry`` (a ``ConvGeometry.__dict__``, as the layers receive it in param_str)."""
     out = []
