@@ -5,6 +5,7 @@ reference executor and the ONNX export read from a deploy model: every layer's r
 weights, int32 bias and packed deq_scale of each quantized layer, checked.
 """
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from amct_retrain.caffe_proto import caffe_pb2
 from amct_retrain.errors import ModelError
 from amct_retrain.graph import model_io
 from amct_retrain.layer_types import QUANTIZABLE_RULES, quantizable_layers
+
+LOG = logging.getLogger(__name__)
 
 QUANTIZED_TYPES = tuple(QUANTIZABLE_RULES)
 
@@ -46,6 +49,8 @@ def activation_bit_widths(deploy_model_file: str, quant_info_file: str | None = 
     if path is None and deploy_model_file.endswith(DEPLOY_MODEL_SUFFIX):
         path = output_files(deploy_model_file[:-len(DEPLOY_MODEL_SUFFIX)])["quant_info"]
         if not os.path.isfile(path):
+            LOG.warning("%s: no quant info file %s beside it: every quantized layer is taken as 8-bit",
+                        deploy_model_file, path)
             return {}
     if path is None:
         return {}

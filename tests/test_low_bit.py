@@ -12,6 +12,7 @@ from google.protobuf import text_format
 import amct_retrain
 from amct_retrain import numerics, record
 from amct_retrain.caffe_proto import caffe_pb2
+from amct_retrain.errors import ModelError
 from amct_retrain.reference import saved_model_parity
 from amct_retrain.saved_models import read_deploy_blobs
 from amct_retrain.saver import output_files
@@ -85,6 +86,11 @@ def test_the_exact_onnx_export_is_the_integer_executor_at_4_bits(tmp_path):
     export_onnx(f["deploy_model"], f["deploy_weights"], onnx_file, mode="exact")
     compared = assert_exact_on_random_activations(f["deploy_model"], f["deploy_weights"], onnx_file)
     assert set(compared) == set(nets.QUANTIZED)
+    # The standard (8-bit QDQ) form cannot clip codes to 4 bits: refused, not written wrong.
+    standard_file = tmp_path / "small_standard.onnx"
+    with pytest.raises(ModelError, match="4 bits.*mode='exact'"):
+        export_onnx(f["deploy_model"], f["deploy_weights"], standard_file)
+    assert not standard_file.exists(), "a refused export left a file"
 
 
 def test_calibration_at_4_bits_writes_4_bit_factors_and_an_exact_deploy_model(tmp_path):

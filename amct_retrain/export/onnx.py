@@ -148,10 +148,15 @@ def export_onnx(deploy_model_file: str | os.PathLike, deploy_weights_file: str |
     final_writers = {top: unit_name(u) for u in units for top in unit_tops(u)}
     g = Graph(model_file, set(inputs) | set(final_writers), final_writers)
     finish: Callable[[Graph], None] | None = None  # the standard form's pass over the whole graph
+    bits = saved_models.activation_bit_widths(model_file, quant_info_file and os.fspath(quant_info_file))
     if mode == "exact":
-        bits = saved_models.activation_bit_widths(model_file, quant_info_file and os.fspath(quant_info_file))
         convert_quantized: QuantizedConverter = functools.partial(_exact_quantized, num_bits_d=bits)
     else:
+        low = sorted(name for name, b in bits.items() if b < numerics.DEFAULT_BITS)
+        if low:  # its 8-bit QuantizeLinear would not clip the codes to the layer's width
+            raise ModelError(f"{model_file}: layer '{low[0]}' quantizes its input to {bits[low[0]]} bits (quant info "
+                             f"file beside the deploy model); mode='standard' exports 8-bit activations only: "
+                             f"use mode='exact' (CLI: --mode exact)")
         standard = Standard()
         convert_quantized, finish = standard.convert, standard.finish
     for name in net.input:
