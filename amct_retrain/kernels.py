@@ -369,8 +369,10 @@ def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndar
     return np.ascontiguousarray(w32).reshape(math.prod(w32.shape[:ax]), w32.shape[ax], -1)
 
 
-def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
-    """:func:`numerics.arq_scale`, fused: float32 (C,) or (1,), bit for bit, in one pass."""
+def _arq_scale_pass(w: npt.ArrayLike, channel_axis: int | None,
+                    num_bits: int) -> tuple[np.ndarray, np.ndarray, tuple[np.float32, np.float32], np.ndarray]:
+    """(w as float32, its (A, C, B) view, the code bounds, numerics.arq_scale's (C,)): the checked
+    scale pass arq_scale and arq_forward share."""
     codes = numerics.weight_code_bounds(num_bits)
     w32 = _flat_f32(w)
     if w32.size == 0:
@@ -379,22 +381,20 @@ def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAUL
     scale = np.empty(w3.shape[1], np.float32)
     if _arq_scale_kernel(w3, _F32_EPS, *codes, scale):
         _raise_non_finite((w, "arq_scale weights"))
-    return scale
+    return w32, w3, codes, scale
+
+
+def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
+    """:func:`numerics.arq_scale`, fused: float32 (C,) or (1,), bit for bit, in one pass."""
+    return _arq_scale_pass(w, channel_axis, num_bits)[3]
 
 
 def arq_forward(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS,
                 out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """``(arq_fake_quantize(w, scale_w, channel_axis, num_bits), scale_w)`` with ``scale_w = arq_scale(w,
     channel_axis, num_bits)``: a WeightARQ forward pass in two kernel calls and one set of checks."""
-    codes = numerics.weight_code_bounds(num_bits)
-    w32 = _flat_f32(w)
-    if w32.size == 0:
-        raise NumericsError("arq_scale: empty weights")
-    w3 = _weights_3d(w32, channel_axis, "arq_scale")
-    scale = np.empty(w3.shape[1], np.float32)
+    w32, w3, codes, scale = _arq_scale_pass(w, channel_axis, num_bits)
     out = _out_f32(out, w32, "arq_fake_quantize")
-    if _arq_scale_kernel(w3, _F32_EPS, *codes, scale):
-        _raise_non_finite((w, "arq_scale weights"))
     _arq_kernel(w3, scale, *codes, out.reshape(w3.shape))
     return out, scale
 
