@@ -304,15 +304,10 @@ def _bits_key(num_bits: int) -> int:
     return numerics.bit_width(num_bits).bits
 
 
-def _clip_value(v: npt.ArrayLike, what: str) -> float:
-    """A clip as a python float (the cache key); a float passes through as it is."""
-    return v if type(v) is float else _scalar(v, what, finite=False)
-
-
 @functools.lru_cache(maxsize=256)
 def _ulq_grid(clip_min: float, clip_max: float, num_bits: int) -> tuple[np.float32, np.float32, np.float32,
                                                                          np.float32, np.float32, np.float32, float]:
-    """``(s, multiplier, k_lo, k_hi, lo, hi, d_min)`` of ULQ's grid for a clip pair: numerics' scalar
+    """``(s, multiplier, k_lo, k_hi, lo, hi, rmin)`` of ULQ's grid for a clip pair: numerics' scalar
     work, cached because the forward and backward pass of a step (and every TEST batch) share a
     pair, and on a small net it cost more than the data passes."""
     bw = numerics.bit_width(num_bits)
@@ -324,15 +319,14 @@ def _ulq_grid(clip_min: float, clip_max: float, num_bits: int) -> tuple[np.float
     s, offset_d, rmin = _range_factors(clip_min, clip_max, num_bits)
     o = bw.code_min - offset_d
     lo, hi = numerics.ulq_bounds(s, o, num_bits)
-    d_min = float((np.rint(rmin) - rmin) / levels)
-    return s, numerics.quant_multiplier(s)[()], np.float32(o), np.float32(o + levels), lo, hi, d_min
+    return s, numerics.quant_multiplier(s)[()], np.float32(o), np.float32(o + levels), lo, hi, rmin
 
 
 def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
                 num_bits: int = DEFAULT_BITS, out: np.ndarray | None = None) -> npt.NDArray[np.float32]:
     """:func:`numerics.ulq_forward`, fused: float32 of x's shape (into ``out`` if given)."""
-    s, multiplier, k_lo, k_hi, _, _, _ = _ulq_grid(_clip_value(clip_min, "clip_min"),
-                                                   _clip_value(clip_max, "clip_max"), _bits_key(num_bits))
+    s, multiplier, k_lo, k_hi, _, _, _ = _ulq_grid(_scalar(clip_min, "clip_min", finite=False),
+                                                   _scalar(clip_max, "clip_max", finite=False), _bits_key(num_bits))
     x32 = _flat_f32(x)
     out = _out_f32(out, x32, "ulq_forward")
     if _fake_quant_kernel(x32.reshape(-1), multiplier, s, k_lo, k_hi, out.reshape(-1)):
@@ -346,7 +340,8 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
     """:func:`numerics.ulq_backward`, fused: ``(grad_x float32 of x's shape, grad_clip_min,
     grad_clip_max)``, grad_x into ``grad_x_out`` if given."""
     bits = _bits_key(num_bits)
-    s, _, _, _, lo, hi, d_min = _ulq_grid(_clip_value(clip_min, "clip_min"), _clip_value(clip_max, "clip_max"), bits)
+    s, _, _, _, lo, hi, rmin = _ulq_grid(_scalar(clip_min, "clip_min", finite=False),
+                                         _scalar(clip_max, "clip_max", finite=False), bits)
     x32, g32 = _flat_f32(x), _flat_f32(grad_y)
     if g32.shape != x32.shape:
         raise NumericsError(f"ulq_backward: grad_y shape {g32.shape} != x shape {x32.shape}")
@@ -355,10 +350,7 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
     sum_in, sum_above, sum_below = (float(v) for v in sums)
     if bad:
         _raise_non_finite((x, "ulq_backward input"), (grad_y, "ulq_backward gradient"))
-    sum_in_d = sum_in / (2 ** bits - 1)
-    grad_max = sum_in_d + sum_above * (d_min + 1.0) + sum_below * d_min
-    grad_min = -sum_in_d - sum_above * d_min + sum_below * (1.0 - d_min)
-    return grad_x, float(grad_min), float(grad_max)
+    return (grad_x, *numerics.ulq_clip_gradients(sum_in, sum_above, sum_below, rmin, bits))
 
 
 def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndarray:

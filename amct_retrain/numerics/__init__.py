@@ -40,7 +40,8 @@ from amct_retrain.numerics.checks import (
 from amct_retrain.numerics.activation import (
     quant_multiplier, scale_offset_from_range, quantize_activation, quant_layer_forward, code_bounds,
     dequantize_activation, fake_quantize_activation, activation_grid_bounds, ulq_sanitize_clips, ulq_scale_offset,
-    ulq_to_deploy_offset, ulq_deploy_factors, ulq_bounds, ulq_forward, ulq_backward, fraction_clipped,
+    ulq_to_deploy_offset, ulq_deploy_factors, ulq_bounds, ulq_forward, ulq_backward, ulq_clip_gradients,
+    fraction_clipped,
 )
 from amct_retrain.numerics.ifmr import (
     ifmr_search, ifmr_grids, ifmr_squared_errors, ifmr_code_bounds, ifmr_choice, activation_factors,
@@ -61,7 +62,8 @@ __all__ = [
     "bit_width", "check_finite", "errors_named", "quant_multiplier", "scale_offset_from_range",
     "quantize_activation", "quant_layer_forward", "code_bounds", "dequantize_activation",
     "fake_quantize_activation", "activation_grid_bounds", "ulq_sanitize_clips", "ulq_scale_offset",
-    "ulq_to_deploy_offset", "ulq_deploy_factors", "ulq_bounds", "ulq_forward", "ulq_backward", "fraction_clipped",
+    "ulq_to_deploy_offset", "ulq_deploy_factors", "ulq_bounds", "ulq_forward", "ulq_backward", "ulq_clip_gradients",
+    "fraction_clipped",
     "ifmr_search", "ifmr_grids", "ifmr_squared_errors", "ifmr_code_bounds", "ifmr_choice", "activation_factors",
     "arq_scale", "arq_quantize", "weight_code_bounds", "arq_fake_quantize", "quantize_bias", "dequantize_bias",
     "average_pool_scale", "deq_scales", "window_sums", "exact_integer_matmul", "conv_accumulate",

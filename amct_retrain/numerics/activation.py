@@ -376,7 +376,6 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
         ``(grad_x, grad_clip_min, grad_clip_max)``: grad_x float32 of x's shape, the
         clip gradients python floats.
     """
-    levels = bit_width(num_bits).levels
     s, o = ulq_scale_offset(clip_min, clip_max, num_bits)
     _, _, rmin = _range_factors(clip_min, clip_max, num_bits)
     x32 = _as_f32(x, "ulq_backward input")
@@ -394,14 +393,24 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
     dnum = np.rint(r) - r  # exact in float32 (Sterbenz)
     # float64 sums with one float64 temporary (this runs every iteration): grad_x is g inside
     # and 0 elsewhere. No BLAS call here: numpy's BLAS threads would fight Caffe's for the cores.
-    sum_in_d = float(np.multiply(grad_x, dnum, dtype=np.float64).sum()) / levels
+    sum_in = float(np.multiply(grad_x, dnum, dtype=np.float64).sum())
     sum_above = float(np.sum(g32, where=above, dtype=np.float64))
     sum_below = float(np.sum(g32, where=below, dtype=np.float64))
-    d_min = float((np.rint(rmin) - rmin) / levels)
+    return (grad_x, *ulq_clip_gradients(sum_in, sum_above, sum_below, rmin, num_bits))
 
+
+def ulq_clip_gradients(sum_in: float, sum_above: float, sum_below: float, rmin: float,
+                       num_bits: int = DEFAULT_BITS) -> tuple[float, float]:
+    """``(grad_clip_min, grad_clip_max)`` of ULQ (contract section 3) from the pass's three float64
+    sums: ``sum_in`` of g * (rint(x/s) - x/s) over the inputs inside the grid, ``sum_above`` and
+    ``sum_below`` of g over those above and below it; ``rmin`` is min / s unrounded (the third value
+    of ``_range_factors``), so that ``D(min) = (rint(rmin) - rmin) / L``."""
+    levels = bit_width(num_bits).levels
+    sum_in_d = sum_in / levels
+    d_min = float((np.rint(rmin) - rmin) / levels)
     grad_max = sum_in_d + sum_above * (d_min + 1.0) + sum_below * d_min
     grad_min = -sum_in_d - sum_above * d_min + sum_below * (1.0 - d_min)
-    return grad_x, float(grad_min), float(grad_max)
+    return float(grad_min), float(grad_max)
 
 
 def fraction_clipped(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
