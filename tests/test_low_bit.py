@@ -232,3 +232,18 @@ def test_layers_sharing_an_activation_quantizer_must_share_its_bit_width(tmp_pat
     with pytest.raises(amct_retrain.ConfigError, match="branch_b.*shares its activation quantizer"):
         amct_retrain.create_quant_retrain_model(str(model), str(weights), str(config), str(tmp_path / "m.prototxt"),
                                                 str(tmp_path / "m.caffemodel"), str(tmp_path / "r.txt"))
+
+
+def test_a_deploy_model_without_its_quant_info_file_is_read_as_8_bit_with_a_warning(tmp_path, caplog):
+    from amct_retrain.saved_models import activation_bit_widths
+
+    deploy_model = output_files(str(tmp_path / "model"))["deploy_model"]
+    with caplog.at_level("WARNING", logger="amct_retrain.saved_models"):
+        assert activation_bit_widths(deploy_model) == {}
+    assert "no quant info file" in caplog.text and "8-bit" in caplog.text, caplog.text
+    info = output_files(str(tmp_path / "model"))["quant_info"]
+    with open(info, "w") as f:
+        json.dump({"quantized_layers": {"conv1": {"num_bits_d": 4}, "ip1": {}}}, f)
+    caplog.clear()
+    assert activation_bit_widths(deploy_model) == {"conv1": 4, "ip1": 8}
+    assert "no quant info file" not in caplog.text

@@ -388,3 +388,40 @@ def test_public_names_at_the_top_level():
                            "'onnx imported with amct_retrain'; amct_retrain.export_onnx; assert 'onnx' in sys.modules"],
                           capture_output=True, text=True)
     assert lazy.returncode == 0, f"export_onnx is not imported lazily: {lazy.stderr[-1500:]}"
+
+
+def test_user_model_retrained_at_w4a4_is_exact_in_the_integer_executor(user, tmp_path):
+    """Low-bit retraining on what users' models have (LMDB + transform_param, BatchNorm left as
+    train_val has it, LRN, Concat, Eltwise, AVE pooling): the 4-bit deploy model in the integer
+    executor gives the fake-quant model's accuracy and loss on every TEST batch."""
+    own = user.copy_to(tmp_path / "model")
+    config, out, save_path = tmp_path / "config.json", tmp_path / "retrain", tmp_path / "result" / "model"
+    assert run_cli("config", "--model", own.train_val, "--weights", own.weights, "--output", config).returncode == 0
+    entries = json.loads(config.read_text())
+    for entry in entries.values():
+        for block in ("retrain_data_config", "retrain_weight_config"):
+            if isinstance(entry, dict) and block in entry:
+                entry[block]["num_bits"] = 4
+    config.write_text(json.dumps(entries))
+    for step in (("prepare", "--model", own.train_val, "--weights", own.weights, "--config", config,
+                  "--output-dir", out, "--max-iter", 20, "--test-iter", user_model.TEST_ITER, "--base-lr", 0.001),
+                 ("train", "--solver", out / "solver.prototxt", "--weights", out / "retrain.caffemodel"),
+                 ("save", "--model", out / "retrain.prototxt", "--weights", out / "retrained_iter_20.caffemodel",
+                  "--save-path", save_path)):
+        done = run_cli(*step)
+        assert done.returncode == 0, f"{step[0]} failed:\n{done.stderr[-2000:]}"
+    files = output_files(str(save_path))
+    widths = {name: (q.get("num_bits_d", 8), q.get("num_bits_w", 8))
+              for name, q in json.loads(open(files["quant_info"]).read())["quantized_layers"].items()}
+    # AVE Pooling (pool2) has no weights: only its input is 4-bit.
+    assert widths and all(w == (4, 4) or (name == "pool2" and w[0] == 4) for name, w in widths.items()), \
+        f"bit widths in the quant info file: {widths}"
+    fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
+    fake_out = [{k: v.copy() for k, v in fake.forward().items()} for _ in range(user_model.TEST_ITER)]
+    del fake
+    gc.collect()  # one net at a time on the copy's test LMDB
+    executor = ReferenceExecutor(files["deploy_model"], files["deploy_weights"])
+    integer_out = [executor.forward() for _ in range(user_model.TEST_ITER)]
+    for i, (f, r) in enumerate(zip(fake_out, integer_out)):
+        for name in ("accuracy", "loss"):
+            assert np.array_equal(f[name], r[name]), f"batch {i}: {name} {f[name]} (fake-quant) vs {r[name]} (integer)"
