@@ -34,7 +34,7 @@ from threadpoolctl import ThreadpoolController
 
 from amct_retrain import numerics
 from amct_retrain.numerics import DEFAULT_BITS, NumericsError
-from amct_retrain.numerics.activation import _range_factors
+from amct_retrain.numerics.activation import _ulq_grid_ratio
 from amct_retrain.numerics.arq import _weight_scale_b
 from amct_retrain.numerics.checks import (_F32_EPS, _norm_axis, _offset_code, _per_channel, _positive_scale, _scalar,
                                           _shift_vector)
@@ -310,14 +310,8 @@ def _ulq_grid(clip_min: float, clip_max: float, num_bits: int) -> tuple[np.float
     """``(s, multiplier, k_lo, k_hi, lo, hi, rmin)`` of ULQ's grid for a clip pair: numerics' scalar
     work, cached because the forward and backward pass of a step (and every TEST batch) share a
     pair, and on a small net it cost more than the data passes."""
-    bw = numerics.bit_width(num_bits)
-    levels = bw.levels
-    if not (clip_min <= 0.0 <= clip_max and math.isfinite(clip_min) and math.isfinite(clip_max)):
-        # unsanitised or non-finite clips: numerics' own error
-        numerics.ulq_scale_offset(clip_min, clip_max, num_bits)
-    # ulq_scale_offset's (s, o) from the one _range_factors call that also gives min / s
-    s, offset_d, rmin = _range_factors(clip_min, clip_max, num_bits)
-    o = bw.code_min - offset_d
+    levels = numerics.bit_width(num_bits).levels
+    s, o, rmin = _ulq_grid_ratio(clip_min, clip_max, num_bits)
     lo, hi = numerics.ulq_bounds(s, o, num_bits)
     return s, numerics.quant_multiplier(s)[()], np.float32(o), np.float32(o + levels), lo, hi, rmin
 

@@ -291,13 +291,20 @@ def ulq_scale_offset(clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
     Raises:
         NumericsError: the pair does not contain 0 (it was not sanitised).
     """
+    s, o, _ = _ulq_grid_ratio(clip_min, clip_max, num_bits)
+    return s, o
+
+
+def _ulq_grid_ratio(clip_min: npt.ArrayLike, clip_max: npt.ArrayLike, num_bits: int) -> tuple[np.float32, int, float]:
+    """:func:`ulq_scale_offset`'s ``(s, o)`` and ``min / s`` unrounded (for D(min)), from one
+    ``_range_factors`` call: what ULQ's forward and backward pass need of a clip pair."""
     cmin = _scalar(clip_min, "clip_min")
     cmax = _scalar(clip_max, "clip_max")
     if not cmin <= 0.0 <= cmax:
         raise NumericsError(
             f"ULQ clips ({cmin!r}, {cmax!r}) do not contain 0: pass them through ulq_sanitize_clips")
-    s, offset_d = scale_offset_from_range(cmin, cmax, num_bits)
-    return s, bit_width(num_bits).code_min - offset_d
+    s, offset_d, rmin = _range_factors(cmin, cmax, num_bits)
+    return s, bit_width(num_bits).code_min - offset_d, rmin
 
 
 def ulq_to_deploy_offset(o: int, num_bits: int = DEFAULT_BITS) -> int:
@@ -376,8 +383,7 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
         ``(grad_x, grad_clip_min, grad_clip_max)``: grad_x float32 of x's shape, the
         clip gradients python floats.
     """
-    s, o = ulq_scale_offset(clip_min, clip_max, num_bits)
-    _, _, rmin = _range_factors(clip_min, clip_max, num_bits)
+    s, o, rmin = _ulq_grid_ratio(clip_min, clip_max, num_bits)
     x32 = _as_f32(x, "ulq_backward input")
     g32 = _as_f32(grad_y, "ulq_backward gradient")
     if g32.shape != x32.shape:
