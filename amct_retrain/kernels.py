@@ -40,7 +40,7 @@ from amct_retrain.numerics.checks import (_F32_EPS, _norm_axis, _offset_code, _p
                                           _shift_vector)
 
 __all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
-           "arq_scale", "arq_forward", "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
+           "arq_scale", "arq_forward", "arq_move_gradient", "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
            "activation_factors"]
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -128,8 +128,9 @@ def _ulq_backward_block(x, g, scale, lo, hi, grad_x):
 
 @numba.njit(**_JIT)
 def _ulq_backward_kernel(x, g, scale, lo, hi, grad_x):
-    """grad_x = g inside [lo, hi], 0 outside; returns ((sum of g * (rint(x/s) - x/s) inside, sum of
-    g above, sum of g below) as float64 (3,), whether x or g holds NaN/Inf)."""
+    """grad_x = g inside [lo, hi], 0 outside; returns (sum of g * (rint(x/s) - x/s) inside, sum of
+    g above, sum of g below, whether x or g holds NaN/Inf): three floats, not an array, which
+    would cost a small layer more to unpack than its pass."""
     total = np.zeros(3)
     comp = np.zeros(3)
     for start in range(0, x.size, _BLOCK):
@@ -140,7 +141,8 @@ def _ulq_backward_kernel(x, g, scale, lo, hi, grad_x):
         _add_compensated(total, comp, 1, s_above)
         _add_compensated(total, comp, 2, s_below)
     sums = total + comp
-    return sums, sums[2] != sums[2]  # a finite float32 sum in float64 cannot overflow: NaN means NaN/Inf seen
+    # A finite float32 sum in float64 cannot overflow: NaN means NaN/Inf seen.
+    return sums[0], sums[1], sums[2], sums[2] != sums[2]
 
 
 @numba.njit(**_JIT)
@@ -340,8 +342,8 @@ def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLik
     if g32.shape != x32.shape:
         raise NumericsError(f"ulq_backward: grad_y shape {g32.shape} != x shape {x32.shape}")
     grad_x = _out_f32(grad_x_out, x32, "ulq_backward")
-    sums, bad = _ulq_backward_kernel(x32.reshape(-1), g32.reshape(-1), s, lo, hi, grad_x.reshape(-1))
-    sum_in, sum_above, sum_below = (float(v) for v in sums)
+    sum_in, sum_above, sum_below, bad = _ulq_backward_kernel(x32.reshape(-1), g32.reshape(-1), s, lo, hi,
+                                                             grad_x.reshape(-1))
     if bad:
         _raise_non_finite((x, "ulq_backward input"), (grad_y, "ulq_backward gradient"))
     return (grad_x, *numerics.ulq_clip_gradients(sum_in, sum_above, sum_below, rmin, bits))
@@ -355,16 +357,17 @@ def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndar
     return np.ascontiguousarray(w32).reshape(math.prod(w32.shape[:ax]), w32.shape[ax], -1)
 
 
-def _arq_scale_pass(w: npt.ArrayLike, channel_axis: int | None,
-                    num_bits: int) -> tuple[np.ndarray, np.ndarray, tuple[np.float32, np.float32], np.ndarray]:
-    """(w as float32, its (A, C, B) view, the code bounds, numerics.arq_scale's (C,)): the checked
-    scale pass arq_scale and arq_forward share."""
+def _arq_scale_pass(w: npt.ArrayLike, channel_axis: int | None, num_bits: int,
+                    scale_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                  tuple[np.float32, np.float32], np.ndarray]:
+    """(w as float32, its (A, C, B) view, the code bounds, numerics.arq_scale's (C,), into
+    ``scale_out`` if given): the checked scale pass arq_scale and arq_forward share."""
     codes = numerics.weight_code_bounds(num_bits)
     w32 = _flat_f32(w)
     if w32.size == 0:
         raise NumericsError("arq_scale: empty weights")
     w3 = _weights_3d(w32, channel_axis, "arq_scale")
-    scale = np.empty(w3.shape[1], np.float32)
+    scale = _out_f32(scale_out, w3[0, :, 0], "arq_scale")  # (C,)
     if _arq_scale_kernel(w3, _F32_EPS, *codes, scale):
         _raise_non_finite((w, "arq_scale weights"))
     return w32, w3, codes, scale
@@ -376,10 +379,12 @@ def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAUL
 
 
 def arq_forward(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS,
-                out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+                out: np.ndarray | None = None,
+                scale_out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """``(arq_fake_quantize(w, scale_w, channel_axis, num_bits), scale_w)`` with ``scale_w = arq_scale(w,
-    channel_axis, num_bits)``: a WeightARQ forward pass in two kernel calls and one set of checks."""
-    w32, w3, codes, scale = _arq_scale_pass(w, channel_axis, num_bits)
+    channel_axis, num_bits)``: a WeightARQ forward pass in two kernel calls and one set of checks.
+    The weights go into ``out`` and scale_w into ``scale_out`` (float32 (C,) or (1,)) if given."""
+    w32, w3, codes, scale = _arq_scale_pass(w, channel_axis, num_bits, scale_out)
     out = _out_f32(out, w32, "arq_fake_quantize")
     _arq_kernel(w3, scale, *codes, out.reshape(w3.shape))
     return out, scale
@@ -396,6 +401,22 @@ def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: in
     if _arq_kernel(w3, np.ascontiguousarray(s), *codes, out.reshape(w3.shape)):
         _raise_non_finite((w, "arq_fake_quantize weights"))
     return out
+
+
+@numba.njit(**_JIT)
+def _move_gradient_kernel(src, dst):
+    for i in range(src.size):
+        dst[i] += src[i]
+        src[i] = 0.0
+
+
+def arq_move_gradient(fake_quant_grad: np.ndarray, master_grad: np.ndarray) -> None:
+    """ARQ's straight-through backward (contract section 3) in one pass, in place:
+    ``master_grad += fake_quant_grad``, then ``fake_quant_grad = 0`` (so that a solver sees no
+    gradient on the fake-quantized copy). Both float32 C-contiguous arrays of one shape."""
+    src = _out_f32(fake_quant_grad, master_grad, "arq_move_gradient")
+    dst = _out_f32(master_grad, src, "arq_move_gradient")
+    _move_gradient_kernel(src.reshape(-1), dst.reshape(-1))
 
 
 def _channels_3d(y: np.ndarray, what: str) -> np.ndarray:

@@ -26,6 +26,11 @@ READY, LAST_MIN, LAST_MAX = 0, 1, 2
 """Entries of ActivationULQ's ``clip_state`` blob: [ready flag, min, max of its last forward]."""
 
 
+def shares_memory(a: Any, b: Any) -> bool:
+    """Whether two Caffe blobs hold the same data (a layer run in place: its top is its bottom)."""
+    return bool(a.data.__array_interface__["data"][0] == b.data.__array_interface__["data"][0])
+
+
 @dataclass(frozen=True)
 class Key:
     """One accepted param_str key: its JSON type(s), whether it must be present, and the values it

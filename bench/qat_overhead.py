@@ -4,17 +4,21 @@ ours, PyTorch's eager QAT on the same nets (bench/torch_qat.py) when given a Pyt
 Nets: the digits demo's LeNet (batch 64, 1x8x8) and a conv net of 5 convolutions of 64
 channels on 32x32x3 inputs (batch 16 and 32). Ours are made quantization-aware with the public
 API; the ratio QAT / float is what the fake-quant layers cost. Aims: <= 1.05 on the conv net,
-<= 1.25 on the LeNet. Rounds interleave ours (float, QAT) and torch's (float, QAT); each figure
-is the best of the rounds.
+<= 1.25 on the LeNet. Each net is measured in --processes fresh processes; in each, rounds
+interleave ours (float, QAT) and torch's (float, QAT) and a process's figure is the best of its
+rounds; the bench prints the median over the processes and the range of the ratio.
 
-    .venv/bin/python bench/qat_overhead.py [--iters 10] [--min-seconds 0.5] [--rounds 5] [--torch-python VENV/bin/python]
+    .venv/bin/python bench/qat_overhead.py [--processes 3] [--rounds 3] [--iters 10] [--min-seconds 0.5]
+        [--torch-python VENV/bin/python]
 
 torch (CPU) in its own environment, never a dependency of amct_retrain:
 ``python3 -m venv /tmp/torch-venv && /tmp/torch-venv/bin/pip install torch==2.13.0 numpy``.
 """
 import argparse
+import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,45 +120,80 @@ def ours(name: str, net_text: str, out: pathlib.Path) -> tuple:
     return solver_for(model, weights), solver_for(qat_model, qat_weights)
 
 
+NETS = [("digits LeNet, batch 64", "digits", 64), ("5 conv x 64 ch, 32x32x3, batch 16", "conv5x64", 16),
+        ("5 conv x 64 ch, 32x32x3, batch 32", "conv5x64", 32)]
+
+
+def one_process(net: str, batch: int, args: argparse.Namespace) -> list[float]:
+    """One sample, in a fresh process: the best of ``args.rounds`` interleaved rounds of ours
+    (float, QAT) and, with --torch-python, torch's (float, QAT), in ms per iteration."""
+    caffe.set_mode_cpu()
+    torch_side = TorchSide(args.torch_python) if args.torch_python else None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp)
+        net_text = digits_net(out) if net == "digits" else conv_net(batch)
+        solvers = ours(f"{net}_{batch}", net_text, out)
+        # At least --min-seconds per timed run: ten LeNet iterations (35 ms) were one scheduler hiccup.
+        iters = max(args.iters, round(args.min_seconds * 1000 / ms_per_iter(solvers[0], args.iters)))
+        best = [float("inf")] * 4  # ours float, ours QAT, torch float, torch QAT
+        for _ in range(args.rounds):
+            times = [ms_per_iter(solver, iters) for solver in solvers]
+            if torch_side is not None:
+                times += torch_side.round(net, batch, iters)
+            best = [min(b, t) for b, t in zip(best, times)]
+        del solvers
+    if torch_side is not None:
+        torch_side.close()
+    return best if torch_side is not None else best[:2]
+
+
+def sample(net: str, batch: int, args: argparse.Namespace) -> list[float]:
+    """:func:`one_process` in a child process (this script with --child)."""
+    cmd = [sys.executable, __file__, "--child", net, str(batch), "--iters", str(args.iters), "--rounds",
+           str(args.rounds), "--min-seconds", str(args.min_seconds)]
+    if args.torch_python:
+        cmd += ["--torch-python", args.torch_python]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per net and round (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per process (default %(default)s)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per net, each one sample (default %(default)s)")
     parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="more iterations where --iters would take less (default %(default)s s)")
     parser.add_argument("--torch-python", help="a Python with torch, for PyTorch's eager QAT on the same nets")
+    parser.add_argument("--child", nargs=2, metavar=("NET", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    caffe.set_mode_cpu()
-    torch_side = TorchSide(args.torch_python) if args.torch_python else None
+    if args.child:
+        print(json.dumps(one_process(args.child[0], int(args.child[1]), args)))
+        return
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp)
-        nets = [("digits LeNet, batch 64", "digits", 64, digits_net(out)),
-                ("5 conv x 64 ch, 32x32x3, batch 16", "conv5x64", 16, conv_net(16)),
-                ("5 conv x 64 ch, 32x32x3, batch 32", "conv5x64", 32, conv_net(32))]
-        for label, net, batch, net_text in nets:
-            solvers = ours(f"{net}_{batch}", net_text, out)
-            # At least --min-seconds per timed run: ten LeNet iterations (35 ms) were one scheduler hiccup.
-            iters = max(args.iters, round(args.min_seconds * 1000 / ms_per_iter(solvers[0], args.iters)))
-            best = [float("inf")] * 4  # ours float, ours QAT, torch float, torch QAT
-            for _ in range(args.rounds):
-                times = [ms_per_iter(solver, iters) for solver in solvers]
-                if torch_side is not None:
-                    times += torch_side.round(net, batch, iters)
-                best = [min(b, t) for b, t in zip(best, times)]
-            rows.append((label, best))
-            del solvers
-    if torch_side is not None:
-        torch_side.close()
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}; best of {args.rounds} rounds of at least "
-          f"{args.iters} iterations and {args.min_seconds} s")
-    print(f"{'net':<36}{'float ms':>10}{'QAT ms':>9}{'QAT/float':>11}" +
-          (f"{'torch float':>13}{'torch QAT':>11}{'torch QAT/float':>17}" if torch_side else ""))
-    for label, (float_ms, qat_ms, *torch_ms) in rows:
-        line = f"{label:<36}{float_ms:>10.2f}{qat_ms:>9.2f}{qat_ms / float_ms:>11.3f}"
-        if torch_ms:
-            line += f"{torch_ms[0]:>13.2f}{torch_ms[1]:>11.2f}{torch_ms[1] / torch_ms[0]:>17.3f}"
+    for label, net, batch in NETS:
+        # The nets' speed differs more between processes (where their blobs and OpenBLAS's threads
+        # land) than between rounds of one process: a figure is the median over fresh processes.
+        samples = [sample(net, batch, args) for _ in range(args.processes)]
+        rows.append((label, samples))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; per net {args.processes} processes, each the best of "
+          f"{args.rounds} interleaved rounds of at least {args.iters} iterations and {args.min_seconds} s; "
+          "ms and ratios: median over the processes [lowest, highest ratio]")
+    torch_cols = args.torch_python is not None
+    print(f"{'net':<36}{'float ms':>10}{'QAT ms':>9}{'QAT/float':>24}" +
+          (f"{'torch float':>13}{'torch QAT':>11}{'torch QAT/float':>24}" if torch_cols else ""))
+    for label, samples in rows:
+        line = f"{label:<36}" + _columns([s[0] for s in samples], [s[1] for s in samples], 10, 9)
+        if torch_cols:
+            line += _columns([s[2] for s in samples], [s[3] for s in samples], 13, 11)
         print(line)
+
+
+def _columns(float_ms: list[float], qat_ms: list[float], w_float: int, w_qat: int) -> str:
+    ratios = [q / f for f, q in zip(float_ms, qat_ms)]
+    spread = f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+    return f"{statistics.median(float_ms):>{w_float}.2f}{statistics.median(qat_ms):>{w_qat}.2f}{spread:>24}"
 
 
 if __name__ == "__main__":

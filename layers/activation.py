@@ -46,13 +46,19 @@ class ActivationULQ(caffe.Layer):
             self.blobs[CLIP_MIN].data[0] = p["clip_min"]
             self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
+        self.top_shape: tuple[int, ...] | None = None
         self.scratch: np.ndarray | None = None  # the unused input gradient without propagate_down
         self.log = tensorboard.layer_log(p, "ActivationULQ")
         self.batch_num = p["batch_num"]
         self.constant_test_values: list[float] = []  # of the consecutive constant TEST batches so far
 
     def reshape(self, bottom, top):
-        top[0].reshape(*bottom[0].data.shape)
+        # Caffe calls this before every forward: only a new input shape has work to do (the top
+        # is this layer's own, reshaped by nothing else).
+        shape = bottom[0].data.shape
+        if shape != self.top_shape:
+            top[0].reshape(*shape)
+            self.top_shape = shape
 
     def forward(self, bottom, top):
         x = bottom[0].data

@@ -6,7 +6,7 @@ import numpy as np
 
 from amct_retrain import kernels, numerics, record, tensorboard
 from amct_retrain.errors import LayerParamError
-from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, SHIFT_N_SEARCH
+from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, SHIFT_N_SEARCH, shares_memory
 
 LOG = logging.getLogger("amct_retrain.layers")  # not __name__ (amct_retrain_layers.*): under the package logger
 # Shared (by param name) with the ActivationULQ and WeightARQ layers that own them.
@@ -41,6 +41,7 @@ class ShiftNSearch(caffe.Layer):
             raise LayerParamError(f"ShiftNSearch layer '{self.layer_name}': param_str needs exactly one of "
                                   "'weight_shape' and 'scale_w'")
         self.fixed_scale_w = None if p["scale_w"] is None else np.asarray(p["scale_w"], np.float32)
+        self.in_place: bool | None = None  # known at the first reshape, once the top has memory
         self.blobs.add_blob(3)
         if self.fixed_scale_w is None:  # WeightARQ's scale_w blob: one per channel, or one
             shape, axis = p["weight_shape"], p["channel_axis"]
@@ -54,7 +55,11 @@ class ShiftNSearch(caffe.Layer):
         self.writer_token = self.record_writes.join()
 
     def reshape(self, bottom, top):
-        top[0].reshape(*bottom[0].data.shape)
+        # Placed in place, where the top already is the bottom: then nothing to do, every call.
+        if not self.in_place:
+            top[0].reshape(*bottom[0].data.shape)
+            if self.in_place is None:
+                self.in_place = shares_memory(bottom[0], top[0])
 
     def forward(self, bottom, top):
         if self.phase != TEST:

@@ -3,7 +3,7 @@ import caffe
 
 from amct_retrain import kernels, numerics, tensorboard
 from amct_retrain.errors import LayerParamError
-from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, WEIGHT_ARQ
+from amct_retrain.layer_specs import LAST_MAX, LAST_MIN, WEIGHT_ARQ, shares_memory
 
 # With the optional clip_state (a per-channel Convolution): scale_w comes after it.
 FAKE_QUANT_WEIGHTS, MASTER_WEIGHTS, CLIP_STATE = (WEIGHT_ARQ.blob(name, {"clip_state"})
@@ -74,7 +74,7 @@ class WeightARQ(caffe.Layer):
         for i in range(len(bottom)):
             top[i].reshape(*shapes[i])
         in_shape = shapes[0]
-        self.in_place = all(_same_memory(bottom[i], top[i]) for i in range(len(bottom)))
+        self.in_place = all(shares_memory(bottom[i], top[i]) for i in range(len(bottom)))
         self.output_shape = ((*in_shape[:2], *numerics.conv_output_hw(in_shape[2:], self.conv))
                              if self.conv is not None and len(in_shape) == 4 else ())
 
@@ -90,9 +90,10 @@ class WeightARQ(caffe.Layer):
                 scale_w = numerics.unify_global_conv_scales(
                     scale_d, kernels.arq_scale(master, self.channel_axis, self.num_bits_w))
                 kernels.arq_fake_quantize(master, scale_w, self.channel_axis, self.num_bits_w, out=fake_quant)
+                self.blobs[self.scale_w_blob].data[...] = scale_w
             else:
-                _, scale_w = kernels.arq_forward(master, self.channel_axis, self.num_bits_w, out=fake_quant)
-        self.blobs[self.scale_w_blob].data[...] = scale_w
+                _, scale_w = kernels.arq_forward(master, self.channel_axis, self.num_bits_w, out=fake_quant,
+                                                 scale_out=self.blobs[self.scale_w_blob].data)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
             self.log.write_histograms(tensorboard.arq_histograms(self.layer_name, master))
@@ -101,14 +102,8 @@ class WeightARQ(caffe.Layer):
                 top[i].data[...] = bottom[i].data
 
     def backward(self, top, propagate_down, bottom):
-        shared = self.blobs[FAKE_QUANT_WEIGHTS]
-        self.blobs[MASTER_WEIGHTS].diff[...] += shared.diff
-        shared.diff[...] = 0
+        kernels.arq_move_gradient(self.blobs[FAKE_QUANT_WEIGHTS].diff, self.blobs[MASTER_WEIGHTS].diff)
         if not self.in_place:
             for i in range(len(bottom)):
                 if propagate_down[i]:
                     bottom[i].diff[...] = top[i].diff
-
-
-def _same_memory(a, b) -> bool:
-    return a.data.__array_interface__["data"][0] == b.data.__array_interface__["data"][0]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from amct_retrain import kernels, numerics
+from amct_retrain.errors import NumericsError
 
 FAST = settings(max_examples=80, deadline=None)
 F32 = np.float32
@@ -233,6 +234,21 @@ def test_arq_forward_is_numerics_scale_then_fake_quantize(w, data):
     got, scale = kernels.arq_forward(w, axis, out=out)
     assert got is out and same_bits(scale, numerics.arq_scale(w, axis))
     assert same_bits(got, numerics.arq_fake_quantize(w, scale, axis))
+    scale_out = np.full(scale.shape, np.nan, np.float32)  # WeightARQ's scale_w blob
+    _, got_scale = kernels.arq_forward(w, axis, out=out, scale_out=scale_out)
+    assert got_scale is scale_out and same_bits(scale_out, scale), "scale_out must receive arq_scale's values"
+
+
+def test_arq_move_gradient_adds_into_the_master_and_clears_the_fake_quant_gradient():
+    rng = np.random.default_rng(3)
+    fake_quant_grad = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    master_grad = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    want = master_grad + fake_quant_grad
+    kernels.arq_move_gradient(fake_quant_grad, master_grad)
+    assert same_bits(master_grad, want), "master gradient must be its old value plus the fake-quant gradient"
+    assert not fake_quant_grad.any(), "the fake-quant gradient must be zeroed"
+    with pytest.raises(NumericsError, match="arq_move_gradient"):
+        kernels.arq_move_gradient(np.zeros(3, np.float32), np.zeros(4, np.float32))
 
 
 def test_arq_scale_of_ties_zero_channels_and_tiny_weights_is_numerics():

@@ -4,6 +4,7 @@ layer) and ULQ, the learnable-clip activation quantizer of retraining (contract 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +32,8 @@ def quant_multiplier(scale_d: npt.ArrayLike) -> np.ndarray:
     Returns:
         float32 array (0-d for a scalar).
     """
+    if type(scale_d) is np.float32:  # the layers' hot path (the same float64 division, one rounding)
+        return np.asarray(np.float32(1.0 / float(scale_d)))
     return np.asarray(1.0 / np.asarray(scale_d, dtype=np.float32).astype(np.float64), dtype=np.float32)
 
 
@@ -111,7 +114,7 @@ def _range_factors(data_min: npt.ArrayLike, data_max: npt.ArrayLike,
     # float32-rounded scale: the offset then does not hinge on that rounding
     # ([-1, 1] gives -rint(-127.5) - 128 = 0, not -1). r lies in [-levels, 0].
     r = float(bw.levels) * lo / (hi - lo)
-    offset = -int(np.rint(r)) + bw.code_min
+    offset = -round(r) + bw.code_min  # round: half to even, as np.rint (r is finite)
     return scale, min(max(offset, bw.code_min), bw.code_max), r
 
 
@@ -226,7 +229,7 @@ def activation_grid_bounds(scale_d: npt.ArrayLike, offset_d: npt.ArrayLike,
 def _valid_clip_pair(cmin: float, cmax: float) -> bool:
     # Contract: invalid if max <= min, max < 0 or min > 0. NaN/Inf clips (a diverged
     # solver) are invalid too; the comparisons below are False for NaN.
-    return bool(np.isfinite(cmin) and np.isfinite(cmax) and cmin < cmax and cmax >= 0 and cmin <= 0)
+    return math.isfinite(cmin) and math.isfinite(cmax) and cmin < cmax and cmax >= 0 and cmin <= 0
 
 
 def ulq_sanitize_clips(clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
@@ -253,16 +256,13 @@ def ulq_sanitize_clips(clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
     cmin = _scalar(clip_min, "clip_min", finite=False)  # NaN/Inf clips fall back below
     cmax = _scalar(clip_max, "clip_max", finite=False)
 
-    def usable(lo: float, hi: float) -> bool:
-        return _valid_clip_pair(lo, hi) and (not fixed_min or hi > 0)
-
-    if not usable(cmin, cmax):
+    if not (_valid_clip_pair(cmin, cmax) and (not fixed_min or cmax > 0)):
         if last_valid is None:
             raise NumericsError(
                 f"ULQ clips invalid (clip_min {cmin!r}, clip_max {cmax!r}; need min <= 0 <= max, "
                 f"min < max{', max > 0 with fixed_min' if fixed_min else ''}) and no earlier valid pair")
         lmin, lmax = float(last_valid[0]), float(last_valid[1])
-        if not usable(lmin, lmax):
+        if not (_valid_clip_pair(lmin, lmax) and (not fixed_min or lmax > 0)):
             raise NumericsError(f"ULQ last valid clip pair ({lmin!r}, {lmax!r}) is itself invalid")
         logger.debug("ULQ clips (%r, %r) invalid; using last valid (%r, %r)", cmin, cmax, lmin, lmax)
         cmin, cmax = lmin, lmax
@@ -413,7 +413,7 @@ def ulq_clip_gradients(sum_in: float, sum_above: float, sum_below: float, rmin: 
     of ``_range_factors``), so that ``D(min) = (rint(rmin) - rmin) / L``."""
     levels = bit_width(num_bits).levels
     sum_in_d = sum_in / levels
-    d_min = float((np.rint(rmin) - rmin) / levels)
+    d_min = (float(round(rmin)) - rmin) / levels  # round: half to even, as np.rint, without an array
     grad_max = sum_in_d + sum_above * (d_min + 1.0) + sum_below * d_min
     grad_min = -sum_in_d - sum_above * d_min + sum_below * (1.0 - d_min)
     return float(grad_min), float(grad_max)

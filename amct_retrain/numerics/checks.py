@@ -3,11 +3,9 @@ float32 grid rounding every weight path uses."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -54,23 +52,20 @@ class BitWidth:
     ``scale_d = (max - min) / levels``, ULQ's grid has ``levels`` steps between the clips.
     Weights (ARQ, symmetric): codes in ``[code_min, code_max]``, ``scale_w = a / code_max``
     (a > 0) or ``a / code_min``. At 8 bits: levels 255, codes -128..127 (contract section 3).
+    The ranges are fields, computed once: the layers read them on every call.
     """
     bits: int
+    #: ``2**bits - 1``: the steps between the ends of the grid.
+    levels: int = field(init=False)
+    #: ``-2**(bits-1)``: the smallest signed code.
+    code_min: int = field(init=False)
+    #: ``2**(bits-1) - 1``: the largest signed code.
+    code_max: int = field(init=False)
 
-    @property
-    def levels(self) -> int:
-        """``2**bits - 1``: the steps between the ends of the grid."""
-        return 2 ** self.bits - 1
-
-    @property
-    def code_min(self) -> int:
-        """``-2**(bits-1)``: the smallest signed code."""
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def code_max(self) -> int:
-        """``2**(bits-1) - 1``: the largest signed code."""
-        return 2 ** (self.bits - 1) - 1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", 2 ** self.bits - 1)
+        object.__setattr__(self, "code_min", -(2 ** (self.bits - 1)))
+        object.__setattr__(self, "code_max", 2 ** (self.bits - 1) - 1)
 
 
 def bit_width(num_bits: int = DEFAULT_BITS) -> BitWidth:
@@ -79,6 +74,8 @@ def bit_width(num_bits: int = DEFAULT_BITS) -> BitWidth:
     Raises:
         NumericsError: num_bits is not an int in 2..8.
     """
+    if type(num_bits) is int and num_bits in BITS_RANGE:  # the layers' hot path
+        return _bit_widths(num_bits)
     if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)) or num_bits not in BITS_RANGE:
         raise NumericsError(f"bit width (num_bits) must be an integer in {BITS_RANGE.start}..{BITS_RANGE.stop - 1}, "
                             f"got {num_bits!r}")
@@ -115,14 +112,22 @@ def check_finite(x: npt.ArrayLike, what: str) -> None:
         f"({n_nan} NaN, {n_inf} Inf); the numbers diverged or the data is corrupt")
 
 
-@contextlib.contextmanager
-def errors_named(who: str) -> Iterator[None]:
+class errors_named:  # noqa: N801 - used as a function: ``with errors_named(who):``
     """Prefix ``who`` (e.g. "ActivationULQ layer 'conv1_ulq'") to any NumericsError raised in
-    the block, so a caller names itself without checking its arrays a second time."""
-    try:
-        yield
-    except NumericsError as err:
-        raise type(err)(f"{who}: {err}") from None
+    the block, so a caller names itself without checking its arrays a second time. A class, not a
+    contextlib generator: the layers enter one per call, and the generator's entry and exit cost
+    more than a small layer's kernel."""
+    __slots__ = ("who",)
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None and issubclass(exc_type, NumericsError):
+            raise exc_type(f"{self.who}: {exc}") from None
 
 
 def _scalar(v: npt.ArrayLike, what: str, finite: bool = True) -> float:
