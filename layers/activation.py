@@ -29,6 +29,8 @@ class ActivationULQ(caffe.Layer):
     def setup(self, bottom, top):
         p = ACTIVATION_ULQ.parse(self.param_str)
         self.layer_name, self.fixed_min, self.num_bits = p["name"], p["fixed_min"], p["num_bits_d"]
+        self.where = f"ActivationULQ layer '{self.layer_name}'"  # error prefixes, formatted once
+        self.where_backward = f"{self.where} (backward)"
         if len(bottom) != 1 or len(top) != 1:
             raise LayerParamError(f"ActivationULQ layer '{self.layer_name}': needs 1 bottom and 1 top")
         given = [p["clip_min"] is not None, p["clip_max"] is not None]
@@ -65,16 +67,16 @@ class ActivationULQ(caffe.Layer):
         blobs = self.blobs
         state = blobs[CLIP_STATE].data
         self._check_fed(x, state)
-        with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}'"):
+        with numerics.errors_named(self.where):
             clip_min_blob, clip_max_blob = blobs[CLIP_MIN].data, blobs[CLIP_MAX].data
             if state[READY] < 0.5:
                 clip_min, clip_max = kernels.ifmr_search(x, num_bits=self.num_bits)
                 clip_min_blob[0], clip_max_blob[0] = clip_min, clip_max
                 state[...] = (1.0, clip_min, clip_max)
-            self.clips = numerics.ulq_sanitize_clips(
-                float(clip_min_blob[0]), float(clip_max_blob[0]),
-                (float(state[LAST_MIN]), float(state[LAST_MAX])), self.fixed_min)
-            state[LAST_MIN], state[LAST_MAX] = self.clips
+            last = state.tolist()  # python floats in one call
+            self.clips = numerics.ulq_sanitize_clips(clip_min_blob.item(0), clip_max_blob.item(0),
+                                                     (last[LAST_MIN], last[LAST_MAX]), self.fixed_min)
+            state[LAST_MIN:LAST_MAX + 1] = self.clips
             kernels.ulq_forward(x, *self.clips, self.num_bits, out=top[0].data)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips, self.num_bits))
@@ -90,7 +92,7 @@ class ActivationULQ(caffe.Layer):
         if not is_constant(x):
             self.constant_test_values = []
             return
-        where = f"ActivationULQ layer '{self.layer_name}'"
+        where = self.where
         value = float(x.ravel()[0]) if x.size else 0.0
         if not ready:
             raise unfed_error(where, "the batch its clips are initialised on (IFMR)", [value])
@@ -110,7 +112,7 @@ class ActivationULQ(caffe.Layer):
             if self.scratch is None or self.scratch.shape != x.shape:
                 self.scratch = np.empty(x.shape, np.float32)
             grad_x = self.scratch
-        with numerics.errors_named(f"ActivationULQ layer '{self.layer_name}' (backward)"):
+        with numerics.errors_named(self.where_backward):
             _, grad_min, grad_max = kernels.ulq_backward(x, top[0].diff, *self.clips, self.num_bits,
                                                          grad_x_out=grad_x)
         self.blobs[CLIP_MAX].diff[0] += grad_max

@@ -33,6 +33,7 @@ class WeightARQ(caffe.Layer):
     def setup(self, bottom, top):
         p = WEIGHT_ARQ.parse(self.param_str)
         self.layer_name, self.channel_axis = p["name"], p["channel_axis"]
+        self.where = f"WeightARQ layer '{self.layer_name}' (master weights)"  # error prefix, formatted once
         self.num_bits_w, self.num_bits_d = p["num_bits_w"], p["num_bits_d"]
         shape = p["weight_shape"]
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
@@ -81,7 +82,7 @@ class WeightARQ(caffe.Layer):
     def forward(self, bottom, top):
         master = self.blobs[MASTER_WEIGHTS].data
         fake_quant = self.blobs[FAKE_QUANT_WEIGHTS].data
-        with numerics.errors_named(f"WeightARQ layer '{self.layer_name}' (master weights)"):
+        with numerics.errors_named(self.where):
             if numerics.is_global_conv(self.output_shape, self.scale_count):
                 # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
                 state = self.blobs[CLIP_STATE].data
