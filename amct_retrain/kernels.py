@@ -145,22 +145,39 @@ def _ulq_backward_kernel(x, g, scale, lo, hi, grad_x):
     return sums[0], sums[1], sums[2], sums[2] != sums[2]
 
 
+@numba.njit(inline="always")
+def _float_order_key(u):
+    """An int32 that orders as the float32 of bits ``u`` does (NaN aside): its own inverse. Integer
+    max/min reductions vectorize, float ones (NaN rules) do not; -0.0 orders below +0.0, which no
+    scale sees (a channel whose extremes are zeros gets scale 1)."""
+    return u ^ ((u >> 31) & 0x7fffffff)
+
+
 @numba.njit(**_JIT)
 def _arq_scale_kernel(w, eps, code_min, code_max, scale):
-    """w (A, C, B) float32; scale (C,) float32 = numerics.arq_scale's rule on each channel's max
-    and min: a = max if |max| >= |min| else min, a/code_max if a > 0 else a/code_min (127, -128 at
-    8 bits), 1 below eps. Returns whether w holds NaN/Inf."""
+    """w (A, C, B) float32, C-contiguous; scale (C,) float32 = numerics.arq_scale's rule on each
+    channel's max and min: a = max if |max| >= |min| else min, a/code_max if a > 0 else a/code_min
+    (127, -128 at 8 bits), 1 below eps. Returns whether w holds NaN/Inf."""
+    bits = w.view(np.int32)
     bad = False
+    extremes = np.empty((w.shape[1], 2), np.int32)  # float32 bits of each channel's max, min
     for c in range(w.shape[1]):
-        mx = -np.inf
-        mn = np.inf
+        k_max = np.int32(-2147483648)
+        k_min = np.int32(2147483647)
         for a in range(w.shape[0]):
             for b in range(w.shape[2]):
-                v = w[a, c, b]
-                bad |= (v - v) != (v - v)
-                mx = max(mx, v)
-                mn = min(mn, v)
-        a_ = np.float32(mx) if abs(mx) >= abs(mn) else np.float32(mn)
+                u = bits[a, c, b]
+                bad |= (u & 0x7f800000) == 0x7f800000  # exponent all ones: NaN or Inf
+                k = _float_order_key(u)
+                k_max = max(k_max, k)
+                k_min = min(k_min, k)
+        extremes[c, 0] = _float_order_key(k_max)
+        extremes[c, 1] = _float_order_key(k_min)
+    as_float = extremes.view(np.float32)
+    for c in range(w.shape[1]):
+        mx = as_float[c, 0]
+        mn = as_float[c, 1]
+        a_ = mx if abs(mx) >= abs(mn) else mn
         s = a_ / code_max if a_ > 0 else a_ / code_min
         scale[c] = s if s >= eps else np.float32(1.0)
     return bad
