@@ -20,7 +20,7 @@ class ActivationULQ(caffe.Layer):
     (min, max) is the pair the last forward used, i.e. the last valid pair that an invalid
     solver update falls back to. Kept in a blob, not in Python, so the TEST net (which shares
     the TRAIN net's blobs), ShiftNSearch, snapshots and the saver all see the same pair.
-    Blob data is read afresh every call: Caffe re-points shared blobs between nets.
+    Blob data is read afresh every call: Caffe re-points shared blobs' memory between nets.
     With a ``log_dir`` in param_str, every ``log_every``-th TRAIN forward call logs the clips,
     scale_d and the share of the input clipped, and a histogram of the input, to TensorBoard
     (step: the call's index).
@@ -43,10 +43,14 @@ class ActivationULQ(caffe.Layer):
         self.blobs.add_blob(1)
         self.blobs.add_blob(1)
         self.blobs.add_blob(3)
+        # The Blob objects stay for the layer's life (Caffe re-points their memory, not them):
+        # held here, so that a call does not look them up again.
+        self.clip_max_blob, self.clip_min_blob, self.state_blob = (self.blobs[i] for i in (CLIP_MAX, CLIP_MIN,
+                                                                                            CLIP_STATE))
         if all(given):
-            self.blobs[CLIP_MAX].data[0] = p["clip_max"]
-            self.blobs[CLIP_MIN].data[0] = p["clip_min"]
-            self.blobs[CLIP_STATE].data[...] = (1.0, p["clip_min"], p["clip_max"])
+            self.clip_max_blob.data[0] = p["clip_max"]
+            self.clip_min_blob.data[0] = p["clip_min"]
+            self.state_blob.data[...] = (1.0, p["clip_min"], p["clip_max"])
         self.clips = None
         self.top_shape: tuple[int, ...] | None = None
         self.scratch: np.ndarray | None = None  # the unused input gradient without propagate_down
@@ -64,11 +68,10 @@ class ActivationULQ(caffe.Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data
-        blobs = self.blobs
-        state = blobs[CLIP_STATE].data
+        state = self.state_blob.data
         self._check_fed(x, state)
         with numerics.errors_named(self.where):
-            clip_min_blob, clip_max_blob = blobs[CLIP_MIN].data, blobs[CLIP_MAX].data
+            clip_min_blob, clip_max_blob = self.clip_min_blob.data, self.clip_max_blob.data
             if state[READY] < 0.5:
                 clip_min, clip_max = kernels.ifmr_search(x, num_bits=self.num_bits)
                 clip_min_blob[0], clip_max_blob[0] = clip_min, clip_max
@@ -115,6 +118,6 @@ class ActivationULQ(caffe.Layer):
         with numerics.errors_named(self.where_backward):
             _, grad_min, grad_max = kernels.ulq_backward(x, top[0].diff, *self.clips, self.num_bits,
                                                          grad_x_out=grad_x)
-        self.blobs[CLIP_MAX].diff[0] += grad_max
+        self.clip_max_blob.diff[0] += grad_max
         if not self.fixed_min:
-            self.blobs[CLIP_MIN].diff[0] += grad_min
+            self.clip_min_blob.diff[0] += grad_min

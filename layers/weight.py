@@ -59,7 +59,10 @@ class WeightARQ(caffe.Layer):
         # would otherwise share the master weights and make every snapshot hold them twice.
         self.scale_count = shape[self.channel_axis] if self.channel_axis is not None else 1
         self.blobs.add_blob(self.scale_count)
-        self.scale_w_blob = WEIGHT_ARQ.blob("scale_w", present)
+        # The Blob objects stay for the layer's life (Caffe re-points their memory, not them).
+        self.master_blob, self.fake_quant_blob = self.blobs[MASTER_WEIGHTS], self.blobs[FAKE_QUANT_WEIGHTS]
+        self.scale_w_blob = self.blobs[WEIGHT_ARQ.blob("scale_w", present)]
+        self.state_blob = self.blobs[CLIP_STATE] if "clip_state" in present else None
         self.output_shape = ()  # the convolution's output shape (with conv), to tell a global conv
         self.in_place = None
         self.input_shapes: tuple[tuple[int, ...], ...] | None = None
@@ -80,21 +83,21 @@ class WeightARQ(caffe.Layer):
                              if self.conv is not None and len(in_shape) == 4 else ())
 
     def forward(self, bottom, top):
-        master = self.blobs[MASTER_WEIGHTS].data
-        fake_quant = self.blobs[FAKE_QUANT_WEIGHTS].data
+        master = self.master_blob.data
+        fake_quant = self.fake_quant_blob.data
         with numerics.errors_named(self.where):
             if numerics.is_global_conv(self.output_shape, self.scale_count):
                 # The pair the ActivationULQ used in this forward pass (it runs just before this layer).
-                state = self.blobs[CLIP_STATE].data
+                state = self.state_blob.data
                 scale_d, _ = numerics.ulq_deploy_factors(float(state[LAST_MIN]), float(state[LAST_MAX]),
                                                          self.num_bits_d)
                 scale_w = numerics.unify_global_conv_scales(
                     scale_d, kernels.arq_scale(master, self.channel_axis, self.num_bits_w))
                 kernels.arq_fake_quantize(master, scale_w, self.channel_axis, self.num_bits_w, out=fake_quant)
-                self.blobs[self.scale_w_blob].data[...] = scale_w
+                self.scale_w_blob.data[...] = scale_w
             else:
                 _, scale_w = kernels.arq_forward(master, self.channel_axis, self.num_bits_w, out=fake_quant,
-                                                 scale_out=self.blobs[self.scale_w_blob].data)
+                                                 scale_out=self.scale_w_blob.data)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
             self.log.write_histograms(tensorboard.arq_histograms(self.layer_name, master))
@@ -103,7 +106,7 @@ class WeightARQ(caffe.Layer):
                 top[i].data[...] = bottom[i].data
 
     def backward(self, top, propagate_down, bottom):
-        kernels.arq_move_gradient(self.blobs[FAKE_QUANT_WEIGHTS].diff, self.blobs[MASTER_WEIGHTS].diff)
+        kernels.arq_move_gradient(self.fake_quant_blob.diff, self.master_blob.diff)
         if not self.in_place:
             for i in range(len(bottom)):
                 if propagate_down[i]:
