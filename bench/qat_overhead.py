@@ -4,11 +4,12 @@ ours, PyTorch's eager QAT on the same nets (bench/torch_qat.py) when given a Pyt
 Nets: the digits demo's LeNet (batch 64, 1x8x8) and a conv net of 5 convolutions of 64
 channels on 32x32x3 inputs (batch 16 and 32). Ours are made quantization-aware with the public
 API; the ratio QAT / float is what the fake-quant layers cost. Aims: <= 1.05 on the conv net,
-<= 1.25 on the LeNet. Each net is measured in --processes fresh processes; in each, rounds
-interleave ours (float, QAT) and torch's (float, QAT) and a process's figure is the best of its
-rounds; the bench prints the median over the processes and the range of the ratio.
+<= 1.25 on the LeNet. Each net is measured in --processes fresh processes; in each, every
+round times ours float then QAT (and torch's float then QAT) back to back, a round's ratio is
+QAT / float of those runs, and a process's ratio is the median of its rounds'; the bench prints
+the median over the processes and their range.
 
-    .venv/bin/python bench/qat_overhead.py [--processes 3] [--rounds 3] [--iters 10] [--min-seconds 0.5]
+    .venv/bin/python bench/qat_overhead.py [--processes 3] [--rounds 15] [--iters 1] [--min-seconds 0.3]
         [--torch-python VENV/bin/python]
 
 torch (CPU) in its own environment, never a dependency of amct_retrain:
@@ -124,30 +125,30 @@ NETS = [("digits LeNet, batch 64", "digits", 64), ("5 conv x 64 ch, 32x32x3, bat
         ("5 conv x 64 ch, 32x32x3, batch 32", "conv5x64", 32)]
 
 
-def one_process(net: str, batch: int, args: argparse.Namespace) -> list[float]:
-    """One sample, in a fresh process: the best of ``args.rounds`` interleaved rounds of ours
-    (float, QAT) and, with --torch-python, torch's (float, QAT), in ms per iteration."""
+def one_process(net: str, batch: int, args: argparse.Namespace) -> list[list[float]]:
+    """One process's rounds: per round, ms per iteration of ours (float, then QAT) and, with
+    --torch-python, torch's (float, then QAT), timed back to back."""
     caffe.set_mode_cpu()
     torch_side = TorchSide(args.torch_python) if args.torch_python else None
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp)
         net_text = digits_net(out) if net == "digits" else conv_net(batch)
         solvers = ours(f"{net}_{batch}", net_text, out)
         # At least --min-seconds per timed run: ten LeNet iterations (35 ms) were one scheduler hiccup.
-        iters = max(args.iters, round(args.min_seconds * 1000 / ms_per_iter(solvers[0], args.iters)))
-        best = [float("inf")] * 4  # ours float, ours QAT, torch float, torch QAT
+        iters = max(args.iters, round(args.min_seconds * 1000 / ms_per_iter(solvers[0], max(args.iters, 3))))
         for _ in range(args.rounds):
             times = [ms_per_iter(solver, iters) for solver in solvers]
             if torch_side is not None:
                 times += torch_side.round(net, batch, iters)
-            best = [min(b, t) for b, t in zip(best, times)]
+            rounds.append(times)
         del solvers
     if torch_side is not None:
         torch_side.close()
-    return best if torch_side is not None else best[:2]
+    return rounds
 
 
-def sample(net: str, batch: int, args: argparse.Namespace) -> list[float]:
+def sample(net: str, batch: int, args: argparse.Namespace) -> list[list[float]]:
     """:func:`one_process` in a child process (this script with --child)."""
     cmd = [sys.executable, __file__, "--child", net, str(batch), "--iters", str(args.iters), "--rounds",
            str(args.rounds), "--min-seconds", str(args.min_seconds)]
@@ -159,11 +160,11 @@ def sample(net: str, batch: int, args: argparse.Namespace) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations per net and round (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per process (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=1, help="least timed iterations per run (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per process (default %(default)s)")
     parser.add_argument("--processes", type=int, default=3,
-                        help="fresh processes per net, each one sample (default %(default)s)")
-    parser.add_argument("--min-seconds", type=float, default=0.5,
+                        help="fresh processes per net (default %(default)s)")
+    parser.add_argument("--min-seconds", type=float, default=0.3,
                         help="more iterations where --iters would take less (default %(default)s s)")
     parser.add_argument("--torch-python", help="a Python with torch, for PyTorch's eager QAT on the same nets")
     parser.add_argument("--child", nargs=2, metavar=("NET", "BATCH"), help=argparse.SUPPRESS)
@@ -171,29 +172,34 @@ def main() -> None:
     if args.child:
         print(json.dumps(one_process(args.child[0], int(args.child[1]), args)))
         return
-    rows = []
-    for label, net, batch in NETS:
-        # The nets' speed differs more between processes (where their blobs and OpenBLAS's threads
-        # land) than between rounds of one process: a figure is the median over fresh processes.
-        samples = [sample(net, batch, args) for _ in range(args.processes)]
-        rows.append((label, samples))
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}; per net {args.processes} processes, each the best of "
-          f"{args.rounds} interleaved rounds of at least {args.iters} iterations and {args.min_seconds} s; "
-          "ms and ratios: median over the processes [lowest, highest ratio]")
+    rows = [(label, [sample(net, batch, args) for _ in range(args.processes)]) for label, net, batch in NETS]
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; per net {args.processes} processes of "
+          f"{args.rounds} rounds, each round float then QAT, at least {args.iters} iteration(s) and "
+          f"{args.min_seconds} s per run")
+    print("QAT/float: the median over the processes of each process's median round ratio "
+          "[lowest, highest process]; ms: medians over all runs")
     torch_cols = args.torch_python is not None
     print(f"{'net':<36}{'float ms':>10}{'QAT ms':>9}{'QAT/float':>24}" +
           (f"{'torch float':>13}{'torch QAT':>11}{'torch QAT/float':>24}" if torch_cols else ""))
-    for label, samples in rows:
-        line = f"{label:<36}" + _columns([s[0] for s in samples], [s[1] for s in samples], 10, 9)
+    for label, processes in rows:
+        line = f"{label:<36}" + _columns(processes, 0, 10, 9)
         if torch_cols:
-            line += _columns([s[2] for s in samples], [s[3] for s in samples], 13, 11)
+            line += _columns(processes, 2, 13, 11)
         print(line)
 
 
-def _columns(float_ms: list[float], qat_ms: list[float], w_float: int, w_qat: int) -> str:
-    ratios = [q / f for f, q in zip(float_ms, qat_ms)]
-    spread = f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
-    return f"{statistics.median(float_ms):>{w_float}.2f}{statistics.median(qat_ms):>{w_qat}.2f}{spread:>24}"
+def _columns(processes: list[list[list[float]]], first: int, w_float: int, w_qat: int) -> str:
+    """Float ms, QAT ms and the ratio columns of the (float, QAT) pair at ``first`` of each round.
+
+    A round's float and QAT runs are timed back to back, so their ratio shares the machine's state
+    (on a shared 2-core VM, speed drifts by a third within a minute): the ratio of a process is the
+    median of its rounds' ratios, not a ratio of bests taken at different moments."""
+    pairs = [[(r[first], r[first + 1]) for r in rounds] for rounds in processes]
+    per_process = [statistics.median(q / f for f, q in rounds) for rounds in pairs]
+    float_ms = statistics.median(f for rounds in pairs for f, _ in rounds)
+    qat_ms = statistics.median(q for rounds in pairs for _, q in rounds)
+    spread = f"{statistics.median(per_process):.3f} [{min(per_process):.3f}, {max(per_process):.3f}]"
+    return f"{float_ms:>{w_float}.2f}{qat_ms:>{w_qat}.2f}{spread:>24}"
 
 
 if __name__ == "__main__":
