@@ -57,8 +57,9 @@ def _out_f32(out: np.ndarray | None, like: np.ndarray, what: str) -> np.ndarray:
     so that a large batch is neither allocated, page-faulted in, nor copied once more per call."""
     if out is None:
         return np.empty(like.shape, np.float32)
+    flags = getattr(out, "flags", None)  # one flags object (each access makes one)
     if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == like.shape
-            and out.flags.c_contiguous and out.flags.writeable):
+            and flags.c_contiguous and flags.writeable):
         raise NumericsError(f"{what}: out must be a writeable C-contiguous float32 array of shape {like.shape}, "
                             f"got {getattr(out, 'dtype', type(out))} {getattr(out, 'shape', '')}")
     return out

@@ -69,7 +69,8 @@ class ActivationULQ(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         state = self.state_blob.data
-        self._check_fed(x, state)
+        if self.phase == TEST or state[READY] < 0.5:  # a ready TRAIN batch: no factor comes from it alone
+            self._check_fed(x, state)
         with numerics.errors_named(self.where):
             clip_min_blob, clip_max_blob = self.clip_min_blob.data, self.clip_max_blob.data
             if state[READY] < 0.5:
@@ -90,8 +91,6 @@ class ActivationULQ(caffe.Layer):
         clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record).
         ``state``: the clip state blob's data."""
         ready = state[READY] >= 0.5
-        if ready and self.phase != TEST:
-            return  # a training batch: no factor comes from it alone (and the hot path stays lean)
         if not is_constant(x):
             self.constant_test_values = []
             return

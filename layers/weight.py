@@ -44,6 +44,7 @@ class WeightARQ(caffe.Layer):
                                   f"{self.channel_axis} is outside weight_shape {shape}")
         if len(bottom) != len(top):
             raise LayerParamError(f"WeightARQ layer '{self.layer_name}': needs as many tops as bottoms")
+        self.n_bottoms = len(bottom)
         self.blobs.add_blob(*shape)
         self.blobs.add_blob(*shape)
         self.conv = None
@@ -71,7 +72,7 @@ class WeightARQ(caffe.Layer):
     def reshape(self, bottom, top):
         # Caffe calls this before every forward: only a new input shape has work to do.
         # RawBlobVec supports indexing, not iteration.
-        shapes = tuple(bottom[i].data.shape for i in range(len(bottom)))
+        shapes = tuple([bottom[i].data.shape for i in range(self.n_bottoms)])
         if shapes == self.input_shapes:
             return
         self.input_shapes = shapes
