@@ -69,15 +69,17 @@ class ActivationULQ(caffe.Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         state = self.state_blob.data
-        if self.phase == TEST or state[READY] < 0.5:  # a ready TRAIN batch: no factor comes from it alone
-            self._check_fed(x, state)
+        last = state.tolist()  # [ready, min, max] as python floats, in one call
+        ready = last[READY] >= 0.5
+        if self.phase == TEST or not ready:  # a ready TRAIN batch: no factor comes from it alone
+            self._check_fed(x, ready)
         with numerics.errors_named(self.where):
             clip_min_blob, clip_max_blob = self.clip_min_blob.data, self.clip_max_blob.data
-            if state[READY] < 0.5:
+            if not ready:
                 clip_min, clip_max = kernels.ifmr_search(x, num_bits=self.num_bits)
                 clip_min_blob[0], clip_max_blob[0] = clip_min, clip_max
                 state[...] = (1.0, clip_min, clip_max)
-            last = state.tolist()  # python floats in one call
+                last = state.tolist()  # as the blob holds them (float32)
             self.clips = numerics.ulq_sanitize_clips(clip_min_blob.item(0), clip_max_blob.item(0),
                                                      (last[LAST_MIN], last[LAST_MAX]), self.fixed_min)
             state[LAST_MIN:LAST_MAX + 1] = self.clips
@@ -86,11 +88,10 @@ class ActivationULQ(caffe.Layer):
             self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips, self.num_bits))
             self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
 
-    def _check_fed(self, x, state) -> None:
+    def _check_fed(self, x, ready: bool) -> None:
         """Refuse a constant input where factors come from it: the batch IFMR initialises the
-        clips on, and ``batch_num`` consecutive TEST batches (a shift-N search, the record).
-        ``state``: the clip state blob's data."""
-        ready = state[READY] >= 0.5
+        clips on (``ready`` false), and ``batch_num`` consecutive TEST batches (a shift-N search,
+        the record)."""
         if not is_constant(x):
             self.constant_test_values = []
             return

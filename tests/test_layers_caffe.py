@@ -51,6 +51,25 @@ def test_activation_forward_is_numerics_bit_for_bit(tmp_path):
     assert float(net.params["conv1_ulq"][CLIP_STATE].data[0]) == 1.0, "configured clips must mark the layer ready"
 
 
+def test_quant_layers_follow_a_new_input_shape_after_the_first_forward(tmp_path):
+    """The layers reshape their tops only on a new input shape: a net reshaped to another batch
+    size must still give numerics' outputs of the new shape."""
+    model_file = nets.write_net(nets.quant_net(tmp_path / "r.txt", conv_clips=(-1.5, 2.0)),
+                                tmp_path / "m.prototxt")
+    net = weighted_net(model_file, caffe.TEST)
+    net.forward()
+    batch = net.blobs["data"].data.shape[0]
+    net.blobs["data"].reshape(batch + 3, *net.blobs["data"].data.shape[1:])
+    net.blobs["target"].reshape(batch + 3, *net.blobs["target"].data.shape[1:])
+    net.reshape()
+    net.blobs["data"].data[...] = np.random.default_rng(5).standard_normal(net.blobs["data"].data.shape)
+    net.forward(start="conv1_ulq")
+    x, y = net.blobs["data"].data, net.blobs["data_q"].data
+    assert y.shape == x.shape == (batch + 3, *x.shape[1:]), f"ULQ top {y.shape} for input {x.shape}"
+    assert np.array_equal(y, numerics.ulq_forward(x, -1.5, 2.0)), "ULQ output after the reshape differs from numerics"
+    assert net.blobs["conv1"].data.shape[0] == batch + 3 and net.blobs["ip1"].data.shape[0] == batch + 3
+
+
 def test_ifmr_initialises_clips_on_first_batch(model):
     model_file, weights_file, _ = model
     net = caffe.Net(str(model_file), str(weights_file), caffe.TRAIN)

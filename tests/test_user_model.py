@@ -297,8 +297,10 @@ def test_plain_caffe_train_layers_log_the_test_means_caffe_prints(user, tmp_path
         "the saved model keeps the retraining's TestOutputLog"
 
 
-def test_cli_flow_deploy_model_in_the_integer_executor_equals_the_fake_quant_model(cli_run):
-    files = output_files(cli_run["save_path"])
+def assert_integer_executor_equals_fake_quant(files: dict) -> list[dict]:
+    """The saver's outputs ``files``: on every TEST batch the integer executor's accuracy and loss
+    (a function of every logit) equal the fake-quant model's in Caffe; returns the executor's
+    outputs per batch."""
     fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
     fake_out = [{k: v.copy() for k, v in fake.forward().items()} for _ in range(user_model.TEST_ITER)]
     del fake
@@ -306,8 +308,14 @@ def test_cli_flow_deploy_model_in_the_integer_executor_equals_the_fake_quant_mod
     executor = ReferenceExecutor(files["deploy_model"], files["deploy_weights"])
     integer_out = [executor.forward() for _ in range(user_model.TEST_ITER)]
     for i, (f, r) in enumerate(zip(fake_out, integer_out)):
-        for name in ("accuracy", "loss"):  # the loss is a function of every logit
+        for name in ("accuracy", "loss"):
             assert np.array_equal(f[name], r[name]), f"batch {i}: {name} {f[name]} (fake-quant) vs {r[name]} (integer)"
+    return integer_out
+
+
+def test_cli_flow_deploy_model_in_the_integer_executor_equals_the_fake_quant_model(cli_run):
+    files = output_files(cli_run["save_path"])
+    integer_out = assert_integer_executor_equals_fake_quant(files)
     accuracy = np.mean([o["accuracy"] for o in integer_out])
     assert accuracy > 0.9, f"the retrained INT8 model scores {accuracy}"
     deploy_types = [layer.type for layer in model_io.read_prototxt(files["deploy_model"]).layer]
@@ -416,12 +424,4 @@ def test_user_model_retrained_at_w4a4_is_exact_in_the_integer_executor(user, tmp
     # AVE Pooling (pool2) has no weights: only its input is 4-bit.
     assert widths and all(w == (4, 4) or (name == "pool2" and w[0] == 4) for name, w in widths.items()), \
         f"bit widths in the quant info file: {widths}"
-    fake = caffe.Net(files["fake_quant_model"], caffe.TEST, weights=files["fake_quant_weights"])
-    fake_out = [{k: v.copy() for k, v in fake.forward().items()} for _ in range(user_model.TEST_ITER)]
-    del fake
-    gc.collect()  # one net at a time on the copy's test LMDB
-    executor = ReferenceExecutor(files["deploy_model"], files["deploy_weights"])
-    integer_out = [executor.forward() for _ in range(user_model.TEST_ITER)]
-    for i, (f, r) in enumerate(zip(fake_out, integer_out)):
-        for name in ("accuracy", "loss"):
-            assert np.array_equal(f[name], r[name]), f"batch {i}: {name} {f[name]} (fake-quant) vs {r[name]} (integer)"
+    assert_integer_executor_equals_fake_quant(files)
