@@ -4,8 +4,11 @@ numerics stays the specification: every function here has the signature and the 
 numerics function of the same name (codes, outputs and input gradients bit for bit; float64 sums
 compensated, so within 1e-12 relative of numerics' pairwise sums; tests/test_kernels.py checks
 both), but makes one pass over the data instead of numpy's five to twelve. The scalar work
-(factors from clips, checks of the factors) is numerics' own; a NaN/Inf in the data is counted
-in the same pass and then reported by :func:`numerics.check_finite`, with its message.
+(factors from clips, checks of the factors) is numerics' own, but for one exception: the quant
+layers' steps (:class:`UlqLayerKernels`, :class:`ArqLayerKernels`) do a layer's call in one
+compiled call, ULQ's clip sanitising and grid included, as compiled twins of numerics' scalar
+code tested bit for bit against it. A NaN/Inf in the data is counted in the same pass and then
+reported by :func:`numerics.check_finite`, with its message.
 
 Threading: the kernels are single-threaded (no ``parallel=True``), so there is no thread pool
 to spin against Caffe's OpenBLAS threads, which keep the cores busy in the layers around them:
@@ -24,6 +27,7 @@ Kernels take the bit width ``num_bits`` (2..8, default 8) where numerics does, w
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Iterable, Mapping
 
@@ -36,12 +40,15 @@ from amct_retrain import numerics
 from amct_retrain.numerics import DEFAULT_BITS, NumericsError
 from amct_retrain.numerics.activation import _ulq_grid_ratio
 from amct_retrain.numerics.arq import _weight_scale_b
-from amct_retrain.numerics.checks import (_F32_EPS, _norm_axis, _offset_code, _per_channel, _positive_scale, _scalar,
+from amct_retrain.numerics.checks import (_F32_EPS, _F32_MAX, _F32_TINY, _norm_axis, _offset_code, _per_channel, _positive_scale, _scalar,
                                           _shift_vector)
 
-__all__ = ["ulq_forward", "ulq_backward", "fake_quantize_activation", "arq_fake_quantize",
-           "arq_scale", "arq_forward", "arq_move_gradient", "requantize_output", "activation_codes", "numpy_blas_single_threaded", "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
+__all__ = ["ulq_forward", "ulq_backward", "UlqLayerKernels", "fake_quantize_activation", "arq_fake_quantize",
+           "arq_scale", "ArqLayerKernels", "requantize_output", "activation_codes", "numpy_blas_single_threaded",
+           "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
            "activation_factors"]
+
+logger = logging.getLogger(__name__)
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
@@ -375,37 +382,17 @@ def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndar
     return np.ascontiguousarray(w32).reshape(math.prod(w32.shape[:ax]), w32.shape[ax], -1)
 
 
-def _arq_scale_pass(w: npt.ArrayLike, channel_axis: int | None, num_bits: int,
-                    scale_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                  tuple[np.float32, np.float32], np.ndarray]:
-    """(w as float32, its (A, C, B) view, the code bounds, numerics.arq_scale's (C,), into
-    ``scale_out`` if given): the checked scale pass arq_scale and arq_forward share."""
+def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
+    """:func:`numerics.arq_scale`, fused: float32 (C,) or (1,), bit for bit, in one pass."""
     codes = numerics.weight_code_bounds(num_bits)
     w32 = _flat_f32(w)
     if w32.size == 0:
         raise NumericsError("arq_scale: empty weights")
     w3 = _weights_3d(w32, channel_axis, "arq_scale")
-    scale = _out_f32(scale_out, w3[0, :, 0], "arq_scale")  # (C,)
+    scale = np.empty(w3.shape[1], np.float32)
     if _arq_scale_kernel(w3, _F32_EPS, *codes, scale):
         _raise_non_finite((w, "arq_scale weights"))
-    return w32, w3, codes, scale
-
-
-def arq_scale(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS) -> npt.NDArray[np.float32]:
-    """:func:`numerics.arq_scale`, fused: float32 (C,) or (1,), bit for bit, in one pass."""
-    return _arq_scale_pass(w, channel_axis, num_bits)[3]
-
-
-def arq_forward(w: npt.ArrayLike, channel_axis: int | None, num_bits: int = DEFAULT_BITS,
-                out: np.ndarray | None = None,
-                scale_out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """``(arq_fake_quantize(w, scale_w, channel_axis, num_bits), scale_w)`` with ``scale_w = arq_scale(w,
-    channel_axis, num_bits)``: a WeightARQ forward pass in two kernel calls and one set of checks.
-    The weights go into ``out`` and scale_w into ``scale_out`` (float32 (C,) or (1,)) if given."""
-    w32, w3, codes, scale = _arq_scale_pass(w, channel_axis, num_bits, scale_out)
-    out = _out_f32(out, w32, "arq_fake_quantize")
-    _arq_kernel(w3, scale, *codes, out.reshape(w3.shape))
-    return out, scale
+    return scale
 
 
 def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: int | None,
@@ -421,6 +408,84 @@ def arq_fake_quantize(w: npt.ArrayLike, scale_w: npt.ArrayLike, channel_axis: in
     return out
 
 
+# --------------------------------------------------------------------------- one layer's step
+# A quant layer's per-call work on a small net is mostly Python around the pass (argument checks,
+# the clip pair's scalar factors, one call per kernel), run cold after every C++ layer. These
+# compiled steps do a layer's forward or backward in one call; the clip pair's sanitising and grid
+# are compiled twins of numerics' (tests/test_kernels.py checks them bit for bit), and what they
+# do not handle (no valid pair: an error; a degenerate range: widened) they leave to numerics.
+
+_GRID_SIZE = 7  # (s, multiplier, k_lo, k_hi, lo, hi, rmin) in float64, the float32 values exactly
+_PAIR_KEPT, _PAIR_FELL_BACK, _PAIR_TO_NUMERICS = 0, 1, 2
+
+
+@numba.njit(inline="always")
+def _valid_pair(cmin, cmax, fixed_min):
+    """numerics' _valid_clip_pair, and a max above 0 with fixed_min (ulq_sanitize_clips' rule)."""
+    return (math.isfinite(cmin) and math.isfinite(cmax) and cmin < cmax and cmax >= 0 and cmin <= 0
+            and (not fixed_min or cmax > 0))
+
+
+@numba.njit(**_JIT)
+def _ulq_step_grid(clip_min, clip_max, last_min, last_max, fixed_min, levels, code_min, grid):
+    """numerics.ulq_sanitize_clips(clip_min, clip_max, (last_min, last_max), fixed_min), then the
+    grid of that pair (numerics._ulq_grid_ratio, ulq_bounds, quant_multiplier) into ``grid``.
+    Returns (status, clip_min, clip_max): _PAIR_TO_NUMERICS where numerics raises or widens."""
+    status = _PAIR_KEPT
+    if not _valid_pair(clip_min, clip_max, fixed_min):
+        if not _valid_pair(last_min, last_max, fixed_min):
+            return _PAIR_TO_NUMERICS, clip_min, clip_max
+        status, clip_min, clip_max = _PAIR_FELL_BACK, last_min, last_max
+    if fixed_min:
+        clip_min = 0.0
+    lo = min(clip_min, 0.0)  # numerics._widen_range
+    hi = max(clip_max, 0.0)
+    s64 = (hi - lo) / levels
+    if not s64 <= _F32_MAX:
+        return _PAIR_TO_NUMERICS, clip_min, clip_max
+    s = np.float32(s64)
+    if not s >= _F32_TINY:
+        return _PAIR_TO_NUMERICS, clip_min, clip_max
+    r = np.float64(levels) * lo / (hi - lo)  # numerics._range_factors
+    offset = min(max(-np.rint(r) + code_min, code_min), -code_min - 1)
+    o = code_min - offset
+    grid[0] = s
+    grid[1] = np.float32(1.0 / np.float64(s))
+    grid[2] = np.float32(o)
+    grid[3] = np.float32(o + levels)
+    grid[4] = np.float32(o) * s
+    grid[5] = np.float32(o + levels) * s
+    grid[6] = r
+    return status, clip_min, clip_max
+
+
+@numba.njit(**_JIT)
+def _ulq_step_forward_kernel(x, clip_min, clip_max, last_min, last_max, fixed_min, levels, code_min, grid, out):
+    """The clip pair's grid (:func:`_ulq_step_grid`), then ULQ's pass over x into out (skipped
+    where numerics must decide). Returns (status, clip_min, clip_max, whether x holds NaN/Inf)."""
+    status, clip_min, clip_max = _ulq_step_grid(clip_min, clip_max, last_min, last_max, fixed_min, levels,
+                                                code_min, grid)
+    bad = False
+    if status != _PAIR_TO_NUMERICS:
+        bad = _fake_quant_kernel(x, np.float32(grid[1]), np.float32(grid[0]), np.float32(grid[2]),
+                                 np.float32(grid[3]), out)
+    return status, clip_min, clip_max, bad
+
+
+@numba.njit(**_JIT)
+def _ulq_step_backward_kernel(x, g, grid, grad_x):
+    """:func:`_ulq_backward_kernel` on a grid of :func:`_ulq_step_grid`."""
+    return _ulq_backward_kernel(x, g, np.float32(grid[0]), np.float32(grid[4]), np.float32(grid[5]), grad_x)
+
+
+@numba.njit(**_JIT)
+def _arq_step_kernel(w, eps, code_min, code_max, scale, out):
+    """:func:`_arq_scale_kernel` into scale, then (finite weights only) :func:`_arq_kernel` into out."""
+    if _arq_scale_kernel(w, eps, code_min, code_max, scale):
+        return True
+    return _arq_kernel(w, scale, code_min, code_max, out)
+
+
 @numba.njit(**_JIT)
 def _move_gradient_kernel(src, dst):
     for i in range(src.size):
@@ -428,13 +493,113 @@ def _move_gradient_kernel(src, dst):
         src[i] = 0.0
 
 
-def arq_move_gradient(fake_quant_grad: np.ndarray, master_grad: np.ndarray) -> None:
-    """ARQ's straight-through backward (contract section 3) in one pass, in place:
-    ``master_grad += fake_quant_grad``, then ``fake_quant_grad = 0`` (so that a solver sees no
-    gradient on the fake-quantized copy). Both float32 C-contiguous arrays of one shape."""
-    src = _out_f32(fake_quant_grad, master_grad, "arq_move_gradient")
-    dst = _out_f32(master_grad, src, "arq_move_gradient")
-    _move_gradient_kernel(src.reshape(-1), dst.reshape(-1))
+_F32_DTYPE = np.dtype(np.float32)
+
+
+def _blob_arrays(what: str, size: int, *arrays: np.ndarray) -> None:
+    """Refuse what is not a C-contiguous float32 array of ``size`` values, as pycaffe's blob
+    arrays are: a step writes through flat views, so a copy would lose its output, and a
+    short array would be written past its end."""
+    for a in arrays:
+        if not (type(a) is np.ndarray and a.dtype is _F32_DTYPE and a.size == size and a.flags.c_contiguous):
+            raise NumericsError(f"{what}: needs C-contiguous float32 arrays of {size} values, got "
+                                f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}")
+
+
+class UlqLayerKernels:
+    """ActivationULQ's forward and backward pass (contract section 3), one compiled call each.
+
+    ``forward`` sanitises the clip pair (:func:`numerics.ulq_sanitize_clips`), computes its grid
+    and fake-quantizes; ``backward`` uses the grid of the last forward. Arrays are pycaffe's blob
+    arrays (C-contiguous float32, any shape); outputs are bit for bit numerics' ulq_forward and
+    ulq_backward's input gradient, clip gradients within 1e-12 relative of numerics' sums.
+    """
+
+    __slots__ = ("num_bits", "fixed_min", "_levels", "_code_min", "_grid", "clips")
+
+    def __init__(self, num_bits: int, fixed_min: bool) -> None:
+        bw = numerics.bit_width(num_bits)
+        self.num_bits, self.fixed_min = bw.bits, bool(fixed_min)
+        self._levels, self._code_min = float(bw.levels), float(bw.code_min)
+        self._grid = np.zeros(_GRID_SIZE)
+        #: The sanitised (clip_min, clip_max) of the last forward: python floats.
+        self.clips: tuple[float, float] | None = None
+
+    def forward(self, x: np.ndarray, clip_min: float, clip_max: float, last_valid: tuple[float, float],
+                out: np.ndarray) -> tuple[float, float]:
+        """``out = numerics.ulq_forward(x, *pair, num_bits)`` (x's shape, float32) for ``pair =
+        numerics.ulq_sanitize_clips(clip_min, clip_max, last_valid, fixed_min)``; returns the pair.
+
+        Raises:
+            NumericsError: numerics' errors (no valid pair; NaN/Inf in x, with its message); arrays
+                that are not C-contiguous float32 of one size.
+        """
+        _blob_arrays("ulq_forward", x.size, x, out)
+        xf, of = x.reshape(-1), out.reshape(-1)
+        status, cmin, cmax, bad = _ulq_step_forward_kernel(xf, clip_min, clip_max, last_valid[0], last_valid[1],
+                                                           self.fixed_min, self._levels, self._code_min, self._grid, of)
+        if status == _PAIR_TO_NUMERICS:  # raises, or widens a degenerate range
+            cmin, cmax = numerics.ulq_sanitize_clips(clip_min, clip_max, last_valid, self.fixed_min)
+            grid = _ulq_grid(cmin, cmax, self.num_bits)
+            self._grid[:] = grid
+            bad = _fake_quant_kernel(xf, grid[1], grid[0], grid[2], grid[3], of)
+        elif status == _PAIR_FELL_BACK:
+            logger.debug("ULQ clips (%r, %r) invalid; using last valid (%r, %r)", clip_min, clip_max, cmin, cmax)
+        if bad:
+            _raise_non_finite((x, "ulq_forward input"))
+        self.clips = (cmin, cmax)
+        return cmin, cmax
+
+    def backward(self, x: np.ndarray, grad_y: np.ndarray, grad_x: np.ndarray) -> tuple[float, float]:
+        """ULQ's gradients at the last forward's pair: the input gradient into ``grad_x`` (x's
+        shape), and ``(grad_clip_min, grad_clip_max)`` returned (python floats).
+
+        Raises:
+            NumericsError: NaN/Inf in x or grad_y (numerics' message); no forward yet; arrays that
+                are not C-contiguous float32 of one size.
+        """
+        if self.clips is None:
+            raise NumericsError("ulq_backward: no forward pass yet, so no clip pair")
+        _blob_arrays("ulq_backward", x.size, x, grad_y, grad_x)
+        sum_in, sum_above, sum_below, bad = _ulq_step_backward_kernel(x.reshape(-1), grad_y.reshape(-1), self._grid,
+                                                                      grad_x.reshape(-1))
+        if bad:
+            _raise_non_finite((x, "ulq_backward input"), (grad_y, "ulq_backward gradient"))
+        return numerics.ulq_clip_gradients(sum_in, sum_above, sum_below, self._grid.item(6), self.num_bits)
+
+
+class ArqLayerKernels:
+    """WeightARQ's forward (:func:`numerics.arq_scale`, then :func:`numerics.arq_fake_quantize`
+    with that scale, in one compiled call) and its straight-through backward, for weights of one
+    shape and channel axis. Arrays are pycaffe's blob arrays (C-contiguous float32)."""
+
+    __slots__ = ("_codes", "_shape3", "_size")
+
+    def __init__(self, weight_shape: tuple[int, ...], channel_axis: int | None, num_bits: int) -> None:
+        self._codes = numerics.weight_code_bounds(num_bits)
+        self._shape3 = _weights_3d(np.empty(weight_shape, np.float32), channel_axis, "ARQ").shape
+        self._size = math.prod(weight_shape)
+
+    def forward(self, master: np.ndarray, out: np.ndarray, scale_out: np.ndarray) -> np.ndarray:
+        """``scale_out = arq_scale(master)`` (float32 (C,) or (1,)) and ``out =
+        arq_fake_quantize(master, scale_out)`` (the weights' shape); returns scale_out.
+
+        Raises:
+            NumericsError: NaN/Inf in the master weights (numerics' message), out left as it was;
+                arrays of the wrong size or layout.
+        """
+        _blob_arrays("arq_forward", self._size, master, out)
+        _blob_arrays("arq_forward scale", self._shape3[1], scale_out)
+        if _arq_step_kernel(master.reshape(self._shape3), _F32_EPS, *self._codes, scale_out, out.reshape(self._shape3)):
+            _raise_non_finite((master, "arq_scale weights"))
+        return scale_out
+
+    def move_gradient(self, fake_quant_grad: np.ndarray, master_grad: np.ndarray) -> None:
+        """ARQ's straight-through backward (contract section 3) in one pass, in place:
+        ``master_grad += fake_quant_grad``, then ``fake_quant_grad = 0`` (so that a solver sees no
+        gradient on the fake-quantized copy)."""
+        _blob_arrays("arq_move_gradient", self._size, fake_quant_grad, master_grad)
+        _move_gradient_kernel(fake_quant_grad.reshape(-1), master_grad.reshape(-1))
 
 
 def _channels_3d(y: np.ndarray, what: str) -> np.ndarray:

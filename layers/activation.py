@@ -51,23 +51,30 @@ class ActivationULQ(caffe.Layer):
             self.clip_max_blob.data[0] = p["clip_max"]
             self.clip_min_blob.data[0] = p["clip_min"]
             self.state_blob.data[...] = (1.0, p["clip_min"], p["clip_max"])
-        self.clips = None
+        self.ulq = kernels.UlqLayerKernels(self.num_bits, self.fixed_min)
+        # A layer's bottom and top Blobs are fixed for the net's life (their memory is not).
+        self.bottom_blob, self.top_blob = bottom[0], top[0]
         self.top_shape: tuple[int, ...] | None = None
         self.scratch: np.ndarray | None = None  # the unused input gradient without propagate_down
         self.log = tensorboard.layer_log(p, "ActivationULQ")
         self.batch_num = p["batch_num"]
         self.constant_test_values: list[float] = []  # of the consecutive constant TEST batches so far
 
+    @property
+    def clips(self) -> tuple[float, float] | None:
+        """The sanitised (clip_min, clip_max) the last forward quantized with (python floats)."""
+        return self.ulq.clips
+
     def reshape(self, bottom, top):
         # Caffe calls this before every forward: only a new input shape has work to do (the top
         # is this layer's own, reshaped by nothing else).
-        shape = bottom[0].data.shape
+        shape = self.bottom_blob.data.shape
         if shape != self.top_shape:
-            top[0].reshape(*shape)
+            self.top_blob.reshape(*shape)
             self.top_shape = shape
 
     def forward(self, bottom, top):
-        x = bottom[0].data
+        x = self.bottom_blob.data
         state = self.state_blob.data
         last = state.tolist()  # [ready, min, max] as python floats, in one call
         ready = last[READY] >= 0.5
@@ -80,12 +87,11 @@ class ActivationULQ(caffe.Layer):
                 clip_min_blob[0], clip_max_blob[0] = clip_min, clip_max
                 state[...] = (1.0, clip_min, clip_max)
                 last = state.tolist()  # as the blob holds them (float32)
-            self.clips = numerics.ulq_sanitize_clips(clip_min_blob.item(0), clip_max_blob.item(0),
-                                                     (last[LAST_MIN], last[LAST_MAX]), self.fixed_min)
-            state[LAST_MIN:LAST_MAX + 1] = self.clips
-            kernels.ulq_forward(x, *self.clips, self.num_bits, out=top[0].data)
+            clips = self.ulq.forward(x, clip_min_blob.item(0), clip_max_blob.item(0), (last[LAST_MIN], last[LAST_MAX]),
+                                     self.top_blob.data)
+            state[LAST_MIN:LAST_MAX + 1] = clips
         if self.log is not None and self.phase == TRAIN and self.log.count():
-            self.log.write(tensorboard.ulq_scalars(self.layer_name, x, self.clips, self.num_bits))
+            self.log.write(tensorboard.ulq_scalars(self.layer_name, x, clips, self.num_bits))
             self.log.write_histograms(tensorboard.ulq_histograms(self.layer_name, x))
 
     def _check_fed(self, x, ready: bool) -> None:
@@ -106,18 +112,17 @@ class ActivationULQ(caffe.Layer):
                                   self.constant_test_values)
 
     def backward(self, top, propagate_down, bottom):
-        x = bottom[0].data
+        x = self.bottom_blob.data
         # The input gradient goes straight into the bottom's diff; without propagate_down into
         # a scratch buffer (the clip gradients need the pass all the same).
         if propagate_down[0]:
-            grad_x = bottom[0].diff
+            grad_x = self.bottom_blob.diff
         else:
             if self.scratch is None or self.scratch.shape != x.shape:
                 self.scratch = np.empty(x.shape, np.float32)
             grad_x = self.scratch
         with numerics.errors_named(self.where_backward):
-            _, grad_min, grad_max = kernels.ulq_backward(x, top[0].diff, *self.clips, self.num_bits,
-                                                         grad_x_out=grad_x)
+            grad_min, grad_max = self.ulq.backward(x, self.top_blob.diff, grad_x)
         self.clip_max_blob.diff[0] += grad_max
         if not self.fixed_min:
             self.clip_min_blob.diff[0] += grad_min

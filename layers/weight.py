@@ -44,7 +44,9 @@ class WeightARQ(caffe.Layer):
                                   f"{self.channel_axis} is outside weight_shape {shape}")
         if len(bottom) != len(top):
             raise LayerParamError(f"WeightARQ layer '{self.layer_name}': needs as many tops as bottoms")
-        self.n_bottoms = len(bottom)
+        # A layer's bottom Blobs are fixed for the net's life (their memory is not); RawBlobVec
+        # supports indexing, not iteration.
+        self.bottom_blobs = tuple(bottom[i] for i in range(len(bottom)))
         self.blobs.add_blob(*shape)
         self.blobs.add_blob(*shape)
         self.conv = None
@@ -67,12 +69,12 @@ class WeightARQ(caffe.Layer):
         self.output_shape = ()  # the convolution's output shape (with conv), to tell a global conv
         self.in_place = None
         self.input_shapes: tuple[tuple[int, ...], ...] | None = None
+        self.arq = kernels.ArqLayerKernels(tuple(shape), self.channel_axis, self.num_bits_w)
         self.log = tensorboard.layer_log(p, "WeightARQ")
 
     def reshape(self, bottom, top):
         # Caffe calls this before every forward: only a new input shape has work to do.
-        # RawBlobVec supports indexing, not iteration.
-        shapes = tuple([bottom[i].data.shape for i in range(self.n_bottoms)])
+        shapes = tuple([b.data.shape for b in self.bottom_blobs])
         if shapes == self.input_shapes:
             return
         self.input_shapes = shapes
@@ -97,8 +99,7 @@ class WeightARQ(caffe.Layer):
                 kernels.arq_fake_quantize(master, scale_w, self.channel_axis, self.num_bits_w, out=fake_quant)
                 self.scale_w_blob.data[...] = scale_w
             else:
-                _, scale_w = kernels.arq_forward(master, self.channel_axis, self.num_bits_w, out=fake_quant,
-                                                 scale_out=self.scale_w_blob.data)
+                scale_w = self.arq.forward(master, fake_quant, self.scale_w_blob.data)
         if self.log is not None and self.phase == TRAIN and self.log.count():
             self.log.write(tensorboard.arq_scalars(self.layer_name, scale_w))
             self.log.write_histograms(tensorboard.arq_histograms(self.layer_name, master))
@@ -107,7 +108,7 @@ class WeightARQ(caffe.Layer):
                 top[i].data[...] = bottom[i].data
 
     def backward(self, top, propagate_down, bottom):
-        kernels.arq_move_gradient(self.fake_quant_blob.diff, self.master_blob.diff)
+        self.arq.move_gradient(self.fake_quant_blob.diff, self.master_blob.diff)
         if not self.in_place:
             for i in range(len(bottom)):
                 if propagate_down[i]:

@@ -97,7 +97,11 @@ def test_non_finite_data_raises_numerics_error_and_message(bad):
             (lambda: kernels.ulq_backward(x, g, -1, 1), lambda: numerics.ulq_backward(x, g, -1, 1)),
             (lambda: kernels.ulq_backward(g, x, -1, 1), lambda: numerics.ulq_backward(g, x, -1, 1)),
             (lambda: kernels.arq_scale(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
-            (lambda: kernels.arq_forward(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
+            (lambda: arq_step(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
+            (lambda: kernels.UlqLayerKernels(8, False).forward(x, -1.0, 1.0, (-1.0, 1.0), np.empty_like(x)),
+             lambda: numerics.ulq_forward(x, -1, 1)),
+            (lambda: ulq_step_backward(x, g, (-1.0, 1.0)), lambda: numerics.ulq_backward(x, g, -1, 1)),
+            (lambda: ulq_step_backward(g, x, (-1.0, 1.0)), lambda: numerics.ulq_backward(g, x, -1, 1)),
             (lambda: kernels.arq_fake_quantize(x, 0.5, None), lambda: numerics.arq_fake_quantize(x, 0.5, None)),
             (lambda: kernels.fake_quantize_activation(x, 0.1, 3),
              lambda: numerics.fake_quantize_activation(x, 0.1, 3)),
@@ -156,6 +160,85 @@ def test_ulq_kernels_are_numerics_at_every_bit_width(num_bits, clips):
     assert got[1:] == pytest.approx(spec[1:], rel=1e-12, abs=1e-12)
 
 
+def ulq_step_backward(x: np.ndarray, g: np.ndarray, clips: tuple[float, float],
+                      num_bits: int = 8) -> tuple[np.ndarray, float, float]:
+    """(grad_x, grad_clip_min, grad_clip_max) of UlqLayerKernels after a forward at ``clips`` (of
+    zeros: the backward's own x may hold NaN)."""
+    step = kernels.UlqLayerKernels(num_bits, False)
+    step.forward(np.zeros_like(x), *clips, clips, np.empty_like(x))
+    grad_x = np.full_like(x, np.nan)
+    return (grad_x, *step.backward(x, g, grad_x))
+
+
+# Clip pairs as a solver leaves them: valid, reversed, positive min, negative max, NaN.
+any_clip_pairs = st.tuples(st.one_of(st.floats(-60, 60, width=32), st.just(float("nan"))),
+                           st.floats(-60, 60, width=32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(act_arrays, any_clip_pairs, clip_pairs, st.booleans(), st.integers(2, 8), st.data())
+def test_ulq_layer_step_is_numerics_sanitise_then_forward_and_backward(x, pair, last, fixed_min, num_bits, data):
+    step = kernels.UlqLayerKernels(num_bits, fixed_min)
+    want_pair = numerics.ulq_sanitize_clips(*pair, last, fixed_min)
+    out = np.full_like(x, np.nan)
+    assert step.forward(x, *pair, last, out) == want_pair, "the step sanitised the clips unlike numerics"
+    assert step.clips == want_pair
+    assert same_bits(out, numerics.ulq_forward(x, *want_pair, num_bits))
+    g = data.draw(hnp.arrays(np.float32, x.shape, elements=st.floats(-1e3, 1e3, width=32)))
+    grad_x = np.full_like(x, np.nan)
+    got = step.backward(x, g, grad_x)
+    spec = numerics.ulq_backward(x, g, *want_pair, num_bits)
+    assert same_bits(grad_x, spec[0]), "input gradient differs from numerics"
+    magnitude = float(np.abs(g.astype(np.float64)).sum()) * 2
+    assert close_sum(got[0], spec[1], magnitude) and close_sum(got[1], spec[2], magnitude), \
+        f"clip gradients {got} vs numerics {spec[1:]}"
+
+
+@pytest.mark.parametrize("pair, last, fixed_min", [
+    ((0.0, 1e-40), (-1.0, 1.0), False),   # degenerate: numerics widens the range
+    ((-1e-39, 0.0), (-1.0, 1.0), False),
+    ((3.0, 2.0), (0.0, 1e-41), True),      # invalid, and the last pair is degenerate
+    ((-1.0, -0.5), (-2.0, 4.0), True),     # negative max: falls back, min pinned at 0
+    ((-2.5, 3.0), (-2.0, 4.0), False)])
+def test_ulq_layer_step_at_degenerate_and_fallen_back_pairs_is_numerics(pair, last, fixed_min):
+    x = np.concatenate([edge_values(-1.0, 1.0), np.linspace(-3, 5, 999, dtype=np.float32)])
+    want_pair = numerics.ulq_sanitize_clips(*pair, last, fixed_min)
+    step = kernels.UlqLayerKernels(8, fixed_min)
+    out = np.empty_like(x)
+    assert step.forward(x, *pair, last, out) == want_pair
+    assert same_bits(out, numerics.ulq_forward(x, *want_pair))
+    grad_x = np.empty_like(x)
+    got = step.backward(x, np.cos(x), grad_x)
+    spec = numerics.ulq_backward(x, np.cos(x), *want_pair)
+    assert same_bits(grad_x, spec[0]) and got == pytest.approx(spec[1:], rel=1e-12, abs=1e-12)
+
+
+def test_ulq_layer_step_raises_what_numerics_raises_and_refuses_arrays_it_would_lose():
+    x = np.linspace(-2, 2, 40, dtype=np.float32).reshape(4, 10)
+    step = kernels.UlqLayerKernels(8, False)
+    with pytest.raises(NumericsError, match="no forward pass yet"):
+        step.backward(x, x, np.empty_like(x))
+    for pair, last in (((1.0, -1.0), (2.0, 1.0)), ((float("nan"), 1.0), (0.5, 0.5))):
+        with pytest.raises(NumericsError) as spec:
+            numerics.ulq_sanitize_clips(*pair, last, False)
+        with pytest.raises(NumericsError) as got:
+            step.forward(x, *pair, last, np.empty_like(x))
+        assert str(got.value) == str(spec.value)
+    for wrong in (np.empty(41, np.float32), np.empty(x.shape, np.float64), np.empty((10, 4), np.float32).T):
+        with pytest.raises(NumericsError, match="ulq_forward: needs C-contiguous float32 arrays of 40 values"):
+            step.forward(x, -1.0, 1.0, (-1.0, 1.0), wrong)
+    step.forward(x, -1.0, 1.0, (-1.0, 1.0), np.empty_like(x))
+    with pytest.raises(NumericsError, match="ulq_backward: needs"):
+        step.backward(x, np.empty(39, np.float32), np.empty_like(x))
+
+
+def test_ulq_layer_step_logs_a_fall_back_to_the_last_valid_pair(caplog):
+    x = np.ones(8, np.float32)
+    with caplog.at_level("DEBUG", logger="amct_retrain.kernels"):
+        kernels.UlqLayerKernels(8, False).forward(x, 2.0, 1.0, (-1.0, 3.0), np.empty_like(x))
+    assert "ULQ clips (2.0, 1.0) invalid; using last valid (-1.0, 3.0)" in caplog.text
+
+
 # --------------------------------------------------------------------------- fixed fake quant, ARQ
 
 
@@ -191,7 +274,7 @@ def test_arq_kernel_is_numerics_at_every_bit_width(num_bits):
         assert same_bits(kernels.arq_scale(w, axis, num_bits), scale)
         fq = kernels.arq_fake_quantize(w, scale, axis, num_bits)
         assert same_bits(fq, numerics.arq_fake_quantize(w, scale, axis, num_bits))
-        got, got_scale = kernels.arq_forward(w, axis, num_bits)
+        got, got_scale = arq_step(w, axis, num_bits)
         assert same_bits(got, fq) and same_bits(got_scale, scale)
         codes = numerics.arq_quantize(w, scale, axis, num_bits)
         assert codes.min() >= -2 ** (num_bits - 1) and codes.max() <= 2 ** (num_bits - 1) - 1
@@ -225,30 +308,50 @@ def test_arq_scale_is_numerics_bit_for_bit(w, data):
     assert same_bits(kernels.arq_scale(w, axis), numerics.arq_scale(w, axis))
 
 
+def arq_step(w: np.ndarray, axis: int | None, num_bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(fake-quantized weights, scale_w) from ArqLayerKernels.forward, into NaN-filled outputs."""
+    step = kernels.ArqLayerKernels(w.shape, axis, num_bits)
+    out = np.full(w.shape, np.nan, np.float32)
+    scale_out = np.full(w.shape[axis] if axis is not None else 1, np.nan, np.float32)  # WeightARQ's scale_w blob
+    assert step.forward(np.ascontiguousarray(w), out, scale_out) is scale_out
+    return out, scale_out
+
+
 @FAST
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=6),
                   elements=st.floats(-10, 10, width=32)), st.data())
-def test_arq_forward_is_numerics_scale_then_fake_quantize(w, data):
+def test_arq_layer_step_is_numerics_scale_then_fake_quantize(w, data):
     axis = data.draw(st.one_of(st.none(), st.integers(0, w.ndim - 1)))
-    out = np.full(w.shape, np.nan, np.float32)
-    got, scale = kernels.arq_forward(w, axis, out=out)
-    assert got is out and same_bits(scale, numerics.arq_scale(w, axis))
+    got, scale = arq_step(w, axis)
+    assert same_bits(scale, numerics.arq_scale(w, axis)), "scale_w differs from numerics.arq_scale"
     assert same_bits(got, numerics.arq_fake_quantize(w, scale, axis))
-    scale_out = np.full(scale.shape, np.nan, np.float32)  # WeightARQ's scale_w blob
-    _, got_scale = kernels.arq_forward(w, axis, out=out, scale_out=scale_out)
-    assert got_scale is scale_out and same_bits(scale_out, scale), "scale_out must receive arq_scale's values"
 
 
-def test_arq_move_gradient_adds_into_the_master_and_clears_the_fake_quant_gradient():
+def test_arq_layer_step_moves_the_gradient_and_refuses_arrays_it_would_write_past_or_lose():
     rng = np.random.default_rng(3)
-    fake_quant_grad = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
-    master_grad = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    shape = (4, 3, 2, 2)
+    fake_quant_grad = rng.standard_normal(shape).astype(np.float32)
+    master_grad = rng.standard_normal(shape).astype(np.float32)
     want = master_grad + fake_quant_grad
-    kernels.arq_move_gradient(fake_quant_grad, master_grad)
+    step = kernels.ArqLayerKernels(shape, 0, 8)
+    step.move_gradient(fake_quant_grad, master_grad)
     assert same_bits(master_grad, want), "master gradient must be its old value plus the fake-quant gradient"
     assert not fake_quant_grad.any(), "the fake-quant gradient must be zeroed"
-    with pytest.raises(NumericsError, match="arq_move_gradient"):
-        kernels.arq_move_gradient(np.zeros(3, np.float32), np.zeros(4, np.float32))
+    w = np.ones(shape, np.float32)
+    for wrong in (np.zeros(47, np.float32), np.zeros(shape, np.float64),
+                  np.zeros((4, 3, 2, 4), np.float32)[..., ::2]):
+        with pytest.raises(NumericsError, match="C-contiguous float32 arrays of 48 values"):
+            step.move_gradient(wrong, master_grad)
+        with pytest.raises(NumericsError, match="arq_forward"):
+            step.forward(w, wrong, np.empty(4, np.float32))
+    with pytest.raises(NumericsError, match="arq_forward scale"):
+        step.forward(w, np.empty(shape, np.float32), np.empty(3, np.float32))
+    bad = w.copy()
+    bad[2, 1, 0, 0] = np.nan
+    out = np.full(shape, 7.0, np.float32)
+    with pytest.raises(numerics.NonFiniteError, match="arq_scale weights"):
+        step.forward(bad, out, np.empty(4, np.float32))
+    assert (out == 7.0).all(), "NaN master weights must leave the fake-quantized weights as they were"
 
 
 def test_arq_scale_of_ties_zero_channels_and_tiny_weights_is_numerics():
@@ -354,14 +457,15 @@ def test_a_second_process_loads_the_compiled_kernels_from_the_cache(tmp_path):
         from amct_retrain import kernels
         x = np.linspace(-3, 3, 100, dtype=np.float32)
         kernels.ulq_backward(x, x, -1.0, 2.0)
-        stats = kernels._ulq_backward_kernel.stats
-        print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+        kernels.UlqLayerKernels(8, False).forward(x, -1.0, 2.0, (-1.0, 2.0), np.empty_like(x))
+        stats = [kernels._ulq_backward_kernel.stats, kernels._ulq_step_forward_kernel.stats]
+        print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
             for _ in range(2)]
     hits, misses = map(int, runs[1].stdout.split())
-    assert (hits, misses) == (1, 0), f"second process: {hits} cache hits, {misses} misses ({runs[1].stderr})"
+    assert (hits, misses) == (2, 0), f"second process: {hits} cache hits, {misses} misses ({runs[1].stderr})"
     assert any((tmp_path / "numba").rglob("*.nbi")), "no numba cache index written"
 
 
