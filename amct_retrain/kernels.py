@@ -1,9 +1,9 @@
 """Fused, compiled (numba) versions of the per-element hot paths of :mod:`amct_retrain.numerics`.
 
 numerics stays the specification: every function here has the signature and the result of the
-numerics function of the same name (codes, outputs and input gradients bit for bit; float64 sums
-compensated, so within 1e-12 relative of numerics' pairwise sums; tests/test_kernels.py checks
-both), but makes one pass over the data instead of numpy's five to twelve. The scalar work
+numerics function of the same name, and each layer step the results of the numerics functions it
+names (codes, outputs and input gradients bit for bit; float64 sums compensated, so within 1e-12
+relative of numerics' pairwise sums; tests/test_kernels.py checks both), but makes one pass over the data instead of numpy's five to twelve. The scalar work
 (factors from clips, checks of the factors) is numerics' own, but for one exception: the quant
 layers' steps (:class:`UlqLayerKernels`, :class:`ArqLayerKernels`) do a layer's call in one
 compiled call, ULQ's clip sanitising and grid included, as compiled twins of numerics' scalar
@@ -40,10 +40,10 @@ from amct_retrain import numerics
 from amct_retrain.numerics import DEFAULT_BITS, NumericsError
 from amct_retrain.numerics.activation import _ulq_grid_ratio
 from amct_retrain.numerics.arq import _weight_scale_b
-from amct_retrain.numerics.checks import (_F32_EPS, _F32_MAX, _F32_TINY, _norm_axis, _offset_code, _per_channel, _positive_scale, _scalar,
-                                          _shift_vector)
+from amct_retrain.numerics.checks import (_F32_EPS, _F32_MAX, _F32_TINY, _norm_axis, _offset_code, _per_channel,
+                                          _positive_scale, _shift_vector)
 
-__all__ = ["ulq_forward", "ulq_backward", "UlqLayerKernels", "fake_quantize_activation", "arq_fake_quantize",
+__all__ = ["UlqLayerKernels", "fake_quantize_activation", "arq_fake_quantize",
            "arq_scale", "ArqLayerKernels", "requantize_output", "activation_codes", "numpy_blas_single_threaded",
            "requantize_accumulator", "accumulate_shift_errors", "ifmr_search", "ifmr_squared_errors",
            "activation_factors"]
@@ -326,52 +326,14 @@ def fake_quantize_activation(x: npt.ArrayLike, scale_d: npt.ArrayLike, offset_d:
     return out
 
 
-def _bits_key(num_bits: int) -> int:
-    """num_bits checked (numerics' message) and made a python int: part of the grid cache's key."""
-    return numerics.bit_width(num_bits).bits
-
-
-@functools.lru_cache(maxsize=256)
 def _ulq_grid(clip_min: float, clip_max: float, num_bits: int) -> tuple[np.float32, np.float32, np.float32,
                                                                          np.float32, np.float32, np.float32, float]:
-    """``(s, multiplier, k_lo, k_hi, lo, hi, rmin)`` of ULQ's grid for a clip pair: numerics' scalar
-    work, cached because the forward and backward pass of a step (and every TEST batch) share a
-    pair, and on a small net it cost more than the data passes."""
+    """``(s, multiplier, k_lo, k_hi, lo, hi, rmin)`` of ULQ's grid for a sanitised clip pair, by
+    numerics: where the compiled step hands over (a degenerate range, which numerics widens)."""
     levels = numerics.bit_width(num_bits).levels
     s, o, rmin = _ulq_grid_ratio(clip_min, clip_max, num_bits)
     lo, hi = numerics.ulq_bounds(s, o, num_bits)
     return s, numerics.quant_multiplier(s)[()], np.float32(o), np.float32(o + levels), lo, hi, rmin
-
-
-def ulq_forward(x: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                num_bits: int = DEFAULT_BITS, out: np.ndarray | None = None) -> npt.NDArray[np.float32]:
-    """:func:`numerics.ulq_forward`, fused: float32 of x's shape (into ``out`` if given)."""
-    s, multiplier, k_lo, k_hi, _, _, _ = _ulq_grid(_scalar(clip_min, "clip_min", finite=False),
-                                                   _scalar(clip_max, "clip_max", finite=False), _bits_key(num_bits))
-    x32 = _flat_f32(x)
-    out = _out_f32(out, x32, "ulq_forward")
-    if _fake_quant_kernel(x32.reshape(-1), multiplier, s, k_lo, k_hi, out.reshape(-1)):
-        _raise_non_finite((x, "ulq_forward input"))
-    return out
-
-
-def ulq_backward(x: npt.ArrayLike, grad_y: npt.ArrayLike, clip_min: npt.ArrayLike, clip_max: npt.ArrayLike,
-                 num_bits: int = DEFAULT_BITS,
-                 grad_x_out: np.ndarray | None = None) -> tuple[npt.NDArray[np.float32], float, float]:
-    """:func:`numerics.ulq_backward`, fused: ``(grad_x float32 of x's shape, grad_clip_min,
-    grad_clip_max)``, grad_x into ``grad_x_out`` if given."""
-    bits = _bits_key(num_bits)
-    s, _, _, _, lo, hi, rmin = _ulq_grid(_scalar(clip_min, "clip_min", finite=False),
-                                         _scalar(clip_max, "clip_max", finite=False), bits)
-    x32, g32 = _flat_f32(x), _flat_f32(grad_y)
-    if g32.shape != x32.shape:
-        raise NumericsError(f"ulq_backward: grad_y shape {g32.shape} != x shape {x32.shape}")
-    grad_x = _out_f32(grad_x_out, x32, "ulq_backward")
-    sum_in, sum_above, sum_below, bad = _ulq_backward_kernel(x32.reshape(-1), g32.reshape(-1), s, lo, hi,
-                                                             grad_x.reshape(-1))
-    if bad:
-        _raise_non_finite((x, "ulq_backward input"), (grad_y, "ulq_backward gradient"))
-    return (grad_x, *numerics.ulq_clip_gradients(sum_in, sum_above, sum_below, rmin, bits))
 
 
 def _weights_3d(w32: np.ndarray, channel_axis: int | None, what: str) -> np.ndarray:

@@ -51,18 +51,37 @@ def edge_values(clip_min: float, clip_max: float) -> np.ndarray:
 # --------------------------------------------------------------------------- ULQ
 
 
+def ulq_step_forward(x: np.ndarray, clips: tuple[float, float], num_bits: int = 8) -> np.ndarray:
+    """UlqLayerKernels' forward of a valid pair (kept as the last valid one too), into NaNs."""
+    out = np.full(x.shape, np.nan, np.float32)
+    assert kernels.UlqLayerKernels(num_bits, False).forward(x, *clips, clips, out) == clips
+    return out
+
+
+def ulq_step_backward(x: np.ndarray, g: np.ndarray, clips: tuple[float, float],
+                      num_bits: int = 8) -> tuple[np.ndarray, float, float]:
+    """(grad_x, grad_clip_min, grad_clip_max) of UlqLayerKernels after a forward at ``clips`` (of
+    zeros: the backward's own x may hold NaN)."""
+    step = kernels.UlqLayerKernels(num_bits, False)
+    step.forward(np.zeros_like(x), *clips, clips, np.empty_like(x))
+    grad_x = np.full_like(x, np.nan)
+    return (grad_x, *step.backward(x, g, grad_x))
+
+
+
+
 @FAST
 @given(act_arrays, clip_pairs)
 def test_ulq_forward_is_numerics_bit_for_bit(x, clips):
-    assert same_bits(kernels.ulq_forward(x, *clips), numerics.ulq_forward(x, *clips))
+    assert same_bits(ulq_step_forward(x, clips), numerics.ulq_forward(x, *clips))
 
 
 @pytest.mark.parametrize("clips", [(-1.0, 1.0), (0.0, 6.0), (-3.7, 0.2), (-1e-3, 250.0)])
 def test_ulq_forward_and_backward_at_grid_ends_and_rounding_ties(clips):
     x = edge_values(*clips)
     g = np.linspace(-2, 3, x.size, dtype=np.float32)
-    assert same_bits(kernels.ulq_forward(x, *clips), numerics.ulq_forward(x, *clips))
-    got, spec = kernels.ulq_backward(x, g, *clips), numerics.ulq_backward(x, g, *clips)
+    assert same_bits(ulq_step_forward(x, clips), numerics.ulq_forward(x, *clips))
+    got, spec = ulq_step_backward(x, g, clips), numerics.ulq_backward(x, g, *clips)
     assert same_bits(got[0], spec[0]), "input gradient differs at the clip edges"
     assert got[1:] == pytest.approx(spec[1:], rel=1e-12, abs=1e-12)
 
@@ -71,7 +90,7 @@ def test_ulq_forward_and_backward_at_grid_ends_and_rounding_ties(clips):
 @given(act_arrays, clip_pairs, st.data())
 def test_ulq_backward_gradients_match_numerics(x, clips, data):
     g = data.draw(hnp.arrays(np.float32, x.shape, elements=st.floats(-1e3, 1e3, width=32)))
-    got, spec = kernels.ulq_backward(x, g, *clips), numerics.ulq_backward(x, g, *clips)
+    got, spec = ulq_step_backward(x, g, clips), numerics.ulq_backward(x, g, *clips)
     assert same_bits(got[0], spec[0])
     magnitude = float(np.abs(g.astype(np.float64)).sum()) * 2  # |D| <= 1 + 1/2
     assert close_sum(got[1], spec[1], magnitude), f"grad_clip_min {got[1]!r} vs numerics {spec[1]!r}"
@@ -82,7 +101,7 @@ def test_ulq_backward_of_many_elements_sums_as_accurately_as_numerics():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(300_001) * 2).astype(np.float32)  # many blocks, a partial last one
     g = rng.standard_normal(x.size).astype(np.float32)
-    got, spec = kernels.ulq_backward(x, g, -1.5, 3.0), numerics.ulq_backward(x, g, -1.5, 3.0)
+    got, spec = ulq_step_backward(x, g, (-1.5, 3.0)), numerics.ulq_backward(x, g, -1.5, 3.0)
     assert same_bits(got[0], spec[0])
     assert got[1] == pytest.approx(spec[1], rel=1e-12) and got[2] == pytest.approx(spec[2], rel=1e-12)
 
@@ -93,9 +112,6 @@ def test_non_finite_data_raises_numerics_error_and_message(bad):
     x[4321] = bad
     g = np.ones_like(x)
     for kernel_call, spec_call in [
-            (lambda: kernels.ulq_forward(x, -1, 1), lambda: numerics.ulq_forward(x, -1, 1)),
-            (lambda: kernels.ulq_backward(x, g, -1, 1), lambda: numerics.ulq_backward(x, g, -1, 1)),
-            (lambda: kernels.ulq_backward(g, x, -1, 1), lambda: numerics.ulq_backward(g, x, -1, 1)),
             (lambda: kernels.arq_scale(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
             (lambda: arq_step(x.reshape(5, -1), 0), lambda: numerics.arq_scale(x.reshape(5, -1), 0)),
             (lambda: kernels.UlqLayerKernels(8, False).forward(x, -1.0, 1.0, (-1.0, 1.0), np.empty_like(x)),
@@ -118,12 +134,6 @@ def test_non_finite_data_raises_numerics_error_and_message(bad):
 def test_kernels_write_into_the_given_output_and_refuse_a_wrong_one():
     x = np.linspace(-3, 3, 60, dtype=np.float32).reshape(3, 4, 5)
     out = np.full_like(x, np.nan)
-    assert kernels.ulq_forward(x, -1, 2, out=out) is out
-    assert same_bits(out, numerics.ulq_forward(x, -1, 2))
-    grad_x = np.full_like(x, np.nan)
-    g = np.cos(x)
-    kernels.ulq_backward(x, g, -1, 2, grad_x_out=grad_x)
-    assert same_bits(grad_x, numerics.ulq_backward(x, g, -1, 2)[0])
     scale = numerics.arq_scale(x, 1)
     assert same_bits(kernels.arq_fake_quantize(x, scale, 1, out=out), numerics.arq_fake_quantize(x, scale, 1))
     deq, shift = np.full(4, 0.01, np.float32), np.array([0, 1, 2, 3])
@@ -131,15 +141,13 @@ def test_kernels_write_into_the_given_output_and_refuse_a_wrong_one():
     for wrong in (np.empty((3, 4, 6), np.float32), np.empty(x.shape, np.float64),
                   np.empty((3, 5, 4), np.float32).transpose(0, 2, 1)):
         with pytest.raises(numerics.NumericsError, match="out must be"):
-            kernels.ulq_forward(x, -1, 2, out=wrong)
+            kernels.arq_fake_quantize(x, scale, 1, out=wrong)
 
 
-def test_ulq_kernels_refuse_a_shape_mismatch_and_a_bit_width_outside_2_to_8():
-    with pytest.raises(numerics.NumericsError, match="shape"):
-        kernels.ulq_backward(np.ones(3, np.float32), np.ones(4, np.float32), -1, 1)
+def test_ulq_kernels_refuse_a_bit_width_outside_2_to_8():
     for bad in (1, 9, 4.0, True):
         with pytest.raises(numerics.NumericsError, match="bit width"):
-            kernels.ulq_forward(np.ones(3, np.float32), -1, 1, num_bits=bad)
+            kernels.UlqLayerKernels(bad, False)
         with pytest.raises(numerics.NumericsError, match="bit width"):
             kernels.fake_quantize_activation(np.ones(3, np.float32), 0.1, 0, num_bits=bad)
 
@@ -149,25 +157,15 @@ def test_ulq_kernels_refuse_a_shape_mismatch_and_a_bit_width_outside_2_to_8():
 def test_ulq_kernels_are_numerics_at_every_bit_width(num_bits, clips):
     x = np.concatenate([edge_values(*clips), np.linspace(clips[0] * 2 - 1, clips[1] * 2, 3001, dtype=np.float32)])
     g = np.linspace(-2, 3, x.size, dtype=np.float32)
-    y = kernels.ulq_forward(x, *clips, num_bits=num_bits)
+    y = ulq_step_forward(x, clips, num_bits)
     assert same_bits(y, numerics.ulq_forward(x, *clips, num_bits=num_bits))
     s, o = numerics.ulq_scale_offset(*clips, num_bits=num_bits)
     codes = np.unique(np.rint(y / s))
     assert codes.size == 2 ** num_bits and codes[0] == o, f"{num_bits}-bit ULQ grid: {codes.size} codes from {codes[0]}"
-    got, spec = (kernels.ulq_backward(x, g, *clips, num_bits=num_bits),
+    got, spec = (ulq_step_backward(x, g, clips, num_bits),
                  numerics.ulq_backward(x, g, *clips, num_bits=num_bits))
     assert same_bits(got[0], spec[0])
     assert got[1:] == pytest.approx(spec[1:], rel=1e-12, abs=1e-12)
-
-
-def ulq_step_backward(x: np.ndarray, g: np.ndarray, clips: tuple[float, float],
-                      num_bits: int = 8) -> tuple[np.ndarray, float, float]:
-    """(grad_x, grad_clip_min, grad_clip_max) of UlqLayerKernels after a forward at ``clips`` (of
-    zeros: the backward's own x may hold NaN)."""
-    step = kernels.UlqLayerKernels(num_bits, False)
-    step.forward(np.zeros_like(x), *clips, clips, np.empty_like(x))
-    grad_x = np.full_like(x, np.nan)
-    return (grad_x, *step.backward(x, g, grad_x))
 
 
 # Clip pairs as a solver leaves them: valid, reversed, positive min, negative max, NaN.
@@ -456,9 +454,10 @@ def test_a_second_process_loads_the_compiled_kernels_from_the_cache(tmp_path):
         import numpy as np
         from amct_retrain import kernels
         x = np.linspace(-3, 3, 100, dtype=np.float32)
-        kernels.ulq_backward(x, x, -1.0, 2.0)
-        kernels.UlqLayerKernels(8, False).forward(x, -1.0, 2.0, (-1.0, 2.0), np.empty_like(x))
-        stats = [kernels._ulq_backward_kernel.stats, kernels._ulq_step_forward_kernel.stats]
+        step = kernels.UlqLayerKernels(8, False)
+        step.forward(x, -1.0, 2.0, (-1.0, 2.0), np.empty_like(x))
+        step.backward(x, x, np.empty_like(x))
+        stats = [kernels._ulq_step_forward_kernel.stats, kernels._ulq_step_backward_kernel.stats]
         print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
